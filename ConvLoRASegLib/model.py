@@ -1,0 +1,48 @@
+"""A segmentation model as a user has it: the U-Net, its early segmentation head and its working grid."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .esh import EarlySegmentationHead
+from .grid import WorkingGrid
+from .unet import UNet2D
+
+
+class ConvLoRASegModel(nn.Module):
+    """U-Net + ESH + working grid, the unit that :mod:`~ConvLoRASegLib.store` saves and loads.
+
+    ``forward(x)`` gives the U-Net's logits; :meth:`forward_both` gives the U-Net's and the ESH's logits from
+    one encoder pass. ``info`` carries free-form provenance (training data, epochs, scores).
+    """
+
+    def __init__(self, grid: Optional[WorkingGrid] = None, n_filters: int = 16, esh_level: int = 3,
+                 info: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.grid = grid or WorkingGrid()
+        self.unet = UNet2D(n_filters)
+        self.esh = EarlySegmentationHead(esh_level, n_filters)
+        self.info: Dict[str, Any] = dict(info or {})
+
+    @property
+    def esh_level(self) -> int:
+        return self.esh.level
+
+    @property
+    def n_filters(self) -> int:
+        return self.unet.n_filters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
+
+    def forward_both(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(final logits, ESH logits), both N x 1 x H x W, sharing one encoder pass."""
+        feats = self.unet.encode(x)
+        return self.unet.decode(feats), self.esh(feats[self.esh_level])
+
+    def forward_esh(self, x: torch.Tensor) -> torch.Tensor:
+        """ESH logits; runs the encoder only up to the ESH's level."""
+        return self.esh(self.unet.encode(x, upto=self.esh_level)[-1])
