@@ -1,0 +1,564 @@
+"""Volumes: reading, writing and the geometry between a scanner's grid and the network's slices, both ways.
+
+One module does the geometry for everybody (CLI, Slicer module, training, adaptation)::
+
+    image = read_image(path)                      # any 3D scalar image SimpleITK reads, float32
+    vs = to_slices(image, grid)                   # canonical orientation -> working grid -> (N, H, W) in [0, 1]
+    probs = network(vs.slices)                    # (N, H, W) probabilities, done elsewhere
+    mask = to_mask(to_native(probs, vs))          # uint8 {0, 1} with exactly the input's geometry
+
+Coordinates are SimpleITK's: physical points in millimetres in the LPS patient frame (x grows towards the
+patient's Left, y towards Posterior, z towards Superior).
+
+Canonical orientation
+    :func:`canonical` reorients (permutes and flips axes, no interpolation) to ``CANONICAL_ORIENTATION`` =
+    ``"LPS"``: image axis 0 points to the Left, 1 to Posterior, 2 to Superior (the identity direction for a
+    non-oblique image). An oblique image stays oblique: its axes are only relabelled to the closest of L, P, S.
+
+Working grid
+    The network's grid shares the canonical axes (and so any obliqueness of the acquisition, which usually
+    follows the head) but is isotropic with ``grid.spacing_mm`` and its axes are ordered so that the numpy
+    array of the working image is the slice stack ``(N, H, W)`` directly (``WORKING_ORIENTATION``):
+
+    ============  ======================  ========================  ================================
+    grid.axis     N (slice index) towards  H (rows, top to bottom)   W (columns, left to right)
+    ============  ======================  ========================  ================================
+    sagittal      Left (slice 0 = right)  Inferior (top = superior)  Posterior (left column = nose)
+    coronal       Posterior               Inferior                  Left (radiological view)
+    axial         Superior                Posterior (top = nose)    Left (radiological view)
+    ============  ======================  ========================  ================================
+
+    Every slice is ``slice_size x slice_size`` voxels centred on the centre of the image's physical extent
+    (padded with background or cropped); N covers the image's whole extent along the slicing axis.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import ConvLoRASegError
+from .grid import WorkingGrid
+
+PathLike = Union[str, os.PathLike]
+
+#: Orientation code (DICOM convention: the letter each axis points towards) of :func:`canonical`.
+CANONICAL_ORIENTATION = "LPS"
+#: Orientation code of the working image per slicing axis: axes (W, H, N), so that the array is (N, H, W).
+WORKING_ORIENTATION = {"sagittal": "PIL", "coronal": "LIP", "axial": "LPS"}
+#: File endings :func:`write_image` writes.
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+#: Downsampling factor above which :func:`to_slices` low-pass filters first (anti-aliasing).
+ANTIALIAS_FACTOR = 1.5
+
+_LETTER_AXIS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Header information of an image file, read without its pixels.
+
+    Attributes:
+        size: voxels along each axis (x, y, z[, t]).
+        spacing: voxel size in mm along each axis.
+        n_components: components per voxel (1 for a scalar image).
+        bytes_per_component: storage size of one component in the file's pixel type.
+        dimension: number of axes.
+    """
+
+    size: Tuple[int, ...]
+    spacing: Tuple[float, ...]
+    n_components: int
+    bytes_per_component: int
+    dimension: int
+
+    @property
+    def n_voxels(self) -> int:
+        return int(np.prod(self.size[:3], dtype=np.int64))
+
+
+def _dicom_files(folder: Path) -> List[str]:
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise ConvLoRASegError(f"{folder} is a folder without a DICOM series")
+    # The series with the most files is the volume; the others are usually localisers.
+    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
+    return list(max(series, key=len))
+
+
+def _bytes_per_component(pixel_id: int) -> int:
+    name = sitk.GetPixelIDValueAsString(pixel_id)
+    for key, nbytes in (("64-bit", 8), ("32-bit", 4), ("16-bit", 2), ("8-bit", 1)):
+        if key in name:
+            return nbytes
+    return 8
+
+
+def _header_reader(path: PathLike) -> sitk.ImageFileReader:
+    p = Path(path)
+    if not p.exists():
+        raise ConvLoRASegError(f"{p}: no such file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(_dicom_files(p)[0]) if p.is_dir() else str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ConvLoRASegError(f"{p} is not an image file SimpleITK can read") from None
+    return reader
+
+
+def image_info(path: PathLike) -> ImageInfo:
+    """Read only the header of an image file (or of a DICOM series folder): cheap, even for huge files."""
+    p = Path(path)
+    reader = _header_reader(p)
+    size = tuple(int(s) for s in reader.GetSize())
+    if p.is_dir():
+        size = size[:2] + (len(_dicom_files(p)),)
+    return ImageInfo(size=size, spacing=tuple(float(s) for s in reader.GetSpacing()),
+                     n_components=int(reader.GetNumberOfComponents()),
+                     bytes_per_component=_bytes_per_component(reader.GetPixelID()), dimension=len(size))
+
+
+def _check_shape(info: ImageInfo, name: str, first_volume: bool) -> bool:
+    """Refuse images that are not 3D scalar volumes; returns True when a 4D file must be cut to volume 0."""
+    if info.n_components != 1:
+        raise ConvLoRASegError(f"{name} has {info.n_components} components per voxel (a vector or colour "
+                               "image); a scalar 3D MRI is needed")
+    size = info.size
+    if info.dimension == 4 and size[3] > 1:
+        if not first_volume:
+            raise ConvLoRASegError(f"{name} is 4D with {size[3]} volumes; use the first volume option to "
+                                   "take volume 0")
+        return True
+    if info.dimension < 3 or info.dimension > 4 or min(size[:3]) < 2:
+        raise ConvLoRASegError(f"{name} is {'x'.join(map(str, size))} voxels: not a 3D volume")
+    return info.dimension == 4
+
+
+def read_image(path: PathLike, first_volume: bool = False) -> sitk.Image:
+    """Read a 3D scalar image (NIfTI, NRRD, MHA, ... or a DICOM series folder) as float32.
+
+    Args:
+        path: an image file, or a folder holding one DICOM series.
+        first_volume: for a 4D file (e.g. fMRI, multi-echo), take volume 0 instead of refusing it.
+
+    Raises:
+        ConvLoRASegError: missing file, not an image, 2D, 4D, vector pixels, constant volume, NaN/Inf voxels.
+    """
+    p = Path(path)
+    info = image_info(p)
+    cut = _check_shape(info, p.name, first_volume)
+    try:
+        if p.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(_dicom_files(p))
+            image = reader.Execute()
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(p))
+            if cut:
+                reader.SetExtractIndex([0, 0, 0, 0])
+                reader.SetExtractSize(list(info.size[:3]) + [0])
+            image = reader.Execute()
+    except RuntimeError as e:
+        raise ConvLoRASegError(f"{p.name} could not be read: {str(e).strip().splitlines()[-1]}") from None
+    if image.GetDimension() == 4:  # a 4D header with one volume
+        image = image[:, :, :, 0]
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    _check_values(image, p.name)
+    return image
+
+
+def _check_values(image: sitk.Image, name: str) -> None:
+    a = sitk.GetArrayViewFromImage(image)
+    lo, hi = float(np.min(a)), float(np.max(a))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ConvLoRASegError(f"{name} contains NaN or infinite voxels")
+    if lo == hi:
+        raise ConvLoRASegError(f"{name} is {'empty' if hi == 0 else 'constant'} (every voxel is {lo:g})")
+
+
+def check_intensities(image: sitk.Image) -> List[str]:
+    """Warnings (one line each) about intensities that do not look like the T1 MRI the models were trained on."""
+    a = sitk.GetArrayViewFromImage(image)
+    lo, hi = float(np.min(a)), float(np.max(a))
+    warnings = []
+    if lo < -500 and hi > 1000:
+        warnings.append("looks like CT (Hounsfield units); this model was trained on T1 MRI")
+    elif lo < 0 and -lo > 0.05 * max(hi, 1e-12):
+        warnings.append(f"has large negative values (min {lo:g}); MRI magnitudes are not negative")
+    if hi - lo <= 1.0:
+        warnings.append(f"has a tiny intensity range ({lo:g} to {hi:g}); is it already a probability or mask?")
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in sorted(WRITABLE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    raise ConvLoRASegError(f"{path.name}: cannot write this file type; use one of {', '.join(WRITABLE_SUFFIXES)}")
+
+
+def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
+    """Write an image atomically (temporary file in the same folder, then rename); returns the path.
+
+    Raises:
+        ConvLoRASegError: unknown file type, existing file without ``overwrite``, missing or read-only folder.
+    """
+    p = Path(path)
+    suffix = _suffix(p)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConvLoRASegError(f"cannot write {p}: the folder {folder} does not exist")
+    if p.is_dir():
+        raise ConvLoRASegError(f"cannot write {p}: it is a folder")
+    if p.exists() and not overwrite:
+        raise ConvLoRASegError(f"{p} exists already; choose another name or allow overwriting")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConvLoRASegError(f"cannot write {p}: the folder {folder} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, True)
+        os.replace(tmp, p)
+    except (RuntimeError, OSError) as e:
+        raise ConvLoRASegError(f"cannot write {p}: {str(e).strip().splitlines()[-1]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- orientation
+
+def _direction(image: sitk.Image) -> np.ndarray:
+    return np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+
+
+def _code_matrix(code: str) -> np.ndarray:
+    """3x3 signed permutation P with ``new_direction = canonical_direction @ P`` for an orientation code."""
+    m = np.zeros((3, 3))
+    for col, letter in enumerate(code.upper()):
+        axis, sign = _LETTER_AXIS[letter]
+        m[axis, col] = sign
+    return m
+
+
+def canonical_direction(image: sitk.Image) -> np.ndarray:
+    """Direction matrix (columns = axes) :func:`canonical` gives ``image``, computed without copying pixels."""
+    ref = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    ref.SetDirection(image.GetDirection())
+    return _direction(sitk.DICOMOrient(ref, CANONICAL_ORIENTATION))
+
+
+def canonical(image: sitk.Image) -> sitk.Image:
+    """Reorient to ``CANONICAL_ORIENTATION`` ("LPS") by permuting/flipping axes (no interpolation)."""
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def physical_centre(image: sitk.Image) -> np.ndarray:
+    """Centre of the image's physical extent in mm (LPS)."""
+    centre = [(s - 1) / 2.0 for s in image.GetSize()]
+    return np.array(image.TransformContinuousIndexToPhysicalPoint(centre))
+
+
+def _corners(image: sitk.Image) -> np.ndarray:
+    """(8, 3) physical positions of the outer voxel edges (the image's extent) in mm."""
+    size = np.array(image.GetSize(), dtype=float)
+    idx = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float) * size - 0.5
+    m = _direction(image) * np.array(image.GetSpacing())
+    return np.array(image.GetOrigin()) + idx @ m.T
+
+
+def _reference(size: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
+               direction: np.ndarray, pixel: int = sitk.sitkUInt8) -> sitk.Image:
+    ref = sitk.Image([int(s) for s in size], pixel)
+    ref.SetSpacing([float(s) for s in spacing])
+    ref.SetOrigin([float(o) for o in origin])
+    ref.SetDirection([float(d) for d in np.asarray(direction).ravel()])
+    return ref
+
+
+def working_reference(image: sitk.Image, grid: WorkingGrid) -> sitk.Image:
+    """An empty uint8 image with the working grid's geometry for ``image`` (see the module docstring)."""
+    direction = canonical_direction(image) @ _code_matrix(WORKING_ORIENTATION[grid.axis])
+    h = grid.spacing_mm
+    extent = _corners(image) @ direction[:, 2]
+    n = max(1, int(np.ceil((extent.max() - extent.min()) / h - 1e-6)))
+    size = np.array([grid.slice_size, grid.slice_size, n])
+    origin = physical_centre(image) - direction @ ((size - 1) / 2.0 * h)
+    return _reference(size, [h] * 3, origin, direction)
+
+
+# ------------------------------------------------------------------------------------------- volume <-> slices
+
+@dataclass
+class VolumeSlices:
+    """A volume as the network sees it, and the way back.
+
+    Attributes:
+        slices: float32 (N, H, W) normalised intensities; 0 outside the input.
+        working: the working-grid image (isotropic ``grid.spacing_mm``, canonical axes ordered as
+            ``WORKING_ORIENTATION``); its pixels are ``slices``.
+        native: uint8 reference image with exactly the input's size, spacing, origin and direction.
+    """
+
+    slices: np.ndarray
+    working: sitk.Image
+    native: sitk.Image
+
+
+def _resample(image: sitk.Image, reference: sitk.Image, interpolator: int, default: float,
+              pixel: int = sitk.sitkFloat32) -> sitk.Image:
+    f = sitk.ResampleImageFilter()
+    f.SetReferenceImage(reference)
+    f.SetInterpolator(interpolator)
+    f.SetDefaultPixelValue(default)
+    f.SetOutputPixelType(pixel)
+    return f.Execute(image)
+
+
+def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Gaussian low-pass before resampling to ``spacing_mm`` along axes downsampled by > ``ANTIALIAS_FACTOR``.
+
+    sigma (voxels of the input) = (factor - 1) / 2 per axis, the rule scikit-image uses.
+    """
+    spacing = np.array(image.GetSpacing())
+    factor = spacing_mm / spacing
+    if not np.any(factor > ANTIALIAS_FACTOR):
+        return image
+    sigma = np.where(factor > ANTIALIAS_FACTOR, (factor - 1) / 2.0 * spacing, 1e-3 * spacing)
+    return sitk.SmoothingRecursiveGaussian(image, [float(s) for s in sigma])
+
+
+def normalise(a: np.ndarray, inside: np.ndarray, method: str) -> np.ndarray:
+    """Map intensities to [0, 1] in place: ``"minmax"`` or ``"percentile"`` (0.5th/99.5th, clipped).
+
+    ``inside`` marks voxels of the image (not padding); percentile statistics also skip exact zeros.
+    """
+    values = a[inside]
+    if method == "minmax":
+        lo, hi = float(values.min()), float(values.max())
+    else:
+        nonzero = values[values != 0]
+        values = nonzero if nonzero.size else values
+        if values.size > 2_000_000:  # a regular subsample gives the same percentiles to ~1e-3
+            values = values[:: values.size // 1_000_000]
+        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if hi <= lo:
+        hi = lo + 1.0
+    a -= lo
+    a *= 1.0 / (hi - lo)
+    np.clip(a, 0.0, 1.0, out=a)
+    a[~inside] = 0.0
+    return a
+
+
+def to_slices(image: sitk.Image, grid: WorkingGrid) -> VolumeSlices:
+    """Resample ``image`` onto the working grid (linear, anti-aliased) and normalise it as ``grid`` says."""
+    ref = working_reference(image, grid)
+    smooth = antialias(sitk.Cast(image, sitk.sitkFloat32), grid.spacing_mm)
+    work = _resample(smooth, ref, sitk.sitkLinear, float("nan"))
+    a = sitk.GetArrayFromImage(work)
+    inside = np.isfinite(a)
+    if not inside.any():
+        raise ConvLoRASegError("the image does not overlap its own working grid (broken geometry?)")
+    a[~inside] = 0.0
+    normalise(a, inside, grid.normalisation)
+    working = sitk.GetImageFromArray(a)
+    working.CopyInformation(ref)
+    native = _reference(image.GetSize(), image.GetSpacing(), image.GetOrigin(), _direction(image))
+    return VolumeSlices(slices=a, working=working, native=native)
+
+
+def mask_to_slices(mask: sitk.Image, vs: VolumeSlices) -> np.ndarray:
+    """A label image on the input grid as uint8 {0, 1} working slices (N, H, W): linear of the 0/1 mask, >= 0.5."""
+    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkFloat32)
+    work = _resample(binary, vs.working, sitk.sitkLinear, 0.0)
+    return (sitk.GetArrayViewFromImage(work) >= 0.5).astype(np.uint8)
+
+
+def to_native(probs: np.ndarray, vs: VolumeSlices) -> sitk.Image:
+    """Working-grid probabilities (N, H, W) as a float32 image on the input's exact grid (linear, 0 outside)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.shape != vs.slices.shape:
+        raise ValueError(f"probabilities of shape {probs.shape} do not match the slices {vs.slices.shape}")
+    work = sitk.GetImageFromArray(probs)
+    work.CopyInformation(vs.working)
+    return _resample(work, vs.native, sitk.sitkLinear, 0.0)
+
+
+def postprocess(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 3D connected component (6-connected) and fill its enclosed holes; uint8 {0, 1}."""
+    m = np.asarray(mask) != 0
+    labels, n = ndimage.label(m)
+    out = np.zeros(m.shape, dtype=np.uint8)
+    if n == 0:
+        return out
+    largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    box = ndimage.find_objects(labels)[largest - 1]
+    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, d)) for s, d in zip(box, m.shape))
+    out[box] = _fill_holes(labels[box] == largest)
+    return out
+
+
+def _fill_holes(m: np.ndarray) -> np.ndarray:
+    """Fill background regions not connected (6-neighbourhood) to the array's border."""
+    bg, n = ndimage.label(~m)
+    if n == 0:
+        return m.astype(np.uint8)
+    border = np.zeros(n + 1, dtype=bool)
+    for axis in range(m.ndim):
+        border[np.take(bg, 0, axis=axis).ravel()] = True
+        border[np.take(bg, -1, axis=axis).ravel()] = True
+    border[0] = True  # label 0 is the foreground itself
+    return (m | ~border[bg]).astype(np.uint8)
+
+
+_postprocess = postprocess
+
+
+def to_mask(prob_image: sitk.Image, threshold: float = 0.5, postprocess: bool = True) -> sitk.Image:
+    """Threshold probabilities (>= ``threshold``) into a uint8 {0, 1} image of the same geometry."""
+    m = (sitk.GetArrayViewFromImage(prob_image) >= threshold).astype(np.uint8)
+    if postprocess:
+        m = _postprocess(m)
+    out = sitk.GetImageFromArray(m)
+    out.CopyInformation(prob_image)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+def estimate_memory_bytes(image: Union[PathLike, sitk.Image, ImageInfo], grid: WorkingGrid) -> int:
+    """Peak bytes of reading + segmenting one volume: input, float32 copy, smoothing, native probabilities,
+    mask and component labels per input voxel, plus a few float32 working-grid arrays."""
+    if isinstance(image, sitk.Image):
+        n_in = int(np.prod(image.GetSize(), dtype=np.int64))
+        stored = image.GetNumberOfComponentsPerPixel() * _bytes_per_component(image.GetPixelID())
+    else:
+        info = image if isinstance(image, ImageInfo) else image_info(image)
+        n_in = info.n_voxels * (info.size[3] if info.dimension == 4 else 1)
+        stored = info.n_components * info.bytes_per_component
+    # A generous bound on N: the diagonal of the largest plausible extent is not known from a count alone.
+    n_work = grid.slice_size ** 2 * max(grid.slice_size, 256)
+    per_input_voxel = stored + 4 + 4 + 4 + 1 + 4
+    return int(n_in * per_input_voxel + n_work * 4 * 4)
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo, else free physical pages from ``os.sysconf``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_memory(image: Union[PathLike, sitk.Image, ImageInfo], grid: WorkingGrid,
+                 limit_bytes: Optional[int] = None) -> int:
+    """Refuse (ConvLoRASegError) a volume needing more memory than available; returns the estimate in bytes."""
+    need = estimate_memory_bytes(image, grid)
+    have = available_memory_bytes() if limit_bytes is None else int(limit_bytes)
+    if need > have:
+        raise ConvLoRASegError(f"this volume needs about {need / 1e9:.1f} GB, only {have / 1e9:.1f} GB available")
+    return need
+
+
+# --------------------------------------------------------------------------------------- Slicer (pure numpy)
+
+_RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def ijk_to_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking (i, j, k, 1) voxel indices to RAS millimetres (Slicer's IJKToRAS)."""
+    m = np.eye(4)
+    m[:3, :3] = _direction(image) * np.array(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    return _RAS_LPS @ m
+
+
+def image_from_array(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> sitk.Image:
+    """An image from a Slicer volume: its array (``slicer.util.arrayFromVolume``, numpy [k, j, i]) and IJKToRAS.
+
+    Raises:
+        ConvLoRASegError: the matrix is not a rotation/flip times positive spacings (sheared, singular).
+    """
+    a = np.asarray(array_kji)
+    if a.ndim != 3:
+        raise ConvLoRASegError(f"a volume array must be 3D [k, j, i], got shape {a.shape}")
+    m = _RAS_LPS @ np.asarray(ijk_to_ras, dtype=float)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise ConvLoRASegError("the volume's IJK-to-RAS matrix is singular")
+    direction = m[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise ConvLoRASegError("the volume's IJK-to-RAS matrix is sheared; resample it first")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(a))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in m[:3, 3]])
+    image.SetDirection([float(d) for d in direction.ravel()])
+    return image
+
+
+def array_from_image(image: sitk.Image) -> np.ndarray:
+    """The image's voxels as a numpy copy in Slicer's [k, j, i] layout (pair with :func:`ijk_to_ras`)."""
+    return sitk.GetArrayFromImage(image)
+
+
+# ------------------------------------------------------------------------------------------------- streaming
+
+def iter_prepared(paths: Iterable[PathLike], grid: WorkingGrid,
+                  prefetch: int = 1) -> Iterator[Tuple[Path, VolumeSlices]]:
+    """Yield ``(path, to_slices(read_image(path), grid))`` in order, preparing up to ``prefetch`` next volumes
+    in a background thread while the caller works on the current one. Errors surface at their item."""
+    paths = [Path(p) for p in paths]
+    results: "queue.Queue[Tuple[Optional[VolumeSlices], Optional[BaseException]]]" = queue.Queue(max(1, prefetch))
+    stop = threading.Event()
+
+    def work() -> None:
+        for p in paths:
+            if stop.is_set():
+                return
+            try:
+                item = (to_slices(read_image(p), grid), None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = (None, e)
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    thread = threading.Thread(target=work, name="convloraseg-prefetch", daemon=True)
+    thread.start()
+    try:
+        for p in paths:
+            vs, error = results.get()
+            if error is not None:
+                raise error
+            yield p, vs
+    finally:
+        stop.set()
+        thread.join(timeout=5)
