@@ -26,6 +26,9 @@ class ConvLoRASegModel(nn.Module):
         self.unet = UNet2D(n_filters)
         self.esh = EarlySegmentationHead(esh_level, n_filters)
         self.info: Dict[str, Any] = dict(info or {})
+        #: SHA-256 of the weights as stored in the model file (set by store.save_model/load_model); adapters are
+        #: bound to it. None for a model that was never saved.
+        self.sha256: Optional[str] = None
 
     @property
     def esh_level(self) -> int:

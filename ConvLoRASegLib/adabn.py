@@ -1,0 +1,116 @@
+"""AdaBN (Li et al. 2016): replace BatchNorm statistics by the target domain's.
+
+:func:`adabn` computes them exactly: in one pass over all target slices, each BatchNorm layer's input is summed per
+channel in float64 and its ``running_mean``/``running_var`` become the mean and the unbiased variance of that
+input over *all* target slices (not PyTorch's average of per-batch values, which ignores the spread between
+batches). Inputs are produced as in AdaBN's original recipe: the upstream layers normalise with batch statistics.
+Weights are untouched; no gradients.
+
+:func:`set_bn_momentum_mode` is the paper's variant: BatchNorm layers left in train mode with momentum 0.1 while
+self-training, so the statistics drift towards the target as batches go by.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def batchnorm_layers(module: nn.Module) -> Dict[str, _BatchNorm]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, _BatchNorm)}
+
+
+class _Moments:
+    """Per-channel float64 sums of a BatchNorm's input."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s: Optional[torch.Tensor] = None
+        self.s2: Optional[torch.Tensor] = None
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        x = inputs[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        xd = x.double()
+        s, s2 = xd.sum(dims), (xd * xd).sum(dims)
+        self.s = s if self.s is None else self.s + s
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += x.numel() // x.shape[1]
+
+
+@torch.no_grad()
+def adabn(model: nn.Module, batches: Iterable[torch.Tensor], modules: Optional[nn.Module] = None,
+          forward: Optional[Callable[[torch.Tensor], object]] = None,
+          should_stop: Optional[Callable[[], bool]] = None) -> int:
+    """Set every BatchNorm of ``modules`` (default: all of ``model``) to the target statistics.
+
+    Args:
+        model: the network; its mode (train/eval) is restored afterwards.
+        batches: target inputs (N x 1 x H x W slices), already on the model's device.
+        modules: the part whose BatchNorm layers are re-estimated (e.g. ``model.unet`` to leave the ESH alone).
+        forward: how to run a batch (default ``model(batch)``).
+        should_stop: polled between batches; when it returns True the statistics are left unchanged.
+
+    Returns:
+        The number of slices seen. Raises ``ValueError`` when ``batches`` is empty.
+    """
+    bns = batchnorm_layers(modules if modules is not None else model)
+    if not bns:
+        return 0
+    was_training = {m: m.training for m in model.modules()}
+    moments = {name: _Moments() for name in bns}
+    hooks = [bn.register_forward_pre_hook(moments[name]) for name, bn in bns.items()]
+    saved = {name: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for name, bn in bns.items()}
+    n_seen = 0
+    try:
+        model.eval()
+        for bn in bns.values():
+            bn.train()  # batch statistics upstream, as AdaBN does
+        run = forward or model
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                raise _Stopped
+            run(batch)
+            n_seen += batch.shape[0]
+    except _Stopped:
+        n_seen = 0
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in was_training.items():
+            m.train(mode)
+    for name, bn in bns.items():
+        mom = moments[name]
+        if n_seen == 0 or mom.n < 2:
+            bn.running_mean.copy_(saved[name][0])
+            bn.running_var.copy_(saved[name][1])
+            bn.num_batches_tracked.copy_(saved[name][2])
+            continue
+        mean = mom.s / mom.n
+        var = (mom.s2 / mom.n - mean * mean).clamp_min(0) * (mom.n / (mom.n - 1))
+        bn.running_mean.copy_(mean.to(bn.running_mean))
+        bn.running_var.copy_(var.to(bn.running_var))
+        bn.num_batches_tracked.fill_(1)
+    if n_seen == 0 and should_stop is None:
+        raise ValueError("adabn() needs at least one batch of target slices")
+    return n_seen
+
+
+class _Stopped(Exception):
+    pass
+
+
+def set_bn_momentum_mode(module: nn.Module, momentum: float = 0.1) -> List[_BatchNorm]:
+    """The paper's variant: put the BatchNorm layers of ``module`` in train mode with ``momentum``.
+
+    Call after ``model.eval()`` at the start of every epoch; returns the layers it changed.
+    """
+    layers = list(batchnorm_layers(module).values())
+    for bn in layers:
+        bn.momentum = momentum
+        bn.train()
+    return layers
