@@ -1,0 +1,361 @@
+"""volumes: reading refusals, atomic writing, the working-grid round trip and the Slicer matrix conversion."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ConvLoRASegLib.errors import ConvLoRASegError
+from ConvLoRASegLib.grid import WorkingGrid
+from ConvLoRASegLib import volumes as V
+
+HEADS = Path("/work/shared/data/heads")
+
+
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def oblique_ellipsoid() -> tuple:
+    """An ellipsoid head-like image and its mask on an oblique, flipped, permuted, anisotropic grid."""
+    direction = _rotation(0.25, -0.15, 0.35) @ np.array([[0, 0, -1], [-1, 0, 0], [0, 1, 0]], float)
+    spacing = np.array([1.2, 0.9, 2.5])
+    size = np.array([150, 190, 64])
+    origin = np.array([30.0, -20.0, 10.0])
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    idx = np.stack([i, j, k], -1).astype(float)
+    centre = (size - 1) / 2.0
+    phys = (idx - centre) * spacing @ direction.T  # mm relative to the centre
+    r = np.sqrt((phys[..., 0] / 60) ** 2 + (phys[..., 1] / 75) ** 2 + (phys[..., 2] / 55) ** 2)
+    mask = (r <= 1.0).astype(np.uint8)
+    img = np.where(r <= 1.0, 100.0 + 20 * np.cos(phys[..., 0] / 7), np.where(r <= 1.15, 40.0, 0.0))
+    out = []
+    for a in (img.astype(np.float32), mask):
+        im = sitk.GetImageFromArray(a)
+        im.SetSpacing(spacing.tolist())
+        im.SetDirection(direction.ravel().tolist())
+        im.SetOrigin(origin.tolist())
+        out.append(im)
+    return out[0], out[1]
+
+
+def dice(a: sitk.Image, b: sitk.Image) -> float:
+    x, y = sitk.GetArrayViewFromImage(a) > 0, sitk.GetArrayViewFromImage(b) > 0
+    return 2.0 * float((x & y).sum()) / float(x.sum() + y.sum())
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-9)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-9)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-12))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def small(a: np.ndarray) -> sitk.Image:
+    return sitk.GetImageFromArray(a.astype(np.float32))
+
+
+# -------------------------------------------------------------------------------------------------- reading
+
+def test_read_refuses_missing_file(tmp_path):
+    with pytest.raises(ConvLoRASegError, match="no such file"):
+        V.read_image(tmp_path / "nothing.nii.gz")
+
+
+def test_read_refuses_non_image(tmp_path):
+    p = tmp_path / "notes.nii.gz"
+    p.write_text("hello, not an image")
+    with pytest.raises(ConvLoRASegError, match="not an image"):
+        V.read_image(p)
+
+
+def test_read_refuses_folder_without_dicom(tmp_path):
+    with pytest.raises(ConvLoRASegError, match="DICOM"):
+        V.read_image(tmp_path)
+
+
+def test_read_refuses_2d(tmp_path):
+    p = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(20, 30).astype(np.float32)), str(p))
+    with pytest.raises(ConvLoRASegError, match="not a 3D volume"):
+        V.read_image(p)
+    p1 = tmp_path / "one_slice.nii.gz"
+    sitk.WriteImage(small(np.random.rand(1, 20, 30)), str(p1))
+    with pytest.raises(ConvLoRASegError, match="not a 3D volume"):
+        V.read_image(p1)
+
+
+def test_read_4d_refused_unless_first_volume(tmp_path):
+    a = np.stack([np.full((6, 7, 8), t + 1.0) for t in range(3)])
+    a[:, 0, 0, 0] = 0  # not constant
+    p = tmp_path / "fmri.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(a.astype(np.float32), isVector=False), str(p))
+    assert V.image_info(p).dimension == 4
+    with pytest.raises(ConvLoRASegError, match="4D with 3 volumes"):
+        V.read_image(p)
+    im = V.read_image(p, first_volume=True)
+    assert im.GetDimension() == 3 and im.GetSize() == (8, 7, 6)
+    assert float(sitk.GetArrayViewFromImage(im).max()) == 1.0  # volume 0
+
+
+def test_read_refuses_vector_pixels(tmp_path):
+    p = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(5, 6, 7, 3).astype(np.float32), isVector=True), str(p))
+    with pytest.raises(ConvLoRASegError, match="3 components"):
+        V.read_image(p)
+
+
+@pytest.mark.parametrize("value, word", [(0.0, "empty"), (7.0, "constant")])
+def test_read_refuses_empty_and_constant(tmp_path, value, word):
+    p = tmp_path / "flat.mha"
+    sitk.WriteImage(small(np.full((5, 6, 7), value)), str(p))
+    with pytest.raises(ConvLoRASegError, match=word):
+        V.read_image(p)
+
+
+def test_read_refuses_nan(tmp_path):
+    a = np.random.rand(5, 6, 7)
+    a[2, 3, 4] = np.nan
+    p = tmp_path / "nan.nrrd"  # ITK's NIfTI writer does not keep NaN
+    sitk.WriteImage(small(a), str(p))
+    with pytest.raises(ConvLoRASegError, match="NaN"):
+        V.read_image(p)
+
+
+def test_read_gives_float32_and_leaves_file_untouched(tmp_path):
+    p = tmp_path / "u8.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.randint(0, 255, (8, 9, 10)).astype(np.uint8)), str(p))
+    before = sha(p)
+    im = V.read_image(p)
+    assert im.GetPixelID() == sitk.sitkFloat32
+    assert sha(p) == before
+
+
+def test_check_intensities_flags_ct():
+    a = np.full((6, 6, 6), -1000.0)
+    a[2:4, 2:4, 2:4] = 1500.0
+    assert any("CT" in w for w in V.check_intensities(small(a)))
+    assert V.check_intensities(small(np.random.rand(6, 6, 6) * 800)) == []
+
+
+# -------------------------------------------------------------------------------------------------- writing
+
+def test_write_refuses_existing_and_overwrites_on_request(tmp_path):
+    p = tmp_path / "out.nii.gz"
+    V.write_image(small(np.ones((3, 4, 5))), p)
+    with pytest.raises(ConvLoRASegError, match="exists"):
+        V.write_image(small(np.zeros((3, 4, 5))), p)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(p))).max() == 1
+    V.write_image(small(np.full((3, 4, 5), 2.0)), p, overwrite=True)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(p))).max() == 2
+    assert sorted(os.listdir(tmp_path)) == ["out.nii.gz"]
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha"])
+def test_write_formats(tmp_path, suffix):
+    im = small(np.random.rand(3, 4, 5))
+    im.SetSpacing([0.5, 1.5, 2.0])
+    out = V.write_image(im, tmp_path / f"x{suffix}")
+    back = sitk.ReadImage(str(out))
+    assert np.allclose(back.GetSpacing(), [0.5, 1.5, 2.0])
+    assert sorted(os.listdir(tmp_path)) == [f"x{suffix}"]
+
+
+def test_write_refuses_bad_targets(tmp_path):
+    im = small(np.ones((3, 4, 5)))
+    with pytest.raises(ConvLoRASegError, match="does not exist"):
+        V.write_image(im, tmp_path / "missing" / "out.nii.gz")
+    with pytest.raises(ConvLoRASegError, match="file type"):
+        V.write_image(im, tmp_path / "out.png")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConvLoRASegError, match="does not exist"):
+        V.write_image(im, tmp_path / "a_file" / "out.nii.gz")
+
+
+def test_write_is_atomic_when_the_writer_fails(tmp_path, monkeypatch):
+    p = tmp_path / "keep.nrrd"
+    V.write_image(small(np.ones((3, 4, 5))), p)
+    before = sha(p)
+
+    def broken(image, name, *args):
+        Path(name).write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(V.sitk, "WriteImage", broken)
+    with pytest.raises(ConvLoRASegError, match="disk full"):
+        V.write_image(small(np.zeros((3, 4, 5))), p, overwrite=True)
+    assert sha(p) == before
+    assert sorted(os.listdir(tmp_path)) == ["keep.nrrd"]
+
+
+# ---------------------------------------------------------------------------------------------- orientation
+
+def test_canonical_direction_matches_dicomorient():
+    img, _ = oblique_ellipsoid()
+    can = V.canonical(img)
+    assert np.allclose(V.canonical_direction(img), np.array(can.GetDirection()).reshape(3, 3))
+    d = np.array(can.GetDirection()).reshape(3, 3)
+    assert np.all(np.argmax(np.abs(d), axis=0) == [0, 1, 2]) and np.all(np.diag(d) > 0)
+
+
+def test_sagittal_slices_have_a_fixed_layout():
+    """A bright blob left-anterior-superior of the centre lands at high N, top rows, left columns."""
+    for code in ("RAS", "PIL", "LPS"):
+        a = np.zeros((40, 40, 40), np.float32)
+        a[5:35, 5:35, 5:35] = 1.0
+        im = small(a)
+        im.SetSpacing([2.0, 2.0, 2.0])
+        blob = sitk.Image(im)
+        pt = np.array([20.0, -20.0, 20.0]) + np.array(im.TransformContinuousIndexToPhysicalPoint([19.5] * 3))
+        idx = im.TransformPhysicalPointToIndex(pt.tolist())
+        blob[idx] = 5.0
+        blob = sitk.DICOMOrient(blob, code)
+        vs = V.to_slices(blob, WorkingGrid(spacing_mm=2.0, slice_size=64, normalisation="minmax"))
+        n, h, w = np.unravel_index(np.argmax(vs.slices), vs.slices.shape)
+        assert n > vs.slices.shape[0] // 2 and h < 32 and w < 32, code
+
+
+# ---------------------------------------------------------------------------------------- slices round trip
+
+def _round_trip(img: sitk.Image, mask: sitk.Image, grid: WorkingGrid) -> sitk.Image:
+    vs = V.to_slices(img, grid)
+    assert vs.slices.dtype == np.float32 and vs.slices.shape[1:] == (grid.slice_size, grid.slice_size)
+    assert vs.slices.min() >= 0.0 and vs.slices.max() <= 1.0
+    assert same_geometry(vs.native, img)
+    ms = V.mask_to_slices(mask, vs)
+    assert ms.dtype == np.uint8 and ms.shape == vs.slices.shape
+    probs = V.to_native(ms.astype(np.float32), vs)
+    assert probs.GetPixelID() == sitk.sitkFloat32 and same_geometry(probs, img)
+    out = V.to_mask(probs)
+    assert out.GetPixelID() == sitk.sitkUInt8 and same_geometry(out, img)
+    return out
+
+
+@pytest.mark.parametrize("name", ["itk_kmeans", "robex_atlas"])
+def test_round_trip_real_head(name):
+    path = HEADS / name / "image.nii.gz"
+    if not path.exists():
+        pytest.skip("shared heads not available")
+    before = sha(path)
+    img = V.read_image(path)
+    mask = sitk.ReadImage(str(HEADS / name / "mask.nii.gz"))
+    out = _round_trip(img, mask, WorkingGrid(spacing_mm=2.0, slice_size=128))
+    assert dice(out, mask) > 0.97
+    assert sha(path) == before
+
+
+@pytest.mark.parametrize("axis", ["sagittal", "coronal", "axial"])
+def test_round_trip_oblique_flipped_anisotropic(axis):
+    img, mask = oblique_ellipsoid()
+    out = _round_trip(img, mask, WorkingGrid(spacing_mm=2.0, slice_size=128, axis=axis, normalisation="minmax"))
+    assert dice(out, mask) > 0.97
+
+
+def test_padding_is_zero_and_percentile_ignores_it():
+    img, _ = oblique_ellipsoid()
+    vs = V.to_slices(img, WorkingGrid(spacing_mm=2.0, slice_size=160, normalisation="percentile"))
+    assert np.all(vs.slices[:, :3, :] == 0) and np.all(vs.slices[:, :, :3] == 0)
+    assert vs.slices.max() == 1.0
+
+
+def test_postprocess_keeps_largest_component_and_fills_holes():
+    m = np.zeros((20, 20, 20), np.uint8)
+    m[2:12, 2:12, 2:12] = 1
+    m[5:8, 5:8, 5:8] = 0       # enclosed hole
+    m[15:18, 15:18, 15:18] = 1  # small island
+    out = V.postprocess(m)
+    assert out.dtype == np.uint8
+    assert out[6, 6, 6] == 1 and out[16, 16, 16] == 0 and out.sum() == 1000
+    assert V.postprocess(np.zeros((4, 4, 4))).sum() == 0
+
+
+# --------------------------------------------------------------------------------------------------- memory
+
+def test_check_memory_refuses_huge_header_before_reading(tmp_path):
+    hdr = tmp_path / "huge.nhdr"
+    hdr.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 4000 4000 4000\nspacings: 1 1 1\n"
+                   "encoding: raw\nendian: little\ndata file: huge.raw\n")
+    (tmp_path / "huge.raw").write_bytes(b"")  # 256 GB announced, nothing there: only the header may be read
+    info = V.image_info(hdr)
+    assert info.size == (4000, 4000, 4000) and info.bytes_per_component == 4
+    with pytest.raises(ConvLoRASegError, match=r"needs about \d+(\.\d)? GB, only"):
+        V.check_memory(hdr, WorkingGrid())
+    small_img = small(np.random.rand(10, 10, 10))
+    need = V.check_memory(small_img, WorkingGrid())
+    assert 0 < need < 100e6
+    with pytest.raises(ConvLoRASegError, match="needs about"):
+        V.check_memory(small_img, WorkingGrid(), limit_bytes=1000)
+
+
+# --------------------------------------------------------------------------------------------------- Slicer
+
+def test_ijk_to_ras_round_trip_oblique_flipped():
+    img, _ = oblique_ellipsoid()
+    m = V.ijk_to_ras(img)
+    # index -> RAS by the matrix equals SimpleITK's LPS point with x, y negated
+    ijk = [7, 11, 13]
+    lps = np.array(img.TransformIndexToPhysicalPoint(ijk))
+    assert np.allclose((m @ np.array(ijk + [1.0]))[:3], lps * [-1, -1, 1])
+    arr = V.array_from_image(img)
+    back = V.image_from_array(arr, m)
+    assert same_geometry(back, img) and np.array_equal(sitk.GetArrayViewFromImage(back), arr)
+    assert np.allclose(V.ijk_to_ras(back), m)
+
+
+def test_image_from_array_refuses_shear():
+    m = np.eye(4)
+    m[0, 1] = 0.5
+    with pytest.raises(ConvLoRASegError, match="sheared"):
+        V.image_from_array(np.zeros((3, 4, 5), np.float32), m)
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+def test_iter_prepared_in_order_and_errors_at_their_item(tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"v{i}.nii.gz"
+        sitk.WriteImage(small(np.random.rand(10, 12, 14) + i), str(p))
+        paths.append(p)
+    grid = WorkingGrid(spacing_mm=2.0, slice_size=16)
+    got = [(p, vs.slices.shape) for p, vs in V.iter_prepared(paths, grid, prefetch=2)]
+    assert [g[0] for g in got] == paths and all(g[1][1:] == (16, 16) for g in got)
+    seen = []
+    with pytest.raises(ConvLoRASegError, match="no such file"):
+        for p, _ in V.iter_prepared([paths[0], tmp_path / "gone.nii.gz", paths[2]], grid):
+            seen.append(p)
+    assert seen == [paths[0]]
+
+
+def test_read_dicom_series_folder(tmp_path):
+    """A folder of single-slice DICOM files is read as one volume with its spacing and slice count."""
+    vol = (np.random.rand(6, 10, 12) * 1000).astype(np.int16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(vol.shape[0]):
+        sl = sitk.GetImageFromArray(vol[k])
+        sl.SetSpacing([0.8, 0.9])
+        for tag, value in (("0008|0060", "MR"), ("0020|000d", "1.2.3"), ("0020|000e", "1.2.3.4"),
+                           ("0020|0032", f"0\\0\\{2.5 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0013", str(k + 1)), ("0028|0030", "0.9\\0.8")):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"s{k:03d}.dcm"))
+        writer.Execute(sl)
+    info = V.image_info(tmp_path)
+    assert info.size == (12, 10, 6)
+    im = V.read_image(tmp_path)
+    assert im.GetSize() == (12, 10, 6)
+    assert np.allclose(im.GetSpacing(), [0.8, 0.9, 2.5], atol=1e-3)
+    assert np.allclose(sitk.GetArrayViewFromImage(im), vol)
