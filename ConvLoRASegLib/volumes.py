@@ -213,6 +213,12 @@ def _suffix(path: Path) -> str:
     raise ConvLoRASegError(f"{path.name}: cannot write this file type; use one of {', '.join(WRITABLE_SUFFIXES)}")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
     """Write an image atomically (temporary file in the same folder, then rename); returns the path.
 
@@ -234,6 +240,7 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, True)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, p)
     except (RuntimeError, OSError) as e:
         raise ConvLoRASegError(f"cannot write {p}: {str(e).strip().splitlines()[-1]}") from None
