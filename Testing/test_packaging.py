@@ -1,0 +1,198 @@
+"""The Slicer extension is complete: CMake file lists match the disk, .s4ext fields, .ui widgets, icon.
+
+Slicer's build copies exactly the files named in ConvLoRASeg/CMakeLists.txt; a library file that is on disk
+but not listed would be missing from the installed extension (an ImportError only users would see), and a
+listed file that is gone breaks the extension build. These checks need neither Slicer nor CMake.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "ConvLoRASeg"
+LIB_DIR = ROOT / "ConvLoRASegLib"
+S4EXT = ROOT / "ConvLoRA.s4ext"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "ConvLoRASeg.ui"
+ICON = MODULE_DIR / "Resources" / "Icons" / "ConvLoRASeg.png"
+
+S4EXT_FIELDS = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "description", "screenshoturls", "enabled")
+IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
+IGNORED_SUFFIXES = {".pyc", ".pyo"}
+
+
+def cmake_set_blocks(text: str) -> Dict[str, List[str]]:
+    """Variables assigned with ``set(NAME arg arg ...)`` in a CMake file.
+
+    A small tokenizer: quoted arguments keep their spaces, parentheses and ``#``; ``#`` outside quotes starts
+    a comment; the command ends at its unquoted ``)``.
+    """
+    blocks: Dict[str, List[str]] = {}
+    for match in re.finditer(r"(?<![A-Za-z_])set\(", text):
+        args, pos, token = [], match.end(), None
+        while True:
+            ch = text[pos]
+            if ch == '"':
+                end = text.index('"', pos + 1)
+                args.append(text[pos + 1:end])
+                pos = end + 1
+            elif ch == "#":
+                pos = text.index("\n", pos)
+            elif ch == ")":
+                break
+            elif ch.isspace():
+                pos += 1
+            else:
+                token = re.match(r'[^\s()"#]+', text[pos:]).group(0)
+                args.append(token)
+                pos += len(token)
+        if args:
+            blocks[args[0]] = args[1:]
+    return blocks
+
+
+def expand(items: List[str], variables: Dict[str, str]) -> Set[str]:
+    """Items with ``${VAR}`` replaced from ``variables``."""
+    out = set()
+    for item in items:
+        for key, value in variables.items():
+            item = item.replace("${" + key + "}", value)
+        assert "${" not in item, f"unexpanded variable in CMake list item {item!r}"
+        out.add(item.strip('"'))
+    return out
+
+
+def files_on_disk(folder: Path, relative_to: Path) -> Set[str]:
+    """Every shipped file below ``folder`` as a POSIX path relative to ``relative_to``."""
+    found = set()
+    for path in folder.rglob("*"):
+        if path.is_file() and not (IGNORED_PARTS & set(path.parts)) and path.suffix not in IGNORED_SUFFIXES:
+            found.add(path.relative_to(relative_to).as_posix())
+    return found
+
+
+@pytest.fixture(scope="module")
+def module_lists() -> Dict[str, Set[str]]:
+    blocks = cmake_set_blocks((MODULE_DIR / "CMakeLists.txt").read_text())
+    variables = {"MODULE_NAME": blocks["MODULE_NAME"][0]}
+    return {name: expand(items, variables) for name, items in blocks.items() if name != "MODULE_NAME"}
+
+
+def test_module_name_is_convloraseg(module_lists):
+    blocks = cmake_set_blocks((MODULE_DIR / "CMakeLists.txt").read_text())
+    assert blocks["MODULE_NAME"] == ["ConvLoRASeg"]
+
+
+def test_module_scripts_match_disk(module_lists):
+    on_disk = {p for p in files_on_disk(MODULE_DIR, MODULE_DIR) if p.endswith(".py") and "/" not in p}
+    assert module_lists["MODULE_PYTHON_SCRIPTS"] == on_disk
+
+
+def test_module_resources_match_disk(module_lists):
+    on_disk = files_on_disk(MODULE_DIR / "Resources", MODULE_DIR)
+    assert module_lists["MODULE_PYTHON_RESOURCES"] == on_disk
+
+
+def test_library_scripts_match_disk(module_lists):
+    on_disk = {p for p in files_on_disk(LIB_DIR, ROOT) if p.endswith(".py")}
+    listed = module_lists["LIB_PYTHON_SCRIPTS"]
+    assert not (on_disk - listed), f"library files missing from ConvLoRASeg/CMakeLists.txt: {sorted(on_disk - listed)}"
+    assert not (listed - on_disk), f"listed in ConvLoRASeg/CMakeLists.txt but not on disk: {sorted(listed - on_disk)}"
+
+
+def test_library_resources_match_disk(module_lists):
+    on_disk = {p for p in files_on_disk(LIB_DIR, ROOT) if not p.endswith(".py")}
+    listed = module_lists.get("LIB_PYTHON_RESOURCES", set())
+    assert not (on_disk - listed), f"library data missing from ConvLoRASeg/CMakeLists.txt: {sorted(on_disk - listed)}"
+    assert not (listed - on_disk), f"listed in ConvLoRASeg/CMakeLists.txt but not on disk: {sorted(listed - on_disk)}"
+
+
+def test_module_cmake_builds_module_library_and_test():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule(" in text
+    assert re.search(r"SOURCE_DIR\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\.", text), "library must be taken from the parent folder"
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def read_s4ext() -> Dict[str, str]:
+    fields = {}
+    for line in S4EXT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        fields[key] = value.strip()
+    return fields
+
+
+def test_s4ext_has_every_field():
+    fields = read_s4ext()
+    missing = [key for key in S4EXT_FIELDS if not fields.get(key)]
+    assert not missing, f"empty or missing .s4ext fields: {missing}"
+    assert fields["scm"] == "git"
+    assert fields["enabled"] in ("0", "1")
+    assert fields["depends"].split() == ["PyTorch"]
+    assert fields["category"] == "Segmentation"
+    assert fields["iconurl"].endswith("ConvLoRASeg/Resources/Icons/ConvLoRASeg.png")
+    assert fields["scmurl"].startswith("https://") and fields["homepage"].startswith("https://")
+
+
+def test_top_level_cmake_matches_s4ext():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    blocks = {name: " ".join(items) for name, items in cmake_set_blocks(text).items()}
+    fields = read_s4ext()
+    assert re.search(r"project\(\s*ConvLoRA\s*\)", text), "project name must equal the .s4ext file name"
+    for cmake_name, s4ext_name in (("EXTENSION_CATEGORY", "category"), ("EXTENSION_DEPENDS", "depends"),
+                                   ("EXTENSION_ICONURL", "iconurl"), ("EXTENSION_SCREENSHOTURLS", "screenshoturls"),
+                                   ("EXTENSION_HOMEPAGE", "homepage")):
+        assert blocks[cmake_name] == fields[s4ext_name], cmake_name
+    for needed in ("EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
+        assert blocks.get(needed), needed
+    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(ConvLoRASeg)",
+                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert line in text, line
+
+
+def ui_widgets() -> Dict[str, ET.Element]:
+    tree = ET.parse(UI_FILE)  # raises on malformed XML
+    return {w.get("name"): w for w in tree.iter("widget")}
+
+
+def test_ui_is_wellformed_and_has_the_module_widgets():
+    widgets = ui_widgets()
+    source = (MODULE_DIR / "ConvLoRASeg.py").read_text()
+    used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", source))
+    assert used, "the module uses no self.ui.<widget> at all?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"widgets used by ConvLoRASeg.py but absent from the .ui: {missing}"
+
+
+def test_ui_parameter_names_match_the_parameter_node():
+    """Every SlicerParameterName in the .ui names a field of the @parameterNodeWrapper class."""
+    tree = ET.parse(UI_FILE)
+    names = set()
+    for widget in tree.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                names.add(prop.find("string").text)
+    source = (MODULE_DIR / "ConvLoRASeg.py").read_text()
+    match = re.search(r"@parameterNodeWrapper\s*\nclass \w+:\n(.*?)\n\n\n", source, flags=re.S)
+    assert match, "no @parameterNodeWrapper class in ConvLoRASeg.py"
+    fields = set(re.findall(r"^    ([a-zA-Z_][a-zA-Z0-9_]*)\s*:", match.group(1), flags=re.M))
+    assert names, "the .ui binds nothing to the parameter node"
+    assert not (names - fields), f"SlicerParameterName without a parameter: {sorted(names - fields)}"
+
+
+def test_icon_is_a_128_px_png():
+    data = ICON.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (128, 128)
