@@ -11,3 +11,7 @@ class ConvLoRASegError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class Cancelled(Exception):
+    """The user asked to stop (Cancel in Slicer, Ctrl-C or SIGTERM in the CLI); nothing was written."""
