@@ -256,7 +256,7 @@ def _direction(image: sitk.Image) -> np.ndarray:
     return np.array(image.GetDirection(), dtype=float).reshape(3, 3)
 
 
-def _code_matrix(code: str) -> np.ndarray:
+def orientation_matrix(code: str) -> np.ndarray:
     """3x3 signed permutation P with ``new_direction = canonical_direction @ P`` for an orientation code."""
     m = np.zeros((3, 3))
     for col, letter in enumerate(code.upper()):
@@ -302,7 +302,7 @@ def _reference(size: Sequence[int], spacing: Sequence[float], origin: Sequence[f
 
 def working_reference(image: sitk.Image, grid: WorkingGrid) -> sitk.Image:
     """An empty uint8 image with the working grid's geometry for ``image`` (see the module docstring)."""
-    direction = canonical_direction(image) @ _code_matrix(WORKING_ORIENTATION[grid.axis])
+    direction = canonical_direction(image) @ orientation_matrix(WORKING_ORIENTATION[grid.axis])
     h = grid.spacing_mm
     extent = _corners(image) @ direction[:, 2]
     n = max(1, int(np.ceil((extent.max() - extent.min()) / h - 1e-6)))
