@@ -230,7 +230,7 @@ def random_subject(image: sitk.Image, mask: sitk.Image, seed: int,
     params = np.clip(rng.normal(0.0, 2.0 * strength, len(bspline.GetParameters())), -6.0 * strength,
                      6.0 * strength)
     bspline.SetParameters(params.tolist())
-    transform = sitk.CompositeTransform([affine, bspline])
+    transform = _as_displacement(sitk.CompositeTransform([affine, bspline]), image)
     out = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), image, transform, sitk.sitkLinear, 0.0,
                         sitk.sitkFloat32)
     m = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkFloat32), mask, transform, sitk.sitkLinear, 0.0,
@@ -238,6 +238,19 @@ def random_subject(image: sitk.Image, mask: sitk.Image, seed: int,
     mask_out = sitk.Cast(m >= 0.5, sitk.sitkUInt8)
     mask_out.CopyInformation(mask)
     return out, mask_out
+
+
+def _as_displacement(transform: sitk.Transform, image: sitk.Image, spacing_mm: float = 4.0) -> sitk.Transform:
+    """The transform sampled on a coarse grid over the image (linear in between): much faster to apply to a
+    1 mm head than a B-spline evaluated at every voxel, and smooth at this spacing."""
+    spacing = np.array(image.GetSpacing())
+    size = np.ceil(np.array(image.GetSize()) * spacing / spacing_mm).astype(int) + 3
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    start = np.array(image.TransformContinuousIndexToPhysicalPoint([-0.5, -0.5, -0.5]))
+    origin = start - direction @ np.full(3, spacing_mm)
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size.tolist(), origin.tolist(),
+                                              [spacing_mm] * 3, direction.ravel().tolist())
+    return sitk.DisplacementFieldTransform(field)
 
 
 def demo_heads() -> Dict[str, Tuple[Path, Path]]:
