@@ -1,0 +1,82 @@
+"""AdaBN: running statistics become the exact statistics of each BatchNorm's input over all target slices."""
+
+import pytest
+import torch
+from torch import nn
+
+from ConvLoRASegLib import UNet2D
+from ConvLoRASegLib.adabn import adabn, batchnorm_layers, set_bn_momentum_mode
+
+
+def _capture_inputs(net, batches):
+    """Inputs every BN sees, with upstream BNs using batch statistics (train-mode BN, eval elsewhere)."""
+    seen = {n: [] for n in batchnorm_layers(net)}
+    hooks = [bn.register_forward_pre_hook(lambda m, i, n=n: seen[n].append(i[0].detach().clone()))
+             for n, bn in batchnorm_layers(net).items()]
+    net.eval()
+    for bn in batchnorm_layers(net).values():
+        bn.train()
+    with torch.no_grad():
+        for b in batches:
+            net(b)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_running_stats_equal_statistics_of_all_target_inputs():
+    torch.manual_seed(0)
+    net = UNet2D(8)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if not k.endswith(("running_mean", "running_var",
+                                                                                      "num_batches_tracked"))}
+    # batches of unequal sizes and shifted intensities: a per-batch average would be wrong here
+    batches = [torch.randn(5, 1, 16, 16) * 2 + 1, torch.randn(2, 1, 16, 16) + 3, torch.randn(9, 1, 16, 16)]
+    reference = _capture_inputs(net, batches)
+    n = adabn(net, batches)
+    assert n == 16
+    for name, bn in batchnorm_layers(net).items():
+        x = torch.cat(reference[name]).double()
+        dims = [0, 2, 3]
+        assert torch.allclose(bn.running_mean.double(), x.mean(dims), atol=1e-5), name
+        assert torch.allclose(bn.running_var.double(), x.var(dims, unbiased=True), rtol=1e-4, atol=1e-6), name
+    for k, v in net.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), f"{k} changed"
+
+
+def test_mode_restored_and_only_chosen_modules():
+    net = UNet2D(8)
+    net.eval()
+    before = net.down3[0].running_mean.clone()
+    adabn(net, [torch.randn(4, 1, 16, 16)], modules=net.init_path)
+    assert not any(m.training for m in net.modules())
+    assert torch.equal(net.down3[0].running_mean, before)
+    assert not torch.equal(net.init_path[2].conv_path[0].bn.running_mean, torch.zeros(8))
+
+
+def test_no_gradients_and_empty_input():
+    net = UNet2D(8)
+    with pytest.raises(ValueError):
+        adabn(net, [])
+    adabn(net, [torch.randn(2, 1, 16, 16, requires_grad=True)])
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_stop_leaves_statistics_unchanged():
+    net = UNet2D(8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    adabn(net, [torch.randn(2, 1, 16, 16)] * 3, should_stop=lambda: True)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_paper_variant_momentum_mode():
+    net = UNet2D(8).eval()
+    layers = set_bn_momentum_mode(net.init_path, momentum=0.1)
+    assert layers and all(bn.training and bn.momentum == 0.1 for bn in layers)
+    assert not net.down1[0].training
+    x = torch.randn(4, 1, 16, 16) + 5
+    bn = net.init_path[2].conv_path[0].bn
+    net(x)
+    assert float(bn.running_mean.abs().max()) > 0  # statistics drift towards the target
+    assert isinstance(bn, nn.BatchNorm2d)
