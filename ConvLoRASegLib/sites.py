@@ -133,14 +133,15 @@ def _subsample(values: np.ndarray, n: int = 500_000) -> np.ndarray:
 def tone_curve(x: np.ndarray, brain: np.ndarray, gamma: float, contrast: float) -> np.ndarray:
     """Smooth monotone intensity mapping of [0, 1] intensities: ``x**gamma``, then grey matter (30th percentile
     of the brain) moved by ``-contrast`` relative to white matter (85th percentile) with a monotone cubic
-    (PCHIP), applied through a 4097-entry lookup table."""
+    (PCHIP), applied through a 4097-entry lookup table (nearest entry)."""
     xs = np.linspace(0.0, 1.0, 4097)
     ys = xs ** gamma
     gm, wm = np.percentile(_subsample(np.clip(brain, 0, 1)) ** gamma, [30, 85])
     if 0.0 < gm < wm < 1.0 and contrast != 0:
         new_gm = float(np.clip(gm * (1.0 - contrast), 0.55 * gm, gm + 0.8 * (wm - gm)))
         ys = PchipInterpolator([0.0, 0.5 * gm, gm, wm, 1.0], [0.0, 0.5 * gm, new_gm, wm, 1.0])(ys)
-    return np.interp(x, xs, ys).astype(np.float32)
+    index = np.multiply(np.clip(x, 0.0, 1.0), np.float32(len(xs) - 1), dtype=np.float32)
+    return ys.astype(np.float32)[np.rint(index).astype(np.int32)]  # nearest of 4097 entries: error < 2.5e-4
 
 
 def bias_field(shape: Tuple[int, int, int], rng: np.random.Generator, amplitude: float) -> np.ndarray:
