@@ -1,0 +1,799 @@
+"""``convlora-seg``: brain masks for whole volumes, scanner adapters, training, evaluation — from the shell.
+
+Every subcommand is a thin layer over the library: parse arguments, check inputs and outputs *before* heavy
+work, call the library with one progress callback (:class:`~ConvLoRASegLib.progress.Reporter`), print a result.
+
+Exit status: 0 done; 2 a user error (``ConvLoRASegError``: one line on stderr, and ``{"event": "error"}`` with
+``--json``; nothing written); 130 cancelled by Ctrl-C or SIGTERM (no partial output file: every writer is
+atomic). Run ``convlora-seg <command> --help`` for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+from . import __version__
+from .errors import Cancelled, ConvLoRASegError
+from .progress import Reporter
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 130
+#: Name endings of the files ``segment`` writes into an output folder.
+MASK_SUFFIX, PROB_SUFFIX = "_brainmask.nii.gz", "_brainprob.nii.gz"
+_IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------------------
+def volume_stem(path: Path) -> str:
+    """File name without its image extension (``sub-01.nii.gz`` -> ``sub-01``); a DICOM folder's own name."""
+    name = path.name
+    for ending in _IMAGE_ENDINGS:
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def _is_image_file_name(path: Path) -> bool:
+    return path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha"))
+
+
+def model_path(arg: Optional[str]) -> Path:
+    """``--model`` or the bundled default model; a clear error when the default is not installed."""
+    from .store import default_model_path
+
+    if arg:
+        return Path(arg).expanduser()
+    path = default_model_path()
+    if not path.is_file():
+        raise ConvLoRASegError(f"no --model given and the bundled default model is not installed ({path}); "
+                               "pass --model MODEL.safetensors")
+    return path
+
+
+def prefetched(items: Sequence[T], load: Callable[[T], R]) -> Iterator[Tuple[T, Optional[R], Optional[Exception]]]:
+    """Yield ``(item, load(item), None)`` in order — or ``(item, None, error)`` for a ConvLoRASegError — while
+    the next item loads in a background thread (reading a volume overlaps the network's work on the last)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-read")
+    try:
+        upcoming = pool.submit(load, items[0]) if items else None
+        for i, item in enumerate(items):
+            current = upcoming
+            upcoming = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
+            try:
+                yield item, current.result(), None
+            except ConvLoRASegError as exc:
+                yield item, None, exc
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active, SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C (restored afterwards)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} GB"
+
+
+def _base_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# segment
+# ---------------------------------------------------------------------------------------------------------------
+def output_paths(inputs: Sequence[Path], out: Path, probabilities: bool) -> Tuple[Dict[Path, Path], bool]:
+    """Map inputs to outputs. ``OUT`` is a file for one input (when it has an image ending and is not an existing
+    folder), else a folder holding ``<stem>_brainmask.nii.gz`` per input. Returns (mapping, is_folder)."""
+    as_folder = len(inputs) > 1 or out.is_dir() or str(out).endswith(("/", os.sep)) or not _is_image_file_name(out)
+    if not as_folder:
+        return {inputs[0]: out}, False
+    suffix = PROB_SUFFIX if probabilities else MASK_SUFFIX
+    mapping: Dict[Path, Path] = {}
+    seen: Dict[str, Path] = {}
+    for p in inputs:
+        stem = volume_stem(p)
+        if stem in seen:
+            raise ConvLoRASegError(f"two inputs would both write {stem}{suffix}: {seen[stem]} and {p}")
+        seen[stem] = p
+        mapping[p] = out / f"{stem}{suffix}"
+    return mapping, True
+
+
+def check_outputs(mapping: Dict[Path, Path], folder: Optional[Path], overwrite: bool) -> None:
+    """Refuse existing outputs (unless ``overwrite``) and unwritable folders before any work is done."""
+    from .atomic import check_output_path
+
+    if folder is not None and not folder.is_dir():
+        parent = folder.parent if str(folder.parent) else Path(".")
+        if folder.exists():
+            raise ConvLoRASegError(f"output {folder} exists and is not a folder")
+        if not parent.is_dir():
+            raise ConvLoRASegError(f"output folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise ConvLoRASegError(f"output folder is not writable: {parent}")
+        return  # the folder will be created: nothing in it can exist yet
+    for dest in mapping.values():
+        check_output_path(dest, overwrite)
+
+
+def resolve_adapter(spec: Optional[str], model, adapters_dir: Optional[str]):
+    """``--adapter``: None/``none`` -> source model; ``auto`` -> "auto"; an existing file -> its path (checked
+    against the model); otherwise a name in the store. Returns None, "auto" or an AdapterInfo."""
+    from .segment import activate_adapter
+    from .store import AdapterStore
+
+    if spec is None or spec.lower() in ("none", "source"):
+        return None
+    if spec.lower() == "auto":
+        return "auto"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        info = activate_adapter(model, path)  # refuses an adapter of another base model, or a corrupt file
+        activate_adapter(model, None)
+        return info
+    if path.suffix == ".safetensors" or os.sep in spec or "/" in spec:
+        raise ConvLoRASegError(f"adapter file not found: {path}")
+    info = AdapterStore(adapters_dir).find(model.sha256, spec)
+    activate_adapter(model, info)
+    activate_adapter(model, None)
+    return info
+
+
+def candidate_adapters(model, adapters_dir: Optional[str]) -> List[Any]:
+    """Adapters of ``model``: the store at ``adapters_dir`` (default: the user store) plus the adapter files
+    lying directly in ``adapters_dir``."""
+    from .store import AdapterStore, read_adapter_info
+
+    if adapters_dir is not None and not Path(adapters_dir).is_dir():
+        raise ConvLoRASegError(f"--adapters folder does not exist: {adapters_dir}")
+    found = {info.path.resolve(): info for info in AdapterStore(adapters_dir).list(model.sha256)}
+    if adapters_dir is not None:
+        for p in sorted(Path(adapters_dir).glob("*.safetensors")):
+            try:
+                info = read_adapter_info(p)
+            except ConvLoRASegError:
+                continue
+            if info.base_sha256 == model.sha256:
+                found.setdefault(p.resolve(), info)
+    return list(found.values())
+
+
+def _load_volume(path: Path, grid, first_volume: bool):
+    """Header checks (memory), then the image itself and its intensity warnings."""
+    from .volumes import check_intensities, check_memory, image_info, read_image
+
+    check_memory(image_info(path), grid)
+    image = read_image(path, first_volume=first_volume)
+    return image, check_intensities(image)
+
+
+def _brain_ml(mask) -> float:
+    import numpy as np
+    import SimpleITK as sitk
+
+    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
+    return float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * voxel_ml
+
+
+def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
+    from .cohorts import find_volumes
+    from .segment import choose_adapter, resolve_device, segment_image
+    from .store import load_model
+    from .volumes import check_memory, image_info, write_image
+
+    inputs = find_volumes(args.inputs)
+    device = resolve_device(args.device)
+    model = load_model(model_path(args.model))
+    out = Path(args.output).expanduser()
+    mapping, as_folder = output_paths(inputs, out, args.probabilities)
+    check_outputs(mapping, out if as_folder else None, args.overwrite)
+    adapter = resolve_adapter(args.adapter, model, args.adapters)
+    candidates = candidate_adapters(model, args.adapters) if adapter == "auto" else []
+    if adapter == "auto" and not candidates:
+        rep.warn("--adapter auto: no adapters of this model in the store; using the source model")
+    for p in inputs:  # cheap header checks for the whole cohort before the first volume is segmented
+        check_memory(image_info(p), model.grid)
+
+    results: List[Dict[str, Any]] = []
+    failed: List[Dict[str, str]] = []
+    created_folder = False
+    load = lambda p: _load_volume(p, model.grid, args.first_volume)  # noqa: E731
+    for i, (src, loaded, error) in enumerate(prefetched(inputs, load)):
+        if error is not None:
+            if len(inputs) == 1:
+                raise error
+            rep.warn(f"skipped {src.name}: {error}")
+            failed.append({"input": str(src), "message": str(error)})
+            continue
+        image, warnings = loaded
+        for w in warnings:
+            rep.warn(f"{src.name} {w}")
+        t0 = time.perf_counter()
+        chosen, scores = adapter, {}
+        if adapter == "auto":
+            chosen, scores = choose_adapter(model, image, candidates, device) if candidates else (None, {})
+            if candidates:
+                name = chosen.name if chosen is not None else "source model (no adapter)"
+                score = scores["source" if chosen is None else chosen.name]
+                others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+                rep.info(f"{src.name}: chose {name}, agreement {score:.3f} (scores: {others})")
+
+        def progress(event: Dict[str, Any], _i: int = i) -> None:
+            rep({**event, "volume": _i + 1, "volumes": len(inputs)})
+
+        result = segment_image(model, image, adapter=chosen, device=device, postprocess=not args.no_postprocess,
+                               probabilities=args.probabilities, progress=progress)
+        if as_folder and not created_folder:
+            out.mkdir(parents=True, exist_ok=True)
+            created_folder = True
+        dest = write_image(result, mapping[src], overwrite=args.overwrite)
+        item = {"input": str(src), "output": str(dest), "adapter": None if chosen is None else chosen.name,
+                "seconds": round(time.perf_counter() - t0, 2)}
+        if scores:
+            item["agreement"] = scores
+        if not args.probabilities:
+            item["brain_ml"] = round(_brain_ml(result), 1)
+        results.append(item)
+        extra = f", brain {item['brain_ml']:.0f} ml" if "brain_ml" in item else ""
+        rep.info(f"{src.name} -> {dest} ({item['seconds']:.1f} s{extra})")
+    if failed:
+        raise ConvLoRASegError(f"{len(failed)} of {len(inputs)} volumes failed (see the warnings above); "
+                               f"{len(results)} written")
+    rep.done({"command": "segment", "outputs": results})
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adapt
+# ---------------------------------------------------------------------------------------------------------------
+def target_paths(targets: Sequence[str]) -> List[Path]:
+    """Volumes of the target cohort: files, folders, globs, or ``cc359:ROOT:DOMAIN`` (e.g. ``cc359:/data:ge15``)."""
+    from .cohorts import cc359_cases, find_volumes
+
+    paths: List[Path] = []
+    for t in targets:
+        if t.lower().startswith("cc359:"):
+            root, _, domain = t[len("cc359:"):].rpartition(":")
+            if not root or not domain:
+                raise ConvLoRASegError(f"{t!r}: write a CC359 target as cc359:ROOT:DOMAIN, e.g. cc359:/data/CC359:ge15")
+            cases = cc359_cases(root)
+            chosen = [c.image for c in cases if (c.domain or "").lower() == domain.lower()]
+            if not chosen:
+                domains = ", ".join(sorted({c.domain or "?" for c in cases}))
+                raise ConvLoRASegError(f"no CC359 images of domain {domain!r} under {root} (found: {domains})")
+            paths += chosen
+        else:
+            paths += find_volumes([t])
+    return list(dict.fromkeys(paths))
+
+
+def _load_target(path: Path, grid):
+    from .volumes import to_slices
+
+    image, warnings = _load_volume(path, grid, first_volume=False)
+    return to_slices(image, grid).slices, warnings
+
+
+def read_target(paths: Sequence[Path], grid, rep: Reporter) -> Tuple[List[Any], List[Path], List[Dict[str, str]]]:
+    """Working-grid slices of every readable target volume; unreadable ones are skipped with a warning."""
+    stacks, used, skipped = [], [], []
+    for i, (path, loaded, error) in enumerate(prefetched(list(paths), lambda p: _load_target(p, grid))):
+        rep({"event": "progress", "stage": "read", "step": i + 1, "total": len(paths)})
+        if error is not None:
+            rep.warn(f"skipped {path.name}: {error}")
+            skipped.append({"input": str(path), "message": str(error)})
+            continue
+        slices, warnings = loaded
+        for w in warnings:
+            rep.warn(f"{path.name} {w}")
+        stacks.append(slices)
+        used.append(path)
+    if not stacks:
+        raise ConvLoRASegError(f"the target cohort has no readable volumes ({len(skipped)} skipped)")
+    return stacks, used, skipped
+
+
+def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
+    from .atomic import check_output_path
+    from .selftrain import adapt
+    from .segment import resolve_device
+    from .store import AdapterStore, check_adapter_name, load_model, save_adapter
+
+    mpath = model_path(args.model)
+    model = load_model(mpath)
+    device = resolve_device(args.device)
+    if args.output:
+        dest = Path(args.output).expanduser()
+        if not dest.name.endswith(".safetensors"):
+            raise ConvLoRASegError(f"an adapter file ends with .safetensors: {dest}")
+        name = check_adapter_name(args.name or volume_stem(dest).replace(".safetensors", ""))
+    else:
+        name = check_adapter_name(args.name)
+        dest = AdapterStore(args.adapters).path_for(model.sha256, name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(dest, args.overwrite)
+    paths = target_paths(args.targets)
+    stacks, used, skipped = read_target(paths, model.grid, rep)
+
+    kwargs: Dict[str, Any] = {k: getattr(args, k) for k in ("method", "mode", "rank", "placement", "seed")}
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    result = adapt(model, stacks, device=device, progress=rep, **kwargs)
+    rep({"event": "progress", "stage": "save", "step": 0, "total": 1})
+    details = {**result.summary(),
+               "target": {"n_volumes": len(used), "files": [p.name for p in used],
+                          "skipped": [Path(s["input"]).name for s in skipped]}}
+    info = save_adapter(model, result.state, dest, name=name, method=result.method, mode=result.mode,
+                        rank=result.rank, alpha=result.alpha, placement=result.placement, details=details,
+                        overwrite=args.overwrite)
+    rep({"event": "progress", "stage": "save", "step": 1, "total": 1})
+    base_params, model_bytes = _base_parameters(model), mpath.stat().st_size
+    summary = {
+        "agreement_before": result.agreement[0], "agreement_after": result.best_agreement,
+        "best_epoch": result.best_epoch, "epochs": result.epochs, "trainable_params": result.trainable_params,
+        "trainable_percent": 100.0 * result.trainable_params / base_params, "adapter_bytes": info.bytes,
+        "model_bytes": model_bytes, "seconds": round(result.seconds, 1), "n_volumes": len(used),
+        "n_skipped": len(skipped)}
+    rep.info("\n".join([
+        f"adapter {info.name!r} written to {info.path}",
+        f"  target: {len(used)} volumes ({result.n_slices} slices), {len(skipped)} skipped",
+        f"  method {result.method} ({result.mode}), rank {result.rank}, placement {result.placement}",
+        f"  label-free agreement (ESH vs final, surface Dice 1 mm): {summary['agreement_before']:.3f} before, "
+        f"{summary['agreement_after']:.3f} after (best epoch {result.best_epoch} of {result.epochs})",
+        f"  trainable parameters: {result.trainable_params:,} = {summary['trainable_percent']:.2f} % of the "
+        f"base model's {base_params:,}",
+        f"  adapter file {_fmt_bytes(info.bytes)} vs model file {_fmt_bytes(model_bytes)}",
+        f"  time {result.seconds:.1f} s"]))
+    rep.done({"command": "adapt", "adapter": info.to_dict(), "summary": summary})
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
+    import numpy as np
+    import torch
+
+    from .atomic import check_output_path
+    from .cohorts import folder_cohort
+    from .grid import WorkingGrid
+    from .segment import resolve_device
+    from .store import save_model
+    from .train import train_source
+    from .volumes import check_memory, image_info, mask_to_slices, read_image, to_slices
+
+    out = check_output_path(Path(args.output).expanduser(), args.overwrite)
+    device = resolve_device(args.device)
+    try:
+        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size)
+    except ValueError as exc:
+        raise ConvLoRASegError(str(exc)) from None
+    cases = folder_cohort(args.images, args.masks)
+    unlabelled = [c.image.name for c in cases if c.mask is None]
+    if unlabelled:
+        raise ConvLoRASegError(f"{len(unlabelled)} images have no mask in {args.masks} (e.g. {unlabelled[0]})")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ConvLoRASegError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for c in cases:
+        check_memory(image_info(c.image), grid)
+    images, masks = [], []
+    for i, c in enumerate(cases):
+        rep({"event": "progress", "stage": "read", "step": i, "total": len(cases)})
+        vs = to_slices(read_image(c.image), grid)
+        images.append(vs.slices)
+        masks.append(mask_to_slices(read_image(c.mask), vs))
+    order = np.random.default_rng(args.seed).permutation(len(cases))
+    n_val = int(round(len(cases) * args.val_fraction))
+    if args.val_fraction > 0 and len(cases) >= 2:
+        n_val = min(max(n_val, 1), len(cases) - 1)
+    val, train = order[:n_val], order[n_val:]
+    info = {"trained_with": f"convlora-seg train (ConvLoRASegLib {__version__})",
+            "train_images": [cases[i].image.name for i in train], "val_images": [cases[i].image.name for i in val]}
+    model = train_source([images[i] for i in train], [masks[i] for i in train], [images[i] for i in val],
+                         [masks[i] for i in val], grid=grid, epochs=args.epochs, esh_epochs=args.esh_epochs,
+                         seed=args.seed, device=device, info=info, progress=rep)
+    sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
+    record = model.info.get("training", {})
+    rep.info(f"model written to {out} ({_fmt_bytes(out.stat().st_size)}, sha256 {sha[:12]}…): "
+             f"{len(train)} training / {len(val)} validation volumes, best epoch {record.get('best_epoch')}, "
+             f"validation surface Dice {record.get('best_val_surface_dice', 'n/a')}, {record.get('seconds')} s")
+    rep.done({"command": "train", "model": str(out), "sha256": sha, "training": record})
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------------------------
+def _match_key(path: Path) -> str:
+    from .cohorts import MASK_SUFFIXES
+
+    stem = volume_stem(path).lower()
+    for suffix in sorted(MASK_SUFFIXES + ("_brainprob",), key=len, reverse=True):
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def evaluation_pairs(pred: Path, truth: Path) -> List[Tuple[Path, Path]]:
+    """(prediction, truth) pairs: two files, or two folders matched by name (mask suffixes ignored)."""
+    from .cohorts import find_volumes
+
+    if pred.is_file() and truth.is_file():
+        return [(pred, truth)]
+    if not (pred.is_dir() and truth.is_dir()):
+        for p in (pred, truth):
+            if not p.exists():
+                raise ConvLoRASegError(f"{p}: no such file or folder")
+        raise ConvLoRASegError("PRED and TRUTH must both be files or both be folders")
+    truths = {_match_key(t): t for t in find_volumes([truth])}
+    pairs = [(p, truths[_match_key(p)]) for p in find_volumes([pred]) if _match_key(p) in truths]
+    if not pairs:
+        raise ConvLoRASegError(f"no prediction in {pred} has a truth of the same name in {truth}")
+    return pairs
+
+
+def _read_mask(path: Path):
+    import SimpleITK as sitk
+
+    from .volumes import image_info
+
+    info = image_info(path)
+    if info.dimension != 3 or info.n_components != 1:
+        raise ConvLoRASegError(f"{path.name} is not a 3D label image")
+    return sitk.ReadImage(str(path))
+
+
+def evaluate_pair(pred_path: Path, truth_path: Path, tolerance_mm: float) -> Dict[str, Any]:
+    """Dice, surface Dice at ``tolerance_mm``, HD95 (mm) and volumes (ml); a prediction on another grid is
+    resampled (nearest neighbour) onto the truth's."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .metrics import dice, hd95, surface_dice, volume_difference
+
+    pred, truth = _read_mask(pred_path), _read_mask(truth_path)
+    same = (pred.GetSize() == truth.GetSize() and np.allclose(pred.GetSpacing(), truth.GetSpacing(), atol=1e-4)
+            and np.allclose(pred.GetOrigin(), truth.GetOrigin(), atol=1e-3)
+            and np.allclose(pred.GetDirection(), truth.GetDirection(), atol=1e-4))
+    if not same:
+        pred = sitk.Resample(pred, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    p = sitk.GetArrayViewFromImage(pred) > 0
+    t = sitk.GetArrayViewFromImage(truth) > 0
+    spacing = tuple(reversed(truth.GetSpacing()))  # numpy axis order (z, y, x)
+    vol = volume_difference(p, t, spacing)
+    return {"pred": str(pred_path), "truth": str(truth_path), "dice": dice(p, t),
+            "surface_dice": surface_dice(p, t, spacing, tolerance_mm), "hd95_mm": hd95(p, t, spacing),
+            "pred_ml": vol["pred_ml"], "truth_ml": vol["truth_ml"], "volume_diff_ml": vol["diff_ml"],
+            "volume_diff_relative": vol["relative"], "resampled": not same}
+
+
+def cmd_evaluate(args: argparse.Namespace, rep: Reporter) -> int:
+    import numpy as np
+
+    pairs = evaluation_pairs(Path(args.pred).expanduser(), Path(args.truth).expanduser())
+    rows = []
+    for i, (p, t) in enumerate(pairs):
+        rep({"event": "progress", "stage": "evaluate", "step": i, "total": len(pairs)})
+        rows.append(evaluate_pair(p, t, args.tolerance))
+    keys = ("dice", "surface_dice", "hd95_mm", "volume_diff_ml")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    rep.info(f"{'prediction':<32} {'Dice':>7} {'SDice@' + format(args.tolerance, 'g') + 'mm':>11} "
+             f"{'HD95 mm':>8} {'dVol ml':>8}")
+    for r in rows + ([{"pred": "mean", **mean}] if len(rows) > 1 else []):
+        rep.info(f"{Path(r['pred']).name[:32]:<32} {r['dice']:>7.4f} {r['surface_dice']:>11.4f} "
+                 f"{r['hd95_mm']:>8.2f} {r['volume_diff_ml']:>8.1f}")
+    rep.done({"command": "evaluate", "tolerance_mm": args.tolerance, "cases": rows, "mean": mean})
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# info, adapters, import-checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def _file_format(path: Path) -> Optional[str]:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 - unreadable files get the store's own message below
+        return None
+
+
+def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
+    from .store import ADAPTER_FORMAT, load_adapter, load_model, read_adapter_info, read_model_metadata
+
+    path = Path(args.file).expanduser()
+    if _file_format(path) != ADAPTER_FORMAT:
+        meta = read_model_metadata(path)
+        lines = [f"model {path}", f"  weights sha256 {meta.get('weights_sha256')}",
+                 f"  file sha256    {meta['file_sha256']}", f"  size {_fmt_bytes(meta['bytes'])}, "
+                 f"{meta['n_parameters']:,} parameters", f"  architecture {meta.get('architecture')}",
+                 f"  working grid {meta.get('grid')}", f"  library {meta.get('library_version')}"]
+        training = (meta.get("info") or {}).get("training")
+        if training:
+            lines.append(f"  training {training}")
+        rep.info("\n".join(lines))
+        rep.done({"command": "info", "kind": "model", "path": str(path), **meta})
+        return EXIT_OK
+    info = read_adapter_info(path)
+    result: Dict[str, Any] = {"command": "info", "kind": "adapter", **info.to_dict()}
+    lines = [f"adapter {info.name!r} ({path})", f"  base model sha256 {info.base_sha256}",
+             f"  method {info.method} ({info.mode}), rank {info.rank}, placement {info.placement}",
+             f"  created {info.created}, agreement {info.agreement}",
+             f"  {info.n_params:,} parameters, {_fmt_bytes(info.bytes)}"]
+    with contextlib.suppress(ConvLoRASegError):
+        base = load_model(model_path(args.model))
+        if base.sha256 == info.base_sha256:
+            load_adapter(base, path)  # verifies the adapter's checksum too
+            base_params = _base_parameters(base)
+            result["percent_of_base_model"] = 100.0 * info.n_params / base_params
+            lines.append(f"  = {result['percent_of_base_model']:.2f} % of its base model's {base_params:,} parameters")
+    rep.info("\n".join(lines))
+    rep.done(result)
+    return EXIT_OK
+
+
+def cmd_adapters(args: argparse.Namespace, rep: Reporter) -> int:
+    from .store import AdapterStore, read_model_metadata
+
+    store = AdapterStore(args.adapters)
+    action = args.action
+
+    def sha() -> str:
+        return read_model_metadata(model_path(args.model))["weights_sha256"]
+
+    if action == "list":
+        infos = store.list(sha())
+        if not infos:
+            rep.info(f"no adapters for this model in {store.root}")
+        for i in infos:
+            agreement = "-" if i.agreement is None else f"{i.agreement:.3f}"
+            rep.info(f"{i.name:<24} {i.method:<15} agreement {agreement:>6}  {_fmt_bytes(i.bytes):>9}  {i.created}")
+        rep.done({"command": "adapters", "store": str(store.root), "adapters": [i.to_dict() for i in infos]})
+        return EXIT_OK
+    if action == "import":
+        _need(args.args, 1, "adapters import FILE")
+        info = store.add(Path(args.args[0]).expanduser(), name=args.name, overwrite=args.overwrite)
+        rep.info(f"imported {info.name!r} into {info.path}")
+        rep.done({"command": "adapters", "adapter": info.to_dict()})
+    elif action == "export":
+        _need(args.args, 2, "adapters export NAME DEST")
+        dest = store.export(sha(), args.args[0], Path(args.args[1]).expanduser(), overwrite=args.overwrite)
+        rep.info(f"exported {args.args[0]!r} to {dest}")
+        rep.done({"command": "adapters", "exported": str(dest)})
+    elif action == "rename":
+        _need(args.args, 2, "adapters rename NAME NEW")
+        info = store.rename(sha(), args.args[0], args.args[1])
+        rep.info(f"renamed {args.args[0]!r} to {info.name!r}")
+        rep.done({"command": "adapters", "adapter": info.to_dict()})
+    elif action == "delete":
+        _need(args.args, 1, "adapters delete NAME")
+        store.delete(sha(), args.args[0])
+        rep.info(f"deleted {args.args[0]!r}")
+        rep.done({"command": "adapters", "deleted": args.args[0]})
+    return EXIT_OK
+
+
+def _need(values: Sequence[str], n: int, usage: str) -> None:
+    if len(values) != n:
+        raise ConvLoRASegError(f"usage: convlora-seg {usage}")
+
+
+def cmd_import_checkpoint(args: argparse.Namespace, rep: Reporter) -> int:
+    import torch
+
+    from .atomic import check_output_path
+    from .convlora import lora_layers
+    from .grid import WorkingGrid
+    from .model import ConvLoRASegModel
+    from .store import save_model
+    from .unet import import_reference_checkpoint
+
+    out = check_output_path(Path(args.output).expanduser(), args.overwrite)
+    try:
+        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size)
+    except ValueError as exc:
+        raise ConvLoRASegError(str(exc)) from None
+    unet = import_reference_checkpoint(args.checkpoint, n_filters=args.n_filters)
+    if lora_layers(unet):
+        raise ConvLoRASegError(f"{Path(args.checkpoint).name} holds ConvLoRA factors (an adapted model); "
+                               "import the source model's checkpoint")
+    model = ConvLoRASegModel(grid=grid, n_filters=args.n_filters, esh_level=args.esh_level,
+                             info={"imported_from": Path(args.checkpoint).name})
+    model.unet.load_state_dict(unet.state_dict())
+    if args.esh:
+        try:
+            state = torch.load(args.esh, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
+            raise ConvLoRASegError(f"cannot read {Path(args.esh).name} as a state dict without pickle: "
+                                   f"{str(exc).splitlines()[0]}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        try:
+            model.esh.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        except (RuntimeError, AttributeError) as exc:
+            raise ConvLoRASegError(f"{Path(args.esh).name} does not match the ESH at level {args.esh_level}: "
+                                   f"{str(exc).splitlines()[0]}") from None
+        model.info["esh_imported_from"] = Path(args.esh).name
+    else:
+        rep.warn("no --esh given: the early segmentation head is untrained, so this model can segment but "
+                 "its label-free agreement and adaptation are meaningless")
+    sha = save_model(model, out, overwrite=args.overwrite)
+    rep.info(f"model written to {out} (sha256 {sha[:12]}…)")
+    rep.done({"command": "import-checkpoint", "model": str(out), "sha256": sha})
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, rep: Reporter) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.output).expanduser(), quick=args.quick,
+                      model=Path(args.model).expanduser() if args.model else None, site=args.site,
+                      progress=rep, log=rep.info)
+    rep.done({"command": "demo", **result.to_dict()})
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, device: bool = True, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", metavar="M", help="model file (.safetensors); default: the bundled model")
+    if device:
+        p.add_argument("--device", default="auto", metavar="D",
+                       help="auto (GPU if present, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line on stdout (progress, result)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``convlora-seg`` argument parser."""
+    from .selftrain import METHODS, MODES
+
+    parser = argparse.ArgumentParser(
+        prog="convlora-seg", description="Brain masks for MRI volumes, and label-free adapters for new scanners "
+                                         "(ConvLoRA + AdaBN + self-training).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="brain masks for volumes (same grid as the input)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, glob patterns, DICOM folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file for one input, or a folder (created) for several")
+    p.add_argument("--adapter", metavar="A", help="adapter file, a name in the store, or 'auto' (best label-free "
+                                                  "agreement on each scan); default: none")
+    p.add_argument("--adapters", metavar="DIR", help="where 'auto' and names look (default: the user store)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip largest component + hole filling")
+    p.add_argument("--probabilities", action="store_true", help="write float32 probabilities, not a mask")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--first-volume", action="store_true", help="for a 4D input, segment its first volume")
+    _common(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("adapt", help="learn an adapter for a new scanner from unlabelled volumes")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="files, folders, globs or cc359:ROOT:DOMAIN")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("-o", "--output", metavar="ADAPTER", help="adapter file to write (.safetensors)")
+    dest.add_argument("--name", help="store the adapter under this name in the user store")
+    p.add_argument("--adapters", metavar="DIR", help="store folder for --name (default: the user store)")
+    p.add_argument("--method", default="convlora-adabn", choices=METHODS)
+    p.add_argument("--mode", default="fast", choices=MODES, help="fast (default) or the paper's exact recipe")
+    p.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: the library's)")
+    p.add_argument("--rank", type=int, default=2, metavar="R", help="ConvLoRA rank (default 2)")
+    p.add_argument("--placement", default="init_path", metavar="P", help="where ConvLoRA goes (default init_path)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("train", help="train a source model from images and brain masks")
+    p.add_argument("--images", required=True, metavar="DIR")
+    p.add_argument("--masks", required=True, metavar="DIR", help="masks named like the images (+ _mask etc.)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL")
+    p.add_argument("--spacing", type=float, default=2.0, metavar="MM", help="working-grid spacing (default 2)")
+    p.add_argument("--slice-size", type=int, default=128, metavar="N", help="slice size in voxels (default 128)")
+    p.add_argument("--epochs", type=int, default=20, metavar="N")
+    p.add_argument("--esh-epochs", type=int, default=10, metavar="N")
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the file size)")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Dice, surface Dice, HD95 and volume difference")
+    p.add_argument("pred", metavar="PRED", help="predicted mask file, or folder")
+    p.add_argument("truth", metavar="TRUTH", help="true mask file, or folder (matched by name)")
+    p.add_argument("--tolerance", type=float, default=1.0, metavar="MM", help="surface Dice tolerance (1 mm)")
+    _common(p, device=False, model=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="what a model or adapter file holds")
+    p.add_argument("file", metavar="FILE")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("adapters", help="list/import/export/rename/delete adapters in the user store")
+    p.add_argument("action", nargs="?", default="list", choices=("list", "import", "export", "rename", "delete"))
+    p.add_argument("args", nargs="*", metavar="ARG")
+    p.add_argument("--name", help="name for 'import' (default: the adapter's own)")
+    p.add_argument("--adapters", metavar="DIR", help="store folder (default: the user store)")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("import-checkpoint", help="convert the paper's U-Net .pth (no pickle execution)")
+    p.add_argument("checkpoint", metavar="UNET.pth")
+    p.add_argument("--esh", metavar="ESH.pth", help="the early segmentation head's .pth")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.safetensors")
+    p.add_argument("--spacing", type=float, required=True, metavar="MM", help="working-grid spacing it expects")
+    p.add_argument("--slice-size", type=int, required=True, metavar="N", help="slice size it expects")
+    p.add_argument("--n-filters", type=int, default=16, metavar="N")
+    p.add_argument("--esh-level", type=int, default=3, metavar="L")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p, device=False, model=False)
+    p.set_defaults(func=cmd_import_checkpoint)
+
+    p = sub.add_parser("demo", help="simulate a new scanner, adapt to it, show before/after (a few minutes)")
+    p.add_argument("-o", "--output", default="convlora-demo", metavar="DIR", help="default ./convlora-demo")
+    p.add_argument("--quick", action="store_true", help="fewer subjects and epochs (about a minute)")
+    p.add_argument("--site", default="philips3", help="simulated target site (default philips3)")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``convlora-seg`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rep = Reporter.for_cli("--json" in argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USER_ERROR
+    try:
+        with sigterm_as_interrupt():
+            return int(args.func(args, rep))
+    except ConvLoRASegError as exc:
+        rep.error(str(exc))
+        return EXIT_USER_ERROR
+    except (KeyboardInterrupt, Cancelled):
+        rep.cancelled()
+        return EXIT_CANCELLED
+    finally:
+        rep.close_bar()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
