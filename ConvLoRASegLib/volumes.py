@@ -342,14 +342,17 @@ def _resample(image: sitk.Image, reference: sitk.Image, interpolator: int, defau
 def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Gaussian low-pass before resampling to ``spacing_mm`` along axes downsampled by > ``ANTIALIAS_FACTOR``.
 
-    sigma (voxels of the input) = (factor - 1) / 2 per axis, the rule scikit-image uses.
+    sigma (voxels of the input) = (factor - 1) / 2 per axis, the rule scikit-image uses; kernel truncated at
+    3 sigma (scipy's separable filter: about twice as fast here as SimpleITK's recursive Gaussian).
     """
-    spacing = np.array(image.GetSpacing())
-    factor = spacing_mm / spacing
+    factor = spacing_mm / np.array(image.GetSpacing())
     if not np.any(factor > ANTIALIAS_FACTOR):
         return image
-    sigma = np.where(factor > ANTIALIAS_FACTOR, (factor - 1) / 2.0 * spacing, 1e-3 * spacing)
-    return sitk.SmoothingRecursiveGaussian(image, [float(s) for s in sigma])
+    sigma_vox = np.where(factor > ANTIALIAS_FACTOR, (factor - 1) / 2.0, 0.0)
+    a = sitk.GetArrayViewFromImage(image)
+    smooth = sitk.GetImageFromArray(ndimage.gaussian_filter(a, tuple(sigma_vox[::-1]), truncate=3.0))
+    smooth.CopyInformation(image)
+    return smooth
 
 
 def normalise(a: np.ndarray, inside: np.ndarray, method: str) -> np.ndarray:
@@ -378,7 +381,9 @@ def normalise(a: np.ndarray, inside: np.ndarray, method: str) -> np.ndarray:
 def to_slices(image: sitk.Image, grid: WorkingGrid) -> VolumeSlices:
     """Resample ``image`` onto the working grid (linear, anti-aliased) and normalise it as ``grid`` says."""
     ref = working_reference(image, grid)
-    smooth = antialias(sitk.Cast(image, sitk.sitkFloat32), grid.spacing_mm)
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    smooth = antialias(image, grid.spacing_mm)
     work = _resample(smooth, ref, sitk.sitkLinear, float("nan"))
     a = sitk.GetArrayFromImage(work)
     inside = np.isfinite(a)
