@@ -198,8 +198,9 @@ def check_intensities(image: sitk.Image) -> List[str]:
         warnings.append("looks like CT (Hounsfield units); this model was trained on T1 MRI")
     elif lo < 0 and -lo > 0.05 * max(hi, 1e-12):
         warnings.append(f"has large negative values (min {lo:g}); MRI magnitudes are not negative")
-    if hi - lo <= 1.0:
-        warnings.append(f"has a tiny intensity range ({lo:g} to {hi:g}); is it already a probability or mask?")
+    sample = a.ravel()[:: max(1, a.size // 200_000)]
+    if np.unique(sample).size <= 2:
+        warnings.append("has only two distinct values: it looks like a mask or label image, not an MRI")
     return warnings
 
 

@@ -148,6 +148,9 @@ def test_check_intensities_flags_ct():
     a[2:4, 2:4, 2:4] = 1500.0
     assert any("CT" in w for w in V.check_intensities(small(a)))
     assert V.check_intensities(small(np.random.rand(6, 6, 6) * 800)) == []
+    labels = np.zeros((6, 6, 6))
+    labels[2:4] = 1
+    assert any("mask" in w for w in V.check_intensities(small(labels)))
 
 
 # -------------------------------------------------------------------------------------------------- writing
