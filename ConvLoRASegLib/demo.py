@@ -1,0 +1,291 @@
+"""``convlora-seg demo``: the whole product in a few minutes, offline, on the shipped demo heads.
+
+1. A target-site cohort: new "subjects" (:func:`~ConvLoRASegLib.sites.random_subject`) of all demo heads but one,
+   as a non-source scanner stores them (:func:`~ConvLoRASegLib.sites.simulate_site`, default ``philips3``).
+   The remaining head, simulated at the same site, is held out as the test scan (its brain mask is the truth).
+2. The test scan is segmented with the source model, an adapter is learnt from the unlabelled cohort
+   (``convlora-adabn``, fast mode), and the test scan is segmented again with it.
+3. A table (Dice and surface Dice at 1 mm before/after, adapter vs model size, times) is printed, and the masks,
+   the adapter, the test scan and a PNG with the overlays before/after are written into the output folder.
+
+The PNG is drawn with matplotlib when it is installed, otherwise by :func:`write_png` (numpy + zlib).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_output
+from .errors import ConvLoRASegError
+
+Progress = Optional[Callable[[dict], None]]
+#: Subjects per training head and adaptation epochs: (normal, quick).
+SUBJECTS_PER_HEAD = (2, 1)
+EPOCHS = (3, 2)
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured (Dice and surface Dice on the held-out head) and where it wrote its files."""
+
+    site: str
+    test_head: str
+    n_target_volumes: int
+    epochs: int
+    dice_before: float
+    dice_after: float
+    surface_dice_before: float
+    surface_dice_after: float
+    agreement_before: float
+    agreement_after: float
+    adapter_bytes: int
+    model_bytes: int
+    seconds: Dict[str, float]
+    files: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The before/after table the demo prints."""
+        s = self.seconds
+        rows = [
+            f"ConvLoRASeg demo: {self.n_target_volumes} unlabelled volumes from site {self.site}, held-out head "
+            f"{self.test_head}",
+            f"{'':30} {'source model':>13} {'adapted':>9}",
+            f"{'Dice':30} {self.dice_before:>13.4f} {self.dice_after:>9.4f}",
+            f"{'surface Dice (1 mm)':30} {self.surface_dice_before:>13.4f} {self.surface_dice_after:>9.4f}",
+            f"{'label-free agreement (cohort)':30} {self.agreement_before:>13.4f} {self.agreement_after:>9.4f}",
+            f"{'segmentation time (s)':30} {s['segment_before']:>13.1f} {s['segment_after']:>9.1f}",
+            f"adapter {self.adapter_bytes / 1e3:.1f} kB vs model {self.model_bytes / 1e6:.2f} MB "
+            f"({100.0 * self.adapter_bytes / max(self.model_bytes, 1):.1f} %); adaptation {s['adapt']:.1f} s "
+            f"({self.epochs} epochs); simulation {s['simulate']:.1f} s; total {s['total']:.1f} s",
+        ]
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNG without matplotlib
+# ---------------------------------------------------------------------------------------------------------------
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG (H x W x 3 uint8) encoded with zlib: signature, IHDR, one IDAT, IEND."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 array, got {rgb.shape}")
+    h, w, _ = rgb.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()  # filter 0
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def write_png(rgb: np.ndarray, path: Path) -> Path:
+    """Write an RGB array as PNG atomically (replacing an existing file)."""
+    with atomic_output(path, overwrite=True) as tmp:
+        Path(tmp).write_bytes(png_bytes(rgb))
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# overlays
+# ---------------------------------------------------------------------------------------------------------------
+def sagittal_view(image: sitk.Image, *masks: sitk.Image) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """The sagittal slice through the centre of the first mask, superior up, anterior left, square pixels:
+    (grey image in [0, 1], [mask slices as bool])."""
+    from .volumes import canonical
+
+    arrays = [sitk.GetArrayFromImage(canonical(im)) for im in (image, *masks)]  # [S, P, L] = numpy (z, y, x)
+    spacing = canonical(image).GetSpacing()
+    ref = arrays[1] if len(arrays) > 1 and arrays[1].any() else arrays[0] > 0
+    x = int(round(np.argwhere(ref)[:, 2].mean())) if np.any(ref) else arrays[0].shape[2] // 2
+    rows = np.round(np.arange(0, arrays[0].shape[0] * spacing[2] / spacing[1]) * spacing[1] / spacing[2])
+    rows = np.clip(rows.astype(int), 0, arrays[0].shape[0] - 1)[::-1]
+    views = [a[rows, :, x] for a in arrays]
+    grey = views[0].astype(np.float32)
+    lo, hi = np.percentile(grey, [1, 99.5])
+    grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)
+    return grey, [v > 0 for v in views[1:]]
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def overlay(grey: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """RGB uint8: the prediction filled in red (35 %), the truth's outline in green."""
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    rgb[pred] = 0.65 * rgb[pred] + 0.35 * np.array([1.0, 0.1, 0.1])
+    rgb[_outline(truth)] = (0.1, 1.0, 0.2)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def write_overlay_png(path: Path, image: sitk.Image, truth: sitk.Image, before: sitk.Image, after: sitk.Image,
+                      titles: Tuple[str, str]) -> Path:
+    """Two panels (source model | adapted) of the central sagittal slice; matplotlib if installed."""
+    grey, (t, b, a) = sagittal_view(image, truth, before, after)
+    panels = [overlay(grey, b, t), overlay(grey, a, t)]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        gap = np.full((grey.shape[0], 8, 3), 255, np.uint8)
+        return write_png(np.concatenate([panels[0], gap, panels[1]], axis=1), path)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.6), dpi=110)
+    for ax, panel, title in zip(axes, panels, titles):
+        ax.imshow(panel)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("red: predicted brain, green: true outline", fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, overwrite=True) as tmp:
+        fig.savefig(str(tmp), format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the demo
+# ---------------------------------------------------------------------------------------------------------------
+def _scores(mask: sitk.Image, truth: sitk.Image) -> Tuple[float, float]:
+    from .metrics import dice, surface_dice
+
+    p = sitk.GetArrayViewFromImage(mask) > 0
+    t = sitk.GetArrayViewFromImage(truth) > 0
+    spacing = tuple(reversed(truth.GetSpacing()))
+    return dice(p, t), surface_dice(p, t, spacing, 1.0)
+
+
+def _compact(scan: sitk.Image) -> sitk.Image:
+    """A float scan rounded to uint16 for the demo folder (a float32 noisy head compresses to ~37 MB)."""
+    if scan.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return scan
+    return sitk.Cast(sitk.Round(sitk.Clamp(scan, lowerBound=0.0, upperBound=65535.0)), sitk.sitkUInt16)
+
+
+def _prepare_output(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConvLoRASegError(f"demo output {out_dir} exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvLoRASegError(f"cannot create the demo folder {out_dir}: {exc.strerror}") from None
+    import os
+
+    if not os.access(out_dir, os.W_OK):
+        raise ConvLoRASegError(f"demo folder is not writable: {out_dir}")
+
+
+def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: Optional[Path] = None,
+             site: str = "philips3", subjects_per_head: Optional[int] = None, epochs: Optional[int] = None,
+             seed: int = 0, device: str = "auto", progress: Progress = None,
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Run the demo (see the module docstring) and return its numbers; files go into ``out_dir`` (created;
+    the demo's own files in it are replaced on a rerun).
+
+    Args:
+        quick: one subject per training head and 2 epochs instead of 2 and 3.
+        model: source model file (default: the bundled model).
+        site: simulated target site, a name in :data:`~ConvLoRASegLib.sites.SITES` (not the source ``ge3``).
+        subjects_per_head, epochs: override the quick/normal choice.
+    """
+    from .segment import resolve_device, segment_image
+    from .selftrain import adapt
+    from .sites import SITES, demo_heads, random_subject, simulate_site
+    from .store import default_model_path, load_model, save_adapter
+    from .volumes import read_image, to_slices, write_image
+
+    t_total = time.perf_counter()
+    emit = progress or (lambda e: None)
+    if site not in SITES:
+        raise ConvLoRASegError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+    model_path = Path(model) if model is not None else default_model_path()
+    if model is None and not model_path.is_file():
+        raise ConvLoRASegError(f"the bundled default model is not installed ({model_path}); pass --model")
+    base = load_model(model_path)
+    dev = resolve_device(device)
+    heads = demo_heads()
+    if len(heads) < 2:
+        raise ConvLoRASegError("the demo needs at least two demo heads in ConvLoRASegLib/data/demo")
+    _prepare_output(out_dir)
+    n_sub = subjects_per_head if subjects_per_head is not None else SUBJECTS_PER_HEAD[int(quick)]
+    n_epochs = epochs if epochs is not None else EPOCHS[int(quick)]
+    names = sorted(heads)
+    test_name, train_names = names[0], names[1:]
+
+    # 1. the target-site cohort (unlabelled) and the held-out test scan -----------------------------------------
+    t0 = time.perf_counter()
+    log(f"simulating site {site}: {n_sub * len(train_names)} subjects from {', '.join(train_names)}; "
+        f"held-out head {test_name}")
+    stacks = []
+    total = n_sub * len(train_names) + 1
+    for h, name in enumerate(train_names):
+        image, truth = read_image(heads[name][0]), sitk.ReadImage(str(heads[name][1]))
+        for k in range(n_sub):
+            emit({"event": "progress", "stage": "simulate", "step": len(stacks), "total": total})
+            subject, subject_mask = random_subject(image, truth, seed=seed + 100 * h + k)
+            scan, _ = simulate_site(subject, subject_mask, site, seed=seed + 1000 + 100 * h + k)
+            stacks.append(to_slices(sitk.Cast(scan, sitk.sitkFloat32), base.grid).slices)
+    test_scan, test_truth = simulate_site(read_image(heads[test_name][0]), sitk.ReadImage(str(heads[test_name][1])),
+                                          site, seed=seed + 999)
+    emit({"event": "progress", "stage": "simulate", "step": total, "total": total})
+    t_sim = time.perf_counter() - t0
+
+    # 2. before, adapt, after -----------------------------------------------------------------------------------
+    test_float = sitk.Cast(test_scan, sitk.sitkFloat32)
+    t0 = time.perf_counter()
+    before = segment_image(base, test_float, device=dev, progress=progress)
+    t_before = time.perf_counter() - t0
+    log("adapting (convlora-adabn, fast mode) ...")
+    result = adapt(base, stacks, method="convlora-adabn", mode="fast", epochs=n_epochs, seed=seed, device=dev,
+                   progress=progress)
+    adapter_path = out_dir / f"adapter_{site}.safetensors"
+    info = save_adapter(base, result.state, adapter_path, name=f"demo-{site}", method=result.method,
+                        mode=result.mode, rank=result.rank, alpha=result.alpha, placement=result.placement,
+                        details={**result.summary(), "target": {"n_volumes": len(stacks),
+                                                                "simulated_site": site}}, overwrite=True)
+    t0 = time.perf_counter()
+    after = segment_image(base, test_float, adapter=adapter_path, device=dev, progress=progress)
+    t_after = time.perf_counter() - t0
+
+    # 3. numbers and files --------------------------------------------------------------------------------------
+    (d0, s0), (d1, s1) = _scores(before, test_truth), _scores(after, test_truth)
+    stem = f"{test_name}_{site}"
+    files = {
+        "test_scan": write_image(_compact(test_scan), out_dir / f"{stem}.nii.gz", overwrite=True),
+        "truth": write_image(test_truth, out_dir / f"{stem}_truth.nii.gz", overwrite=True),
+        "mask_before": write_image(before, out_dir / f"{stem}_source_brainmask.nii.gz", overwrite=True),
+        "mask_after": write_image(after, out_dir / f"{stem}_adapted_brainmask.nii.gz", overwrite=True),
+        "adapter": adapter_path,
+    }
+    files["overlay_png"] = write_overlay_png(
+        out_dir / "before_after.png", test_scan, test_truth, before, after,
+        (f"source model: Dice {d0:.3f}, surface Dice {s0:.3f}", f"adapted: Dice {d1:.3f}, surface Dice {s1:.3f}"))
+    demo = DemoResult(
+        site=site, test_head=test_name, n_target_volumes=len(stacks), epochs=result.epochs, dice_before=d0,
+        dice_after=d1, surface_dice_before=s0, surface_dice_after=s1, agreement_before=result.agreement[0],
+        agreement_after=result.best_agreement, adapter_bytes=info.bytes, model_bytes=model_path.stat().st_size,
+        seconds={"simulate": round(t_sim, 1), "segment_before": round(t_before, 1),
+                 "adapt": round(result.seconds, 1), "segment_after": round(t_after, 1),
+                 "total": round(time.perf_counter() - t_total, 1)},
+        files={k: str(v) for k, v in files.items()})
+    log(demo.table())
+    log(f"written to {out_dir}: masks, adapter, test scan, before_after.png")
+    return demo
