@@ -371,7 +371,9 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
             raise ConvLoRASegError(f"volume '{volumeNode.GetName()}' has several components (colour or vector "
                                    "image); a single-channel T1 volume is needed")
-        array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+        # float32, as ConvLoRASegLib.volumes.read_image gives for files: the same voxels then give the same
+        # mask in Slicer and on the command line (resampling an integer image would round its values).
+        array = np.array(slicer.util.arrayFromVolume(volumeNode), dtype=np.float32, copy=True)
         return image_from_array(array, cls.ijkToWorldMatrix(volumeNode))
 
     def _sceneFor(self, node=None):
@@ -461,8 +463,8 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         segment.SetName("Brain")
         segment.SetColor(*BRAIN_COLOR)
         segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), BRAIN_TERMINOLOGY)
-        if show3D:
-            segmentationNode.CreateClosedSurfaceRepresentation()
+        if show3D and not segmentationNode.CreateClosedSurfaceRepresentation():
+            logging.warning("ConvLoRASeg: could not make the 3D surface of the brain segmentation")
         return segmentationNode
 
     # -- background process: adapt, cohort segmentation, cancel -----------------------------------------

@@ -6,7 +6,8 @@ logics) and ``slicer.util``'s array helpers, but no application: no ``slicer.app
 exactly those, as small stand-ins:
 
 - ``slicer.mrmlScene``: a real ``vtkMRMLScene``;
-- ``slicer.app``: reports "testing, no main window" (the batch-mode path of the module);
+- ``slicer.app``: reports "testing, no main window" (the batch-mode path of the module), and the
+  labelmap -> closed-surface conversion rule the application registers at startup;
 - ``slicer.ScriptedLoadableModule``: the four base classes, with the logic's parameter node made from a real
   ``vtkMRMLScriptedModuleNode``;
 - ``slicer.parameterNodeWrapper``: the decorator and annotations as no-ops (GUI binding needs Qt).
@@ -104,6 +105,9 @@ def install() -> None:
         return
     slicer.mrmlScene = slicer.vtkMRMLScene()
     slicer.app = _App()
+    # Slicer's Segmentations module registers the labelmap -> closed surface rule at application startup.
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
 
     sl = types.ModuleType("slicer.ScriptedLoadableModule")
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
