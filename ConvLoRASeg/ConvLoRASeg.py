@@ -77,8 +77,10 @@ except ImportError:  # the package's __init__ needs torch, which PyTorchUtils in
     ConvLoRASegError = getattr(sys.modules.get("ConvLoRASegLib.errors"), "ConvLoRASegError", None) \
         or _loadErrorsModuleAlone()
 
-CC359_SITES = ("GE_15", "GE_3", "Philips_15", "Philips_3", "Siemens_15", "Siemens_3")
-METHODS = ("convlora-adabn", "udas-convlora", "udas", "self-training")
+# Same names as ConvLoRASegLib.cohorts (CC359 domains) and ConvLoRASegLib.selftrain.METHODS (kept literal so the
+# module loads without torch; Testing/test_slicer_logic.py checks they agree).
+CC359_SITES = ("ge15", "ge3", "philips15", "philips3", "siemens15", "siemens3")
+METHODS = ("convlora-adabn", "adabn", "udas", "udas-convlora", "self-training")
 # Installed with pip when missing; Slicer's own numpy and SimpleITK are never replaced, torch comes
 # from the PyTorch extension.
 PIP_REQUIREMENTS = (("safetensors", "safetensors>=0.4"), ("scipy", "scipy>=1.9"), ("tqdm", "tqdm>=4.60"))
@@ -140,7 +142,7 @@ class ConvLoRASegParameterNode:
     targetType: TargetType
     cohortFolder: pathlib.Path
     cc359Root: pathlib.Path
-    cc359Site: Annotated[str, Choice(list(CC359_SITES)), Default("GE_15")]
+    cc359Site: Annotated[str, Choice(list(CC359_SITES)), Default("ge15")]
     newAdapterName: str
     method: Annotated[str, Choice(list(METHODS)), Default("convlora-adabn")]
     epochs: Annotated[int, WithinRange(0, 1000), Default(0)]

@@ -462,6 +462,14 @@ def test_cancelled_adapt_leaves_nothing_behind(logic, head, tmp_path):
     assert not any(e["event"] == "done" for e in events)
 
 
+def test_module_choices_match_the_library():
+    from ConvLoRASegLib import cohorts, selftrain
+
+    assert set(module.METHODS) == set(selftrain.METHODS)
+    assert module.METHODS[0] == "convlora-adabn"  # the default in the GUI
+    assert set(module.CC359_SITES) == set(cohorts.cc359_domains())
+
+
 def test_adapt_refuses_bad_names_and_missing_targets_before_starting(logic, tmp_path):
     with pytest.raises(ConvLoRASegError, match="invalid adapter name"):
         logic.adapt(str(tmp_path), name="../escape")
