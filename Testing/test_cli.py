@@ -1,0 +1,376 @@
+"""convlora-seg: every command in-process through ``cli.main`` (fast), and real subprocesses for the JSON line
+protocol, exit codes and SIGTERM -> 130 without partial output. A tiny model (4 mm, 64 x 64, 4 filters) and
+small synthetic heads keep it quick."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ConvLoRASegLib import cli
+from ConvLoRASegLib.grid import WorkingGrid
+from ConvLoRASegLib.model import ConvLoRASegModel
+from ConvLoRASegLib.store import AdapterStore, load_model, read_adapter_info, save_adapter, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared fixtures (test_bad_input imports them)
+# ---------------------------------------------------------------------------------------------------------------
+def synthetic_head(seed: int = 0, shape=(40, 48, 44), spacing=(3.0, 3.0, 3.0), scale: float = 100.0,
+                   offset: float = 0.0) -> sitk.Image:
+    """A blob "head" (numpy shape z, y, x) with a brighter core, on an oblique-free 3 mm grid."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    c = [s / 2 for s in shape]
+    r2 = ((x - c[2]) / (shape[2] * 0.3)) ** 2 + ((y - c[1]) / (shape[1] * 0.3)) ** 2 + ((z - c[0]) / (shape[0] * 0.3)) ** 2
+    a = scale * (0.6 * (r2 < 1) + 0.4 * (r2 < 0.5)) + rng.normal(0, 0.02 * scale, shape)
+    img = sitk.GetImageFromArray(np.clip(a, 0, None).astype(np.float32) + np.float32(offset))
+    img.SetSpacing(spacing)
+    img.SetOrigin((-60.0, -70.0, -50.0))
+    return img
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = ConvLoRASegModel(grid=WorkingGrid(spacing_mm=4.0, slice_size=64), n_filters=4,
+                             info={"purpose": "CLI tests"})
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    model = ConvLoRASegModel(grid=WorkingGrid(spacing_mm=4.0, slice_size=64), n_filters=4)
+    path = tmp_path_factory.mktemp("models") / "other.safetensors"
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def head_files(tmp_path_factory) -> List[Path]:
+    folder = tmp_path_factory.mktemp("heads")
+    paths = []
+    for i in range(2):
+        p = folder / f"head{i}.nii.gz"
+        sitk.WriteImage(synthetic_head(seed=i), str(p))
+        paths.append(p)
+    return paths
+
+
+def make_adapter(model_path: Path, dest: Path, name: str = "siteA") -> Path:
+    """An AdaBN adapter (no training: fast) of ``model_path``."""
+    from ConvLoRASegLib.selftrain import adapt
+    from ConvLoRASegLib.volumes import to_slices
+
+    model = load_model(model_path)
+    slices = to_slices(synthetic_head(seed=5, scale=300.0), model.grid).slices
+    result = adapt(model, [slices], method="adabn", epochs=0, device="cpu")
+    save_adapter(model, result.state, dest, name=name, method=result.method, mode=result.mode, rank=result.rank,
+                 alpha=result.alpha, placement=result.placement, details=result.summary())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model, tmp_path_factory.mktemp("adapters") / "siteA.safetensors")
+
+
+def run_cli(capsys, *argv: str) -> tuple:
+    """(exit code, stdout, stderr) of ``convlora-seg argv`` run in-process."""
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(text: str) -> List[Dict]:
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert all("event" in e for e in events)
+    return events
+
+
+def subprocess_env(tmp_path: Path) -> Dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CONVLORASEG_HOME=str(tmp_path / "store"), OMP_NUM_THREADS="1")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# segment
+# ---------------------------------------------------------------------------------------------------------------
+def test_segment_one_file_keeps_the_input_grid(capsys, tiny_model, head_files, tmp_path):
+    before = sha(head_files[0])
+    out = tmp_path / "mask.nii.gz"
+    code, stdout, err = run_cli(capsys, "segment", head_files[0], "-o", out, "--model", tiny_model, "--device", "cpu")
+    assert code == 0, err
+    mask, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(head_files[0]))
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    assert mask.GetSize() == image.GetSize() and mask.GetOrigin() == image.GetOrigin()
+    assert np.allclose(mask.GetSpacing(), image.GetSpacing()) and mask.GetDirection() == image.GetDirection()
+    assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
+    assert "mask.nii.gz" in stdout
+    assert sha(head_files[0]) == before  # the input is never modified
+
+
+def test_segment_several_into_a_folder_with_json(capsys, tiny_model, head_files, tmp_path):
+    out = tmp_path / "masks"
+    code, stdout, err = run_cli(capsys, "segment", *head_files, "-o", out, "--model", tiny_model, "--json",
+                                "--probabilities")
+    assert code == 0, err
+    events = json_lines(stdout)
+    assert events[-1]["event"] == "done" and len(events[-1]["outputs"]) == 2
+    assert any(e["event"] == "progress" and e["stage"] == "segment" for e in events)
+    assert sorted(p.name for p in out.iterdir()) == ["head0_brainprob.nii.gz", "head1_brainprob.nii.gz"]
+    prob = sitk.ReadImage(str(out / "head0_brainprob.nii.gz"))
+    assert prob.GetPixelID() == sitk.sitkFloat32
+
+
+def test_segment_with_adapter_file_name_and_auto(capsys, tiny_model, tiny_adapter, head_files, tmp_path):
+    code, _, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "a.nii.gz", "--model", tiny_model,
+                           "--adapter", tiny_adapter)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "adapters", "import", tiny_adapter, "--name", "scannerX")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "b.nii.gz", "--model", tiny_model,
+                           "--adapter", "scannerX")
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "c.nii.gz", "--model",
+                                tiny_model, "--adapter", "auto", "--adapters", tiny_adapter.parent, "--json")
+    assert code == 0, err
+    done = json_lines(stdout)[-1]
+    scores = done["outputs"][0]["agreement"]
+    assert set(scores) == {"source", "siteA"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert "chose" in err  # the choice and its score are printed (stderr with --json)
+
+
+def test_segment_auto_without_adapters_uses_source(capsys, tiny_model, head_files, tmp_path):
+    code, _, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "m.nii.gz", "--model", tiny_model,
+                           "--adapter", "auto")
+    assert code == 0 and "no adapters" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adapt, info, adapters
+# ---------------------------------------------------------------------------------------------------------------
+def test_adapt_to_file_and_to_store(capsys, tiny_model, head_files, tmp_path):
+    hashes = [sha(p) for p in head_files]
+    dest = tmp_path / "site.safetensors"
+    code, stdout, err = run_cli(capsys, "adapt", head_files[0].parent, "-o", dest, "--model", tiny_model,
+                                "--epochs", "1", "--device", "cpu", "--json")
+    assert code == 0, err
+    events = json_lines(stdout)
+    stages = {e.get("stage") for e in events if e["event"] == "progress"}
+    assert {"read", "adabn", "train", "select", "save"} <= stages
+    done = events[-1]
+    assert done["event"] == "done" and Path(done["adapter"]["path"]) == dest
+    info = read_adapter_info(dest)
+    assert info.method == "convlora-adabn" and info.details["target"]["files"] == ["head0.nii.gz", "head1.nii.gz"]
+    summary = done["summary"]
+    assert 0 < summary["trainable_percent"] < 5 and summary["adapter_bytes"] < summary["model_bytes"]
+    assert [sha(p) for p in head_files] == hashes
+
+    code, stdout, err = run_cli(capsys, "adapt", *head_files, "--name", "ge-site", "--model", tiny_model,
+                                "--method", "adabn")
+    assert code == 0, err
+    assert "agreement" in stdout and "% of the base model" in stdout
+    model = load_model(tiny_model)
+    assert [i.name for i in AdapterStore().list(model.sha256)] == ["ge-site"]
+
+
+def test_info_model_and_adapter(capsys, tiny_model, tiny_adapter):
+    code, stdout, _ = run_cli(capsys, "info", tiny_model, "--json")
+    done = json_lines(stdout)[-1]
+    assert code == 0 and done["kind"] == "model" and done["grid"]["slice_size"] == 64
+    assert len(done["file_sha256"]) == 64 and done["n_parameters"] > 0
+    code, stdout, _ = run_cli(capsys, "info", tiny_adapter, "--model", tiny_model, "--json")
+    done = json_lines(stdout)[-1]
+    assert code == 0 and done["kind"] == "adapter" and 0 <= done["percent_of_base_model"] < 5
+
+
+def test_adapters_store_commands(capsys, tiny_model, tiny_adapter, tmp_path):
+    assert run_cli(capsys, "adapters", "import", tiny_adapter)[0] == 0
+    code, stdout, _ = run_cli(capsys, "adapters", "list", "--model", tiny_model, "--json")
+    assert code == 0 and [a["name"] for a in json_lines(stdout)[-1]["adapters"]] == ["siteA"]
+    assert run_cli(capsys, "adapters", "rename", "siteA", "siteB", "--model", tiny_model)[0] == 0
+    dest = tmp_path / "exported.safetensors"
+    assert run_cli(capsys, "adapters", "export", "siteB", dest, "--model", tiny_model)[0] == 0
+    assert read_adapter_info(dest).name == "siteB"
+    assert run_cli(capsys, "adapters", "delete", "siteB", "--model", tiny_model)[0] == 0
+    code, _, err = run_cli(capsys, "adapters", "delete", "siteB", "--model", tiny_model)
+    assert code == 2 and "no adapter named" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate, train, import-checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def _mask_of(image: sitk.Image, threshold: float) -> sitk.Image:
+    return sitk.Cast(image > threshold, sitk.sitkUInt8)
+
+
+def test_evaluate_files_and_folders(capsys, tmp_path):
+    img = synthetic_head()
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    sitk.WriteImage(_mask_of(img, 50), str(tmp_path / "pred" / "s1_brainmask.nii.gz"))
+    sitk.WriteImage(_mask_of(img, 50), str(tmp_path / "truth" / "s1.nii.gz"))
+    sitk.WriteImage(_mask_of(img, 80), str(tmp_path / "pred" / "s2_brainmask.nii.gz"))
+    sitk.WriteImage(_mask_of(img, 50), str(tmp_path / "truth" / "s2_mask.nii.gz"))
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path / "pred" / "s1_brainmask.nii.gz",
+                              tmp_path / "truth" / "s1.nii.gz", "--json")
+    case = json_lines(stdout)[-1]["cases"][0]
+    assert code == 0 and case["dice"] == 1.0 and case["surface_dice"] == 1.0 and case["hd95_mm"] == 0.0
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "truth", "--tolerance", "2")
+    assert code == 0 and "mean" in stdout
+    rows = {line.split()[0]: float(line.split()[1]) for line in stdout.splitlines()[1:]}
+    assert rows["s1_brainmask.nii.gz"] == 1.0 and 0.2 < rows["s2_brainmask.nii.gz"] < 1.0
+
+
+def test_train_small_model(capsys, tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    for i in range(3):
+        img = synthetic_head(seed=i)
+        sitk.WriteImage(img, str(tmp_path / "img" / f"s{i}.nii.gz"))
+        sitk.WriteImage(_mask_of(img, 50), str(tmp_path / "msk" / f"s{i}_mask.nii.gz"))
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = run_cli(capsys, "train", "--images", tmp_path / "img", "--masks", tmp_path / "msk", "-o",
+                                out, "--spacing", "4", "--slice-size", "64", "--epochs", "1", "--esh-epochs", "1",
+                                "--val-fraction", "0.34", "--device", "cpu", "--json")
+    assert code == 0, err
+    done = json_lines(stdout)[-1]
+    model = load_model(out)
+    assert model.grid == WorkingGrid(spacing_mm=4.0, slice_size=64) and done["sha256"] == model.sha256
+    assert len(model.info["val_images"]) == 1 and len(model.info["train_images"]) == 2
+
+
+def test_import_checkpoint_without_pickle(capsys, tmp_path):
+    from ConvLoRASegLib.esh import EarlySegmentationHead
+    from ConvLoRASegLib.unet import UNet2D
+
+    torch.manual_seed(3)
+    unet, esh = UNet2D(16), EarlySegmentationHead(3, 16)
+    torch.save(unet.state_dict(), tmp_path / "unet.pth")
+    torch.save(esh.state_dict(), tmp_path / "esh.pth")
+    out = tmp_path / "imported.safetensors"
+    code, _, err = run_cli(capsys, "import-checkpoint", tmp_path / "unet.pth", "--esh", tmp_path / "esh.pth",
+                           "-o", out, "--spacing", "1", "--slice-size", "256")
+    assert code == 0, err
+    model = load_model(out)
+    assert torch.equal(model.unet.init_path[0].weight, unet.init_path[0].weight)
+    assert torch.equal(model.esh.conv1.weight, esh.conv1.weight) and model.grid.slice_size == 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------------
+def test_png_writer_round_trip(tmp_path):
+    from ConvLoRASegLib.demo import png_bytes, write_png
+
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    data = png_bytes(rgb)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    import zlib
+
+    idat = data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(7, 1 + 5 * 3)
+    assert (raw[:, 0] == 0).all() and np.array_equal(raw[:, 1:].reshape(7, 5, 3), rgb)
+    write_png(rgb, tmp_path / "x.png")
+    assert (tmp_path / "x.png").read_bytes() == data
+
+
+def test_demo_end_to_end(capsys, tiny_model, tmp_path, monkeypatch):
+    from ConvLoRASegLib import sites
+
+    heads = sites.demo_heads()
+    if len(heads) < 2:
+        pytest.skip("demo heads not shipped")
+    two = dict(sorted(heads.items())[:2])
+    monkeypatch.setattr(sites, "demo_heads", lambda: two)
+    monkeypatch.setattr("ConvLoRASegLib.demo.SUBJECTS_PER_HEAD", (1, 1))
+    monkeypatch.setattr("ConvLoRASegLib.demo.EPOCHS", (1, 1))
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(capsys, "demo", "-o", out, "--quick", "--model", tiny_model)
+    assert code == 0, err
+    for line in ("Dice", "surface Dice (1 mm)", "adapter"):
+        assert line in stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_philips3.safetensors", "before_after.png"} <= names
+    assert any(n.endswith("_source_brainmask.nii.gz") for n in names)
+    assert any(n.endswith("_adapted_brainmask.nii.gz") for n in names)
+    assert (out / "before_after.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real processes: JSON lines, exit codes, SIGTERM
+# ---------------------------------------------------------------------------------------------------------------
+def test_subprocess_json_protocol_and_exit_codes(tiny_model, head_files, tmp_path):
+    cmd = [sys.executable, "-m", "ConvLoRASegLib"]
+    env = subprocess_env(tmp_path)
+    ok = subprocess.run(cmd + ["segment", str(head_files[0]), "-o", str(tmp_path / "m.nii.gz"), "--model",
+                               str(tiny_model), "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    events = json_lines(ok.stdout)  # every stdout line is a JSON object
+    assert events[-1]["event"] == "done" and events[-1]["outputs"][0]["output"].endswith("m.nii.gz")
+    bad = subprocess.run(cmd + ["segment", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.nii.gz"),
+                                "--model", str(tiny_model), "--json"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2
+    assert json_lines(bad.stdout) == [{"event": "error", "message": bad.stderr.strip()[len("convlora-seg: error: "):]}]
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    usage = subprocess.run(cmd + ["segment"], env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2
+
+
+def _start_and_wait_for(cmd: List[str], env, stage: str, timeout: float = 90.0) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    for line in proc.stdout:
+        if f'"stage": "{stage}"' in line:
+            return proc
+        assert time.time() - t0 < timeout, "the process never reached the stage"
+    raise AssertionError(f"the process ended before stage {stage}: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("command", ["adapt", "segment"])
+def test_sigterm_exits_130_without_partial_output(command, tiny_model, head_files, tmp_path):
+    env = subprocess_env(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if command == "adapt":
+        dest = out_dir / "a.safetensors"
+        args = ["adapt", str(head_files[0]), "-o", str(dest), "--model", str(tiny_model), "--epochs", "200"]
+        stage = "train"
+    else:
+        dest = out_dir / "mask.nii.gz"
+        big = tmp_path / "big.nii.gz"  # fine grid: slow enough to be interrupted
+        sitk.WriteImage(synthetic_head(shape=(120, 140, 130), spacing=(1.0, 1.0, 1.0)), str(big))
+        args = ["segment", str(big), "-o", str(dest), "--model", str(tiny_model), "--adapter", "auto",
+                "--adapters", str(tmp_path)]
+        stage = "segment"
+    before = sha(head_files[0])
+    proc = _start_and_wait_for([sys.executable, "-m", "ConvLoRASegLib", *args, "--json"], env, stage)
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert '{"event": "cancelled"}' in rest
+    assert list(out_dir.iterdir()) == []  # no output, no temporary file
+    assert sha(head_files[0]) == before
