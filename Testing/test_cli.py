@@ -44,6 +44,15 @@ def synthetic_head(seed: int = 0, shape=(40, 48, 44), spacing=(3.0, 3.0, 3.0), s
     return img
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread: on 2 shared cores, two threads contend and run >10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

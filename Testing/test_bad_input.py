@@ -1,0 +1,264 @@
+"""Issue 3 §3, the bad-input list, through the CLI: each one refused with one line on stderr, exit status 2,
+nothing written, the input untouched (or, for warnings, a warning and a result)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from test_cli import (_one_torch_thread, head_files, other_model, run_cli, sha, synthetic_head,  # noqa: F401
+                      tiny_adapter, tiny_model, make_adapter)
+
+ERROR = "convlora-seg: error: "
+
+
+def refused(capsys, *argv, keyword: str, absent: Path = None) -> str:
+    """Run the CLI; assert exit 2, exactly one stderr line naming ``keyword``, no traceback, nothing written."""
+    code, _, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert lines and lines[-1].startswith(ERROR) and keyword.lower() in lines[-1].lower(), err
+    assert all(not line.startswith(ERROR) for line in lines[:-1]) and "Traceback" not in err
+    if absent is not None:
+        assert not absent.exists()
+        leftovers = [p for p in absent.parent.iterdir() if p.name.startswith(".")] if absent.parent.is_dir() else []
+        assert leftovers == []  # no temporary file either
+    return lines[-1]
+
+
+def write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def array_image(a: np.ndarray, spacing=(3.0, 3.0, 3.0)) -> sitk.Image:
+    img = sitk.GetImageFromArray(a.astype(np.float32))
+    img.SetSpacing(spacing[: img.GetDimension()])
+    return img
+
+
+def segment(tiny_model, src, out, *extra):
+    return ("segment", src, "-o", out, "--model", tiny_model, "--device", "cpu", *extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------------------
+def test_missing_file(capsys, tiny_model, tmp_path):
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, tmp_path / "nope.nii.gz", out), keyword="no such file", absent=out)
+
+
+def test_not_an_image(capsys, tiny_model, tmp_path):
+    fake = tmp_path / "scan.nii.gz"
+    fake.write_text("this is not an image\n")
+    before = sha(fake)
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, fake, out), keyword="not an image", absent=out)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    refused(capsys, *segment(tiny_model, text, out), keyword="not a volume file", absent=out)
+    assert sha(fake) == before
+
+
+def test_2d_image(capsys, tiny_model, tmp_path):
+    src = write(array_image(np.random.default_rng(0).random((40, 40)) * 100), tmp_path / "slice.nrrd")
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, src, out), keyword="not a 3D volume", absent=out)
+
+
+def test_4d_image_refused_unless_first_volume(capsys, tiny_model, tmp_path):
+    vols = [synthetic_head(seed=s, shape=(20, 24, 22)) for s in range(3)]
+    four = sitk.JoinSeries(vols)
+    src = write(four, tmp_path / "fmri.nii.gz")
+    before = sha(src)
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, src, out), keyword="4D with 3 volumes", absent=out)
+    code, _, err = run_cli(capsys, *segment(tiny_model, src, out, "--first-volume"))
+    assert code == 0, err
+    assert sitk.ReadImage(str(out)).GetSize() == vols[0].GetSize()
+    assert sha(src) == before
+
+
+@pytest.mark.parametrize("value,word", [(0.0, "empty"), (7.0, "constant")])
+def test_empty_or_constant_volume(capsys, tiny_model, tmp_path, value, word):
+    src = write(array_image(np.full((20, 24, 22), value)), tmp_path / "flat.nii.gz")
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, src, out), keyword=word, absent=out)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_voxels(capsys, tiny_model, tmp_path, bad):
+    a = sitk.GetArrayFromImage(synthetic_head(shape=(20, 24, 22)))
+    a[5, 5, 5] = bad
+    src = write(array_image(a), tmp_path / "bad.nrrd")
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, src, out), keyword="NaN or infinite", absent=out)
+
+
+def test_ct_like_range_warns_and_still_works(capsys, tiny_model, tmp_path):
+    ct = synthetic_head(shape=(20, 24, 22), scale=3000.0, offset=-1024.0)
+    src = write(sitk.Cast(ct, sitk.sitkInt16), tmp_path / "ct.nii.gz")
+    out = tmp_path / "m.nii.gz"
+    code, _, err = run_cli(capsys, *segment(tiny_model, src, out))
+    assert code == 0 and "warning" in err and "CT" in err and out.is_file()
+
+
+def test_volume_larger_than_memory_refused_early(capsys, tiny_model, tmp_path):
+    # A header-only MetaImage: its raw file does not exist, so reading the pixels would fail; only the header
+    # is read, and the 4000^3 float estimate (> 1 TB) is refused before anything else happens.
+    header = tmp_path / "huge.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 4000\nElementSpacing = 0.1 0.1 0.1\n"
+                      "ElementType = MET_FLOAT\nElementDataFile = huge.raw\n")
+    out = tmp_path / "m.nii.gz"
+    line = refused(capsys, *segment(tiny_model, header, out), keyword="needs about", absent=out)
+    assert "GB" in line and "available" in line
+
+
+def test_small_volume_refused_when_memory_is_short(capsys, tiny_model, head_files, tmp_path, monkeypatch):
+    monkeypatch.setattr("ConvLoRASegLib.volumes.available_memory_bytes", lambda: 1_000_000)
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, head_files[0], out), keyword="only 0.0 GB available", absent=out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------------------------
+def test_output_folder_missing_or_not_writable(capsys, tiny_model, head_files, tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "no" / "such" / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, head_files[0], out), keyword="does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root may write anywhere: make the folder read-only for access() too
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: Path(p) != locked and real_access(p, mode))
+    try:
+        refused(capsys, *segment(tiny_model, head_files[0], locked / "m.nii.gz"), keyword="not writable")
+        refused(capsys, *segment(tiny_model, *head_files, locked / "masks"), keyword="not writable")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_output_exists_refused_unless_overwrite(capsys, tiny_model, head_files, tmp_path):
+    out = tmp_path / "m.nii.gz"
+    out.write_bytes(b"keep me")
+    refused(capsys, *segment(tiny_model, head_files[0], out), keyword="--overwrite")
+    assert out.read_bytes() == b"keep me"
+    code, _, err = run_cli(capsys, *segment(tiny_model, head_files[0], out, "--overwrite"))
+    assert code == 0, err
+    assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(head_files[0])).GetSize()
+    dest = tmp_path / "a.safetensors"
+    dest.write_bytes(b"old adapter")
+    refused(capsys, "adapt", head_files[0], "-o", dest, "--model", tiny_model, keyword="--overwrite")
+    assert dest.read_bytes() == b"old adapter"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models and adapters
+# ---------------------------------------------------------------------------------------------------------------
+def test_corrupt_model_file(capsys, tiny_model, head_files, tmp_path):
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray(tiny_model.read_bytes())
+    data[-100] ^= 0xFF  # a weight byte: the SHA-256 in the metadata no longer matches
+    flipped.write_bytes(bytes(data))
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, "segment", head_files[0], "-o", out, "--model", flipped, keyword="corrupt", absent=out)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_model.read_bytes()[:500])
+    refused(capsys, "segment", head_files[0], "-o", out, "--model", truncated, keyword="not a readable",
+            absent=out)
+
+
+def test_pth_model_points_to_import_checkpoint(capsys, head_files, tmp_path):
+    from ConvLoRASegLib.unet import UNet2D
+
+    pth = tmp_path / "unet.pth"
+    torch.save(UNet2D(4).state_dict(), pth)
+    out = tmp_path / "m.nii.gz"
+    line = refused(capsys, "segment", head_files[0], "-o", out, "--model", pth, keyword="import-checkpoint",
+                   absent=out)
+    assert "pickle" in line
+
+
+def test_adapter_of_another_base_model(capsys, tiny_model, other_model, head_files, tmp_path):
+    foreign = make_adapter(other_model, tmp_path / "foreign.safetensors", name="foreign")
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, "segment", head_files[0], "-o", out, "--model", tiny_model, "--adapter", foreign,
+            keyword="another base model", absent=out)
+
+
+def test_missing_adapter_name_and_file(capsys, tiny_model, head_files, tmp_path):
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, *segment(tiny_model, head_files[0], out, "--adapter", "nosuch"), keyword="no adapter named")
+    refused(capsys, *segment(tiny_model, head_files[0], out, "--adapter", tmp_path / "x.safetensors"),
+            keyword="not found", absent=out)
+
+
+def test_target_cohort_without_readable_volumes(capsys, tiny_model, tmp_path):
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "a.nii.gz").write_text("broken")
+    write(array_image(np.zeros((10, 12, 11))), cohort / "b.nii.gz")
+    dest = tmp_path / "a.safetensors"
+    code, _, err = run_cli(capsys, "adapt", cohort, "-o", dest, "--model", tiny_model)
+    assert code == 2 and err.count("warning: skipped") == 2
+    assert err.strip().splitlines()[-1] == f"{ERROR}the target cohort has no readable volumes (2 skipped)"
+    assert not dest.exists()
+
+
+def test_cohort_skips_unreadable_volumes(capsys, tiny_model, head_files, tmp_path):
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    shutil.copy(head_files[0], cohort / "good.nii.gz")
+    (cohort / "bad.nii.gz").write_text("broken")
+    dest = tmp_path / "a.safetensors"
+    code, _, err = run_cli(capsys, "adapt", cohort, "-o", dest, "--model", tiny_model, "--method", "adabn")
+    assert code == 0 and "skipped bad.nii.gz" in err and dest.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# devices
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(capsys, tiny_model, head_files, tmp_path):
+    out = tmp_path / "m.nii.gz"
+    refused(capsys, "segment", head_files[0], "-o", out, "--model", tiny_model, "--device", "cuda",
+            keyword="no CUDA GPU", absent=out)
+    refused(capsys, "adapt", head_files[0], "-o", tmp_path / "a.safetensors", "--model", tiny_model,
+            "--device", "cuda:0", keyword="no CUDA GPU")
+    code, _, err = run_cli(capsys, "segment", head_files[0], "-o", out, "--model", tiny_model, "--device", "auto")
+    assert code == 0 and out.is_file()
+
+
+def test_out_of_memory_retries_with_smaller_batches(capsys, tiny_model, head_files, tmp_path, monkeypatch):
+    from ConvLoRASegLib.model import ConvLoRASegModel
+
+    real_forward = ConvLoRASegModel.forward
+    seen = []
+
+    def forward(self, x):
+        seen.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(ConvLoRASegModel, "forward", forward)
+    out = tmp_path / "m.nii.gz"
+    code, _, err = run_cli(capsys, *segment(tiny_model, head_files[0], out))
+    assert code == 0, err
+    assert seen[0] > 2 and max(seen[seen.index(2):]) == 2  # halved until it fits, then kept small
+    assert out.is_file()
+
+
+def test_unknown_device(capsys, tiny_model, head_files, tmp_path):
+    refused(capsys, *segment(tiny_model, head_files[0], tmp_path / "m.nii.gz")[:-2], "--device", "tpu",
+            keyword="device")
