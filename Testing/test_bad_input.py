@@ -142,7 +142,8 @@ def test_output_folder_missing_or_not_writable(capsys, tiny_model, head_files, t
         monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: Path(p) != locked and real_access(p, mode))
     try:
         refused(capsys, *segment(tiny_model, head_files[0], locked / "m.nii.gz"), keyword="not writable")
-        refused(capsys, *segment(tiny_model, *head_files, locked / "masks"), keyword="not writable")
+        refused(capsys, "segment", *head_files, "-o", locked / "masks", "--model", tiny_model,
+                keyword="not writable")
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
