@@ -1,29 +1,63 @@
 """ConvLoRASegLib: adapt a brain-MRI segmentation U-Net to a new scanner without labels (ConvLoRA + AdaBN + UDAS).
 
-The paper's stages, one module each: :mod:`unet` (the DART20 U-Net), :mod:`esh` (early segmentation head),
-:mod:`train` (source training), :mod:`convlora`, :mod:`adabn` and :mod:`selftrain` (adaptation). Around them:
-:mod:`volumes` (geometry), :mod:`segment` (inference), :mod:`store` (files), :mod:`metrics`, :mod:`cohorts`,
-:mod:`sites` (scanner-site simulator) and :mod:`cli`. Torch-free imports stay cheap: heavy modules load lazily.
+The paper's stages, one module each: :mod:`.unet` (the DART20 U-Net), :mod:`.esh` (early segmentation head),
+:mod:`.train` (source training), :mod:`.convlora`, :mod:`.adabn` and :mod:`.selftrain` (adaptation). Around them:
+:mod:`.volumes` (geometry), :mod:`.segment` (inference), :mod:`.store` (files), :mod:`.metrics`, :mod:`.cohorts`,
+:mod:`.sites` (scanner-site simulator) and :mod:`.cli`.
+
+Names are imported lazily: ``import ConvLoRASegLib`` (and ``ConvLoRASegLib.errors``) works before torch is
+installed, which the Slicer module relies on to offer the install.
 """
+
+from importlib import import_module
+from typing import Any, Dict
 
 __version__ = "0.1.0"
 
-from .errors import Cancelled, ConvLoRASegError
-from .grid import WorkingGrid
-from .unet import UNet2D, import_reference_checkpoint
-from .esh import EarlySegmentationHead
-from .model import ConvLoRASegModel
-from .convlora import (AdapterSet, ConvLoRA, PLACEMENTS, adapter_state, inject_convlora, lora_parameter_count,
-                       merge_convlora, unmerge_convlora)
-from .adabn import adabn, set_bn_momentum_mode
-from .selftrain import METHODS, MODES, AdaptResult, adapt
-from .train import train_source
-from .store import (AdapterInfo, AdapterStore, default_model_path, load_adapter, load_model, read_adapter_info,
-                    save_adapter, save_model, user_store_dir)
-from .segment import available_devices, choose_adapter, predict_slices, resolve_device, segment_image
-from . import metrics
-from .metrics import dice, hd95, surface_dice, volume_difference
-from .cohorts import Case, cc359_cases, find_volumes, folder_cohort, split_cases
-from .volumes import VolumeSlices, read_image, to_slices, to_native, to_mask, write_image
+_EXPORTS: Dict[str, str] = {
+    # errors, grid
+    "ConvLoRASegError": "errors", "Cancelled": "errors", "WorkingGrid": "grid",
+    # the paper's stages
+    "UNet2D": "unet", "import_reference_checkpoint": "unet", "EarlySegmentationHead": "esh",
+    "ConvLoRASegModel": "model", "ConvLoRA": "convlora", "inject_convlora": "convlora", "AdapterSet": "convlora",
+    "adapter_state": "convlora", "PLACEMENTS": "convlora", "lora_parameter_count": "convlora",
+    "merge_convlora": "convlora", "unmerge_convlora": "convlora", "adabn": "adabn",
+    "set_bn_momentum_mode": "adabn", "adapt": "selftrain", "AdaptResult": "selftrain", "METHODS": "selftrain",
+    "MODES": "selftrain", "train_source": "train",
+    # files
+    "save_model": "store", "load_model": "store", "save_adapter": "store", "load_adapter": "store",
+    "read_adapter_info": "store", "AdapterInfo": "store", "AdapterStore": "store", "default_model_path": "store",
+    "user_store_dir": "store",
+    # inference
+    "segment_image": "segment", "predict_slices": "segment", "choose_adapter": "segment",
+    "resolve_device": "segment", "available_devices": "segment",
+    # volumes, cohorts, sites, metrics
+    "read_image": "volumes", "write_image": "volumes", "to_slices": "volumes", "mask_to_slices": "volumes",
+    "to_native": "volumes", "to_mask": "volumes", "VolumeSlices": "volumes", "check_intensities": "volumes",
+    "check_memory": "volumes", "image_info": "volumes", "canonical": "volumes", "ijk_to_ras": "volumes",
+    "image_from_array": "volumes", "array_from_image": "volumes", "iter_prepared": "volumes",
+    "Case": "cohorts", "find_volumes": "cohorts", "folder_cohort": "cohorts", "cc359_cases": "cohorts",
+    "cc359_domains": "cohorts", "split_cases": "cohorts", "split_from_csv": "cohorts",
+    "SITES": "sites", "SiteProfile": "sites", "simulate_site": "sites", "random_subject": "sites",
+    "demo_heads": "sites",
+    "dice": "metrics", "surface_dice": "metrics", "hd95": "metrics", "volume_difference": "metrics",
+}
+_SUBMODULES = ("metrics", "store", "volumes", "segment", "selftrain", "convlora", "adabn", "cohorts", "sites",
+               "train", "unet", "esh", "model", "errors", "grid", "cli")
 
-__all__ = [n for n in dir() if not n.startswith("_")]
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .adabn import adabn, batchnorm_layers, set_bn_momentum_mode
-from .convlora import PLACEMENTS, ConvLoRA, inject_convlora, placement_modules
+from .convlora import PLACEMENTS, ConvLoRA, inject_convlora, remove_convlora
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
 from .segment import EMPTY_SLICE_MAX, agreement, predict_slices, resolve_device
@@ -77,6 +77,18 @@ class AdaptResult:
                 "loss_per_epoch": self.losses, "trainable_params": self.trainable_params,
                 "seconds": round(self.seconds, 2), "n_volumes": self.n_volumes, "n_slices": self.n_slices,
                 "seed": self.seed, **self.details}
+
+
+def source_copy(model: ConvLoRASegModel) -> ConvLoRASegModel:
+    """A deep copy of ``model`` as the source model: any active adapter switched off, ConvLoRA layers removed."""
+    m = copy.deepcopy(model)
+    aset = getattr(m, "_adapter_set", None)
+    if aset is not None:
+        aset.disable()
+        del m._adapter_set
+    remove_convlora(m)
+    m.sha256 = model.sha256
+    return m
 
 
 def _check_stop(should_stop: StopFlag) -> None:
@@ -166,9 +178,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
-    m = copy.deepcopy(model).to(dev)
-    m.sha256 = model.sha256
-    source = copy.deepcopy(model).to(dev).eval() if method == "self-training" else None
+    m = source_copy(model).to(dev)
+    source = source_copy(model).to(dev).eval() if method == "self-training" else None
     trainable = _prepare(m, method, placement, rank, alpha)
     params = [p for p in m.unet.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

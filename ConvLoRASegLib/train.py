@@ -161,3 +161,4 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     record["seconds"] = round(time.perf_counter() - t0, 1)
     model.info.setdefault("training", {}).update(record)
     return model.cpu()
+

@@ -356,22 +356,30 @@ def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return smooth
 
 
-def normalise(a: np.ndarray, inside: np.ndarray, method: str) -> np.ndarray:
-    """Map intensities to [0, 1] in place: ``"minmax"`` or ``"percentile"`` (0.5th/99.5th, clipped).
+def intensity_range(image: sitk.Image, method: str) -> Tuple[float, float]:
+    """The (lo, hi) intensities that ``method`` maps to 0 and 1, from the input's own voxels.
 
-    ``inside`` marks voxels of the image (not padding); percentile statistics also skip exact zeros.
+    ``"minmax"``: the volume's minimum and maximum. ``"percentile"``: the 0.5th and 99.5th percentiles of its
+    non-zero voxels (a fixed regular subsample of at most ~2 M voxels). Computed on the native array, not on the
+    resampled one, so the result does not depend on the grid geometry: a volume and its copy with a direction
+    matrix that differs in the 16th digit (as after a round trip through a file or a Slicer node) normalise alike.
     """
-    values = a[inside]
+    a = sitk.GetArrayViewFromImage(image).ravel()
     if method == "minmax":
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = float(a.min()), float(a.max())
     else:
-        nonzero = values[values != 0]
-        values = nonzero if nonzero.size else values
-        if values.size > 2_000_000:  # a regular subsample gives the same percentiles to ~1e-3
-            values = values[:: values.size // 1_000_000]
+        if a.size > 2_000_000:
+            a = a[:: a.size // 1_000_000]
+        nonzero = a[a != 0]
+        values = nonzero if nonzero.size else a
         lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
     if hi <= lo:
         hi = lo + 1.0
+    return lo, hi
+
+
+def normalise(a: np.ndarray, inside: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map ``[lo, hi]`` to [0, 1] in place (clipped); voxels not ``inside`` the image (padding) become 0."""
     a -= lo
     a *= 1.0 / (hi - lo)
     np.clip(a, 0.0, 1.0, out=a)
@@ -391,7 +399,7 @@ def to_slices(image: sitk.Image, grid: WorkingGrid) -> VolumeSlices:
     if not inside.any():
         raise ConvLoRASegError("the image does not overlap its own working grid (broken geometry?)")
     a[~inside] = 0.0
-    normalise(a, inside, grid.normalisation)
+    normalise(a, inside, *intensity_range(image, grid.normalisation))
     working = sitk.GetImageFromArray(a)
     working.CopyInformation(ref)
     native = _reference(image.GetSize(), image.GetSpacing(), image.GetOrigin(), _direction(image))

@@ -1,0 +1,144 @@
+"""Adaptation: every method of Table 1 runs, trains only what it should, is seeded, cancellable and reports."""
+
+import numpy as np
+import pytest
+import torch
+
+from ConvLoRASegLib import store
+from ConvLoRASegLib.convlora import AdapterSet
+from ConvLoRASegLib.errors import Cancelled, ConvLoRASegError
+from ConvLoRASegLib.grid import WorkingGrid
+from ConvLoRASegLib.model import ConvLoRASegModel
+from ConvLoRASegLib.selftrain import METHODS, adapt
+
+
+def _volumes(n=2, slices=10, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    vols = []
+    for _ in range(n):
+        v = np.zeros((slices, size, size), np.float32)
+        for k in range(slices):
+            r = size * (0.2 + 0.15 * np.sin(np.pi * (k + 1) / (slices + 1)))
+            v[k] = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r * r) * (0.6 + 0.2 * rng.random())
+        vols.append(np.clip(v + rng.normal(0, 0.03, v.shape), 0, 1).astype(np.float32))
+    return vols
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    m = ConvLoRASegModel(grid=WorkingGrid(4.0, 32)).eval()
+    path = tmp_path_factory.mktemp("m") / "m.safetensors"
+    store.save_model(m, path)
+    m.info["path"] = str(path)
+    return m
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["fast", "paper"])
+def test_methods_run_and_train_what_they_should(model, method, mode):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    events = []
+    r = adapt(model, _volumes(), method=method, mode=mode, epochs=1, batch_size=8, device="cpu",
+              progress=events.append)
+    for k, v in model.state_dict().items():  # the source model is left alone
+        assert torch.equal(v, before[k]), k
+    assert len(r.agreement) == (1 if method == "adabn" else 2)
+    assert r.best_epoch == int(np.argmax(r.agreement))
+    assert all(0.0 <= a <= 1.0 for a in r.agreement)
+    keys = set(r.state)
+    if method == "convlora-adabn":
+        assert r.trainable_params == 3762 + 192  # LoRA + the 6 init_path BN affines (16 channels x 2)
+        assert "init_path.0.lora_A" in keys and "down3.0.running_mean" in keys
+        assert "init_path.2.conv_path.0.bn.weight" in keys
+    elif method == "udas-convlora":
+        assert r.trainable_params == 3762 and not any(k.endswith("running_mean") for k in keys)
+    elif method == "adabn":
+        assert r.trainable_params == 0 and all(k.endswith(("running_mean", "running_var")) for k in keys)
+    elif method == "udas":
+        assert "init_path.0.weight" in keys and not any(k.startswith("down1") for k in keys)
+    elif method == "self-training":
+        assert r.trainable_params == sum(p.numel() for p in model.unet.parameters())
+    stages = {e["stage"] for e in events}
+    assert "select" in stages and (method == "adabn" or "train" in stages)
+    for e in events:
+        assert e["event"] == "progress" and {"stage", "step", "total"} <= set(e)
+
+
+def test_adapter_under_one_percent_and_applies_exactly(model, tmp_path):
+    r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
+    n_base = sum(p.numel() for p in model.parameters())
+    n_adapter = sum(v.numel() for k, v in r.state.items() if not k.endswith(("running_mean", "running_var")))
+    assert n_adapter / n_base < 0.01
+    info = store.save_adapter(model, r.state, tmp_path / "a.safetensors", name="t", method=r.method, mode=r.mode,
+                              rank=r.rank, alpha=r.alpha, placement=r.placement, details=r.summary())
+    assert info.agreement == pytest.approx(r.best_agreement)
+    # the source model + the adapter reproduces the adapted model
+    _, tensors = store.load_adapter(model, info.path)
+    target = store.load_model(model.info["path"])
+    aset = AdapterSet(target)
+    aset.add("t", tensors)
+    aset.set_adapter("t")
+    x = torch.from_numpy(_volumes(1)[0][:, None])
+    with torch.no_grad():
+        assert torch.allclose(target.eval()(x), r.model.eval()(x), atol=1e-5)
+
+
+def test_adapt_starts_from_the_source_model_even_with_an_active_adapter(model, tmp_path):
+    from ConvLoRASegLib.segment import activate_adapter
+
+    r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
+    info = store.save_adapter(model, r.state, tmp_path / "a.safetensors", name="t", method=r.method, mode=r.mode,
+                              rank=r.rank, alpha=r.alpha, placement=r.placement)
+    m = store.load_model(model.info["path"])
+    activate_adapter(m, info)
+    a = adapt(m, _volumes(), epochs=0, device="cpu", seed=5)
+    b = adapt(store.load_model(model.info["path"]), _volumes(), epochs=0, device="cpu", seed=5)
+    for k in b.state:
+        assert torch.equal(a.state[k], b.state[k]), k
+
+
+def test_same_seed_same_adapter_and_seed_matters(model):
+    a = adapt(model, _volumes(), epochs=2, batch_size=8, seed=3, device="cpu")
+    b = adapt(model, _volumes(), epochs=2, batch_size=8, seed=3, device="cpu")
+    c = adapt(model, _volumes(), epochs=2, batch_size=8, seed=4, device="cpu")
+    assert a.agreement == b.agreement
+    for k in a.state:
+        assert torch.equal(a.state[k], b.state[k]), k
+    assert not torch.equal(a.state["init_path.0.lora_A"], c.state["init_path.0.lora_A"])
+
+
+def test_cancel_and_bad_arguments(model):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        adapt(model, _volumes(), epochs=2, batch_size=4, device="cpu", should_stop=stop)
+    with pytest.raises(ConvLoRASegError, match="unknown method"):
+        adapt(model, _volumes(), method="magic")
+    with pytest.raises(ConvLoRASegError, match="no readable volumes"):
+        adapt(model, [])
+    with pytest.raises(ConvLoRASegError, match="empty"):
+        adapt(model, [np.zeros((4, 32, 32), np.float32)], epochs=1)
+
+
+def test_fast_mode_backpropagates_only_up_to_the_esh(model, monkeypatch):
+    """In fast mode the decoder runs only for the cached pseudo-labels and the per-epoch scoring, never per step."""
+    from ConvLoRASegLib.unet import UNet2D
+
+    calls = {"decode": 0}
+    orig = UNet2D.decode
+
+    def counting(self, feats):
+        calls["decode"] += int(torch.is_grad_enabled())
+        return orig(self, feats)
+
+    monkeypatch.setattr(UNet2D, "decode", counting)
+    adapt(model, _volumes(), mode="fast", epochs=2, batch_size=4, device="cpu")
+    assert calls["decode"] == 0
+    adapt(model, _volumes(), mode="paper", epochs=1, batch_size=4, device="cpu")
+    assert calls["decode"] > 0
