@@ -36,7 +36,7 @@ from .adabn import adabn, batchnorm_layers, set_bn_momentum_mode
 from .convlora import PLACEMENTS, ConvLoRA, inject_convlora, remove_convlora
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
-from .segment import EMPTY_SLICE_MAX, agreement, predict_slices, resolve_device
+from .segment import EMPTY_SLICE_MAX, agreement, autocast_dtype, predict_slices, resolve_device
 
 METHODS = ("convlora-adabn", "adabn", "udas", "udas-convlora", "self-training")
 MODES = ("paper", "fast")
@@ -149,7 +149,8 @@ def _set_modes(model: ConvLoRASegModel, method: str, mode: str) -> None:
 def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
           mode: str = "fast", epochs: int = 5, lr: float = 1e-4, batch_size: int = 32, rank: int = 2,
           alpha: float = 2.0, placement: str = "init_path", seed: int = 0, device="auto",
-          selection_volumes: int = 4, progress: Progress = None, should_stop: StopFlag = None) -> AdaptResult:
+          selection_volumes: int = 4, steps_per_epoch: Optional[int] = None, precision: str = "fp32",
+          progress: Progress = None, should_stop: StopFlag = None) -> AdaptResult:
     """Adapt a copy of ``model`` to the target volumes (each an N x H x W stack of working-grid slices).
 
     Args:
@@ -160,6 +161,9 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         rank, alpha, placement: ConvLoRA settings (the paper: 2, 2, ``init_path``).
         seed: fixes initialisation and batch order: the same seed gives the same adapter.
         selection_volumes: how many target volumes score the label-free agreement after each epoch.
+        steps_per_epoch: cap on optimiser steps per epoch (a random subset of slices each epoch); None = all.
+        precision: ``fp32`` (default) or ``auto``/``bf16``/``fp16``: autocast for the training forward passes
+            (fp32 master weights and loss).
         progress: called with dicts ``{"event": "progress", "stage": ..., "step": ..., "total": ..., ...}``.
         should_stop: polled between steps; when True, :class:`~ConvLoRASegLib.errors.Cancelled` is raised.
     """
@@ -235,7 +239,9 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         del source
 
     opt = torch.optim.Adam(params, lr=lr) if epochs else None
-    steps_per_epoch = (len(train_x) + batch_size - 1) // batch_size
+    full_steps = (len(train_x) + batch_size - 1) // batch_size
+    steps_per_epoch = min(full_steps, steps_per_epoch) if steps_per_epoch else full_steps
+    amp = autocast_dtype(dev, precision)
     for epoch in range(1, epochs + 1):
         _set_modes(m, method, mode)
         order = torch.randperm(len(train_x), generator=gen)
@@ -244,16 +250,17 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             _check_stop(should_stop)
             idx = order[step * batch_size:(step + 1) * batch_size]
             x = train_x[idx].to(dev)
-            if method == "self-training":
-                logits = m(x)
-                target_p = cached[idx].to(dev, torch.float32)
-            elif mode == "fast":
-                logits = m.forward_esh(x)
-                target_p = cached[idx].to(dev, torch.float32)
-            else:
-                final, logits = m.forward_both(x)
-                target_p = torch.sigmoid(final)  # the paper's code: not detached
-            loss = F.binary_cross_entropy_with_logits(logits, target_p)
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                if method == "self-training":
+                    logits = m(x)
+                    target_p = cached[idx].to(dev, torch.float32)
+                elif mode == "fast":
+                    logits = m.forward_esh(x)
+                    target_p = cached[idx].to(dev, torch.float32)
+                else:
+                    final, logits = m.forward_both(x)
+                    target_p = torch.sigmoid(final.float())  # the paper's code: not detached
+            loss = F.binary_cross_entropy_with_logits(logits.float(), target_p)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -274,7 +281,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         placement=placement if method in ("convlora-adabn", "udas-convlora") else "-",
         rank=rank, alpha=alpha, epochs=epochs, best_epoch=best_epoch, agreement=scores, losses=losses,
         trainable_params=n_trainable, seconds=time.perf_counter() - t0, n_volumes=len(volumes),
-        n_slices=int(len(train_x)), seed=seed)
+        n_slices=int(len(train_x)), seed=seed,
+        details={"steps_per_epoch": steps_per_epoch, "precision": str(amp or "fp32").replace("torch.", "")})
     emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": best_epoch,
           "agreement": result.best_agreement})
     return result
