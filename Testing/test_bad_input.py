@@ -11,8 +11,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from test_cli import (_one_torch_thread, head_files, other_model, run_cli, sha, synthetic_head,  # noqa: F401
-                      tiny_adapter, tiny_model, make_adapter)
+# fixtures shared with test_cli (imported fixtures are registered here; _one_torch_thread is autouse)
+from test_cli import (_one_torch_thread, head_files, make_adapter, other_model, run_cli, sha,  # noqa: F401
+                      synthetic_head, tiny_model)
 
 ERROR = "convlora-seg: error: "
 

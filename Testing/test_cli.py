@@ -383,3 +383,29 @@ def test_sigterm_exits_130_without_partial_output(command, tiny_model, head_file
     assert '{"event": "cancelled"}' in rest
     assert list(out_dir.iterdir()) == []  # no output, no temporary file
     assert sha(head_files[0]) == before
+
+
+def test_reporter_modes():
+    import io
+
+    from ConvLoRASegLib.progress import Reporter, jsonable
+
+    out, err = io.StringIO(), io.StringIO()
+    rep = Reporter("json", stdout=out, stderr=err)
+    rep({"event": "progress", "stage": "train", "step": 1, "total": 4, "loss": np.float32(0.5)})
+    rep.info("for humans")
+    rep.done({"hd95_mm": float("inf"), "path": Path("/x")})
+    events = json_lines(out.getvalue())
+    assert events == [{"event": "progress", "stage": "train", "step": 1, "total": 4, "loss": 0.5},
+                      {"event": "done", "hd95_mm": None, "path": "/x"}]
+    assert err.getvalue() == "for humans\n"
+    out, err = io.StringIO(), io.StringIO()
+    bar = Reporter("bar", stdout=out, stderr=err)
+    for step in range(1, 4):
+        bar({"event": "progress", "stage": "segment", "step": step, "total": 3, "epoch": 1})
+    bar.error("boom")
+    assert "segment" in err.getvalue() and err.getvalue().endswith("convlora-seg: error: boom\n")
+    assert out.getvalue() == ""
+    silent = Reporter("silent", stdout=out, stderr=err)
+    silent({"event": "progress", "stage": "x", "step": 1, "total": 2})
+    assert out.getvalue() == "" and jsonable({"a": (1, float("nan"))}) == {"a": [1, None]}
