@@ -346,7 +346,8 @@ def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     sigma (voxels of the input) = (factor - 1) / 2 per axis, the rule scikit-image uses; kernel truncated at
     3 sigma (scipy's separable filter: about twice as fast here as SimpleITK's recursive Gaussian).
     """
-    factor = spacing_mm / np.array(image.GetSpacing())
+    # rounded: spacings that differ in the 16th digit (a file round trip) must give the same kernel radius
+    factor = np.round(spacing_mm / np.array(image.GetSpacing()), 6)
     if not np.any(factor > ANTIALIAS_FACTOR):
         return image
     sigma_vox = np.where(factor > ANTIALIAS_FACTOR, (factor - 1) / 2.0, 0.0)

@@ -289,8 +289,6 @@ def test_linear_parent_transform_is_included_and_nonlinear_is_refused(scene, hea
 
 # -------------------------------------------------------------------------------------------- segment
 
-@pytest.mark.xfail(strict=True, reason="library: segment_image differs on ~0.2% of voxels when the image geometry "
-                   "differs by 1e-16 (NRRD text round trip of an oblique direction); see the Slicer helper's report")
 def test_segment_gives_a_labelmap_on_the_input_geometry_equal_to_the_library_on_the_saved_file(
         logic, head, tmp_path):
     from ConvLoRASegLib.segment import segment_image
@@ -314,8 +312,6 @@ def test_segment_gives_a_labelmap_on_the_input_geometry_equal_to_the_library_on_
 
 
 @needs_cli
-@pytest.mark.xfail(strict=True, reason="library: segment_image differs on ~0.2% of voxels when the image geometry "
-                   "differs by 1e-16 (NRRD text round trip of an oblique direction); see the Slicer helper's report")
 def test_segment_voxels_equal_the_cli_output_on_the_same_file(logic, head, tmp_path):
     import SimpleITK as sitk
 
