@@ -767,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="simulate a new scanner, adapt to it, show before/after (a few minutes)")
     p.add_argument("-o", "--output", default="convlora-demo", metavar="DIR", help="default ./convlora-demo")
-    p.add_argument("--quick", action="store_true", help="fewer subjects and epochs (about a minute)")
+    p.add_argument("--quick", action="store_true", help="one adaptation epoch instead of two")
     p.add_argument("--site", default="philips3", help="simulated target site (default philips3)")
     _common(p, device=False)
     p.set_defaults(func=cmd_demo)
