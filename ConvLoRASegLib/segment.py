@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import SimpleITK as sitk
 import torch
+from torch import nn
 
 from .convlora import AdapterSet, merge_convlora, unmerge_convlora
 from .errors import ConvLoRASegError
@@ -27,6 +28,11 @@ StopFlag = Optional[Callable[[], bool]]
 
 #: A slice whose normalised intensities are all below this is empty field of view: predicted as background.
 EMPTY_SLICE_MAX = 0.02
+#: Pixels (of the working grid) kept around the non-empty part of a batch when it is cropped for inference: the
+#: network's output inside the crop then matches the full slice's (measured in bench/speed.py; see docs/speed.md).
+CROP_MARGIN_PX = 16
+#: Crops start and end on multiples of this (the U-Net's three stride-2 levels need multiples of 8).
+CROP_ALIGN_PX = 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,7 +102,9 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
 
 
 def default_batch_size(device: torch.device, slice_size: int) -> int:
-    base = 64 if device.type != "cpu" else 16
+    """Slices per forward pass: about 0.5 M pixels per batch on a CPU (32 slices of 128 x 128, 8 of 256 x 256; larger
+    batches gain nothing there and cost memory), 64 slices of 128 x 128 on a GPU (scaled by the slice area)."""
+    base = 64 if device.type != "cpu" else 32
     return max(1, int(base * (128 / slice_size) ** 2))
 
 
@@ -128,62 +136,149 @@ def activate_adapter(model: ConvLoRASegModel, adapter: AdapterLike) -> Optional[
     return info
 
 
-@contextlib.contextmanager
-def inference_mode(model: ConvLoRASegModel, device: torch.device) -> Iterator[ConvLoRASegModel]:
-    """Eval mode, ConvLoRA merged into the kernels, channels-last on the device; undone afterwards."""
-    was_training = model.training
-    model.eval()
+@torch.no_grad()
+def _fold_bn_after(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``conv`` followed by eval-mode ``bn`` as ONE convolution (exact up to rounding: BN after a conv is affine)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode).to(conv.weight)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+@torch.no_grad()
+def _fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """Eval-mode ``bn`` followed by an unpadded ``conv`` as ONE convolution (exact: no zero padding to shift)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
+                      conv.dilation, conv.groups, bias=True).to(conv.weight)
+    fused.weight.copy_(conv.weight * scale.view(1, -1, 1, 1))
+    extra = (conv.weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    fused.bias.copy_(extra + (conv.bias if conv.bias is not None else 0.0))
+    return fused
+
+
+def _fold_unet(unet: nn.Module) -> None:
+    """Fold every BatchNorm that sits next to a convolution into it, in place; ReLUs become in-place.
+
+    Per residual block the second BN follows the first convolution directly; each down stage's BN feeds an unpadded
+    stride-2 convolution; the output BN follows the last 1x1 convolution. The first BN of a pre-activation block
+    (it reads the residual sum) and the BN before each transposed convolution stay (not foldable exactly).
+    """
+    from .unet import PreActivation, ResBlock
+
+    for module in unet.modules():
+        if isinstance(module, ResBlock):
+            first, second = module.conv_path
+            first.layer = _fold_bn_after(first.layer, second.bn)
+            second.bn = nn.Identity()
+        elif isinstance(module, nn.ReLU):
+            module.inplace = True
+    for name in ("down1", "down2", "down3"):
+        stage = getattr(unet, name)
+        stage[1] = _fold_bn_before(stage[0], stage[1])
+        stage[0] = nn.Identity()
+    head: PreActivation = unet.out_path[1]
+    head.layer = _fold_bn_after(head.layer, unet.out_path[2])
+    unet.out_path[2] = nn.Identity()
+
+
+def inference_copy(model: ConvLoRASegModel) -> ConvLoRASegModel:
+    """A copy of ``model`` for eval-mode inference only: active adapter and ConvLoRA merged into the kernels,
+    BatchNorms folded into their neighbouring convolutions (see :func:`_fold_unet`). Same outputs up to rounding
+    (fp32: about 1e-5 in the logits); it cannot be trained and holds no adapters. ``model`` is not changed."""
+    copy = ConvLoRASegModel(model.grid, model.n_filters, model.esh_level, model.info)
     merge_convlora(model)
-    model.to(device)
-    if device.type != "mps":
-        model.to(memory_format=torch.channels_last)
     try:
-        yield model
+        state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
     finally:
         unmerge_convlora(model)
-        model.to(memory_format=torch.contiguous_format)
-        model.train(was_training)
+    copy.load_state_dict(state)
+    copy.sha256 = model.sha256
+    copy.to(next(model.parameters()).device).eval()
+    _fold_unet(copy.unet)
+    return copy
+
+
+@contextlib.contextmanager
+def inference_mode(model: ConvLoRASegModel, device: torch.device) -> Iterator[ConvLoRASegModel]:
+    """Yield the model to run for inference on ``device``: :func:`inference_copy` (eval, ConvLoRA merged, BN
+    folded), channels-last except on MPS. ``model`` itself is left as it was."""
+    fast = inference_copy(model).to(device)
+    if device.type != "mps":
+        fast.to(memory_format=torch.channels_last)
+    yield fast
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # prediction
 # ---------------------------------------------------------------------------------------------------------------
+def crop_box(nonempty: np.ndarray, margin: int = CROP_MARGIN_PX, align: int = CROP_ALIGN_PX) -> Tuple[slice, slice]:
+    """Rows and columns of a slice to run the network on: the bounding box of ``nonempty`` (H x W bool, the union
+    over a batch) grown by ``margin`` pixels, its ends moved outwards to multiples of ``align`` (clipped to the
+    slice), so that the U-Net's stride-2 grid is the full slice's. Everything outside it is empty field of view."""
+    h, w = nonempty.shape
+    rows, cols = np.flatnonzero(nonempty.any(1)), np.flatnonzero(nonempty.any(0))
+    if not len(rows):
+        return slice(0, min(h, align)), slice(0, min(w, align))
+
+    def span(idx: np.ndarray, n: int) -> slice:
+        lo = max(0, (int(idx[0]) - margin) // align * align)
+        hi = min(n, -(-(int(idx[-1]) + 1 + margin) // align) * align)
+        return slice(lo, hi)
+
+    return span(rows, h), span(cols, w)
+
+
+def _run_batch(model: ConvLoRASegModel, x: torch.Tensor, dtype: Optional[torch.dtype], with_esh: bool,
+               ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Sigmoid probabilities (B x h x w float32) of the final output and, with ``with_esh``, of the ESH."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        if with_esh:
+            final, early = model.forward_both(x)
+            return (torch.sigmoid(final.float())[:, 0].cpu().numpy(),
+                    torch.sigmoid(early.float())[:, 0].cpu().numpy())
+        return torch.sigmoid(model(x).float())[:, 0].cpu().numpy(), None
+
+
 @torch.no_grad()
 def predict_slices(model: ConvLoRASegModel, slices: np.ndarray, device: Union[str, torch.device] = "auto",
                    batch_size: Optional[int] = None, precision: str = "auto", with_esh: bool = False,
-                   progress: Progress = None, should_stop: StopFlag = None,
+                   progress: Progress = None, should_stop: StopFlag = None, crop: bool = True,
                    ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Brain probabilities for a stack of working-grid slices (N x H x W float32 in [0, 1]).
 
-    Batches stream through the network, so memory holds one batch of activations, not the volume's. Empty slices
-    (all intensities < ``EMPTY_SLICE_MAX``) are not run and get probability 0. On CUDA out-of-memory the batch is
-    halved, then the CPU is used. With ``with_esh`` the ESH's probabilities are returned as well.
+    Batches of consecutive slices stream through :func:`inference_copy` of the model (BN folded, ConvLoRA merged,
+    channels-last, bf16/fp16 autocast per :func:`autocast_dtype`), so memory holds one batch of activations, not
+    the volume's. Empty slices (all intensities < ``EMPTY_SLICE_MAX``) are not run and get probability 0; with
+    ``crop`` each batch runs on :func:`crop_box` of its non-empty pixels only (probability 0 outside). On CUDA
+    out-of-memory the batch is halved, then the CPU is used. With ``with_esh`` the ESH's probabilities are returned
+    as well. ``precision="fp32", crop=False`` is the reference path (the full slices in fp32).
     """
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     n, h, w = slices.shape
     probs = np.zeros((n, h, w), np.float32)
     esh = np.zeros((n, h, w), np.float32) if with_esh else None
-    busy = np.flatnonzero(slices.reshape(n, -1).max(1) >= EMPTY_SLICE_MAX)
+    nonempty = slices >= EMPTY_SLICE_MAX
+    busy = np.flatnonzero(nonempty.reshape(n, -1).any(1))
     bs = batch_size or default_batch_size(dev, h)
     dtype = autocast_dtype(dev, precision)
     done = 0
-    with inference_mode(model, dev):
+    with inference_mode(model, dev) as net:
         i = 0
         while i < len(busy):
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
             idx = busy[i:i + bs]
-            x = torch.from_numpy(np.ascontiguousarray(slices[idx, None])).to(dev)
+            rows, cols = crop_box(nonempty[idx].any(0)) if crop else (slice(0, h), slice(0, w))
+            x = torch.from_numpy(np.ascontiguousarray(slices[idx, None, rows, cols])).to(dev)
             if dev.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                    if with_esh:
-                        final, early = model.forward_both(x)
-                        esh[idx] = torch.sigmoid(early.float())[:, 0].cpu().numpy()
-                    else:
-                        final = model(x)
-                probs[idx] = torch.sigmoid(final.float())[:, 0].cpu().numpy()
+                final, early = _run_batch(net, x, dtype, with_esh)
             except torch.OutOfMemoryError:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
@@ -191,8 +286,12 @@ def predict_slices(model: ConvLoRASegModel, slices: np.ndarray, device: Union[st
                     bs = max(1, bs // 2)
                     continue
                 if dev.type != "cpu":
-                    return predict_slices(model, slices, "cpu", None, precision, with_esh, progress, should_stop)
+                    return predict_slices(model, slices, "cpu", None, precision, with_esh, progress, should_stop,
+                                          crop)
                 raise ConvLoRASegError("out of memory even with one slice per batch on the CPU") from None
+            probs[idx, rows, cols] = final
+            if with_esh:
+                esh[idx, rows, cols] = early
             i += len(idx)
             done += len(idx)
             if progress is not None:
