@@ -389,7 +389,7 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
     from .cohorts import folder_cohort
     from .grid import WorkingGrid
     from .segment import resolve_device
-    from .store import save_model
+    from .store import load_model, save_model
     from .train import train_source
     from .volumes import check_memory, image_info, mask_to_slices, read_image, to_slices
 
@@ -422,7 +422,8 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
             "train_images": [cases[i].image.name for i in train], "val_images": [cases[i].image.name for i in val]}
     model = train_source([images[i] for i in train], [masks[i] for i in train], [images[i] for i in val],
                          [masks[i] for i in val], grid=grid, epochs=args.epochs, esh_epochs=args.esh_epochs,
-                         seed=args.seed, device=device, info=info, progress=rep)
+                         seed=args.seed, device=device, info=info, lr_schedule=args.lr_schedule,
+                         init=load_model(Path(args.init).expanduser()) if args.init else None, progress=rep)
     sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     record = model.info.get("training", {})
     rep.info(f"model written to {out} ({_fmt_bytes(out.stat().st_size)}, sha256 {sha[:12]}…): "
@@ -727,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--esh-epochs", type=int, default=10, metavar="N")
     p.add_argument("--val-fraction", type=float, default=0.2, metavar="F")
     p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant learning rate (the paper) or cosine decay to 0")
+    p.add_argument("--init", metavar="MODEL", help="continue training from this model's weights")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the file size)")
     p.add_argument("--overwrite", action="store_true")
     _common(p, model=False)

@@ -75,11 +75,14 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                  grid: Optional[WorkingGrid] = None, epochs: int = 20, esh_epochs: int = 10, batch_size: int = 32,
                  lr: float = 1e-3, esh_level: int = 3, n_filters: int = 16, augment: bool = True,
                  precision: str = "auto", seed: int = 0, device="auto", info: Optional[Dict[str, Any]] = None,
+                 lr_schedule: str = "constant", init: Optional[ConvLoRASegModel] = None,
                  progress: Progress = None, should_stop: StopFlag = None) -> ConvLoRASegModel:
     """Train a source model from labelled volumes (each an N x H x W stack of working-grid slices, masks 0/1).
 
     ``precision="auto"`` trains under bf16 autocast on CPUs/GPUs with native bf16 (fp32 master weights), fp32
-    elsewhere. Returns the model (eval mode) with ``info`` completed by the training record.
+    elsewhere. ``lr_schedule``: ``"constant"`` (the paper) or ``"cosine"`` (decays to 0 over the epochs).
+    ``init``: continue from this model's U-Net weights (e.g. a second, cosine-decayed round of training); its
+    grid must equal ``grid``. Returns the model (eval mode) with ``info`` completed by the training record.
     """
     emit = progress or (lambda e: None)
     t0 = time.perf_counter()
@@ -90,9 +93,15 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     grid = grid or WorkingGrid()
     x_all, y_all = _stack(train_images, train_masks, empty_fraction=0.1, rng=rng)
     model = ConvLoRASegModel(grid=grid, n_filters=n_filters, esh_level=esh_level, info=info).to(dev)
+    if init is not None:
+        if init.grid != grid or init.n_filters != n_filters:
+            raise ConvLoRASegError(f"--init model has grid {init.grid} / {init.n_filters} filters, not {grid}")
+        model.unet.load_state_dict(init.unet.state_dict())
+        model.info["initialised_from"] = {"sha256": init.sha256, "training": init.info.get("training")}
     dtype = autocast_dtype(dev, precision)
     record: Dict[str, Any] = {"epochs": epochs, "esh_epochs": esh_epochs, "batch_size": batch_size, "lr": lr,
                               "augment": augment, "precision": str(dtype or "fp32"), "seed": seed,
+                              "lr_schedule": lr_schedule,
                               "n_train_volumes": len(train_images), "n_train_slices": int(len(x_all)),
                               "n_val_volumes": len(val_images), "val_surface_dice": []}
 
@@ -103,6 +112,10 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     # stage 1: the U-Net --------------------------------------------------------------------------------------
     opt = torch.optim.Adam(model.unet.parameters(), lr=lr)
     steps = (len(x_all) + batch_size - 1) // batch_size
+    if lr_schedule not in ("constant", "cosine"):
+        raise ConvLoRASegError(f"unknown lr schedule {lr_schedule!r}: constant or cosine")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps)) \
+        if lr_schedule == "cosine" else None
     best = (-1.0, copy.deepcopy(model.unet.state_dict()), 0)
     for epoch in range(1, epochs + 1):
         model.unet.train()
@@ -121,6 +134,8 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += loss.item()
             emit({"event": "progress", "stage": "train", "step": step + 1, "total": steps, "epoch": epoch,
                   "epochs": epochs, "loss": loss.item()})
