@@ -35,7 +35,7 @@ _EXPORTS: Dict[str, str] = {
     "read_image": "volumes", "write_image": "volumes", "to_slices": "volumes", "mask_to_slices": "volumes",
     "to_native": "volumes", "to_mask": "volumes", "VolumeSlices": "volumes", "check_intensities": "volumes",
     "check_memory": "volumes", "image_info": "volumes", "canonical": "volumes", "ijk_to_ras": "volumes",
-    "image_from_array": "volumes", "array_from_image": "volumes", "iter_prepared": "volumes",
+    "image_from_array": "volumes", "array_from_image": "volumes",
     "Case": "cohorts", "find_volumes": "cohorts", "folder_cohort": "cohorts", "cc359_cases": "cohorts",
     "cc359_domains": "cohorts", "split_cases": "cohorts", "split_from_csv": "cohorts",
     "SITES": "sites", "SiteProfile": "sites", "simulate_site": "sites", "random_subject": "sites",

@@ -39,6 +39,9 @@ def atomic_output(path: Union[str, Path], overwrite: bool = False) -> Iterator[P
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         if path.exists() and not overwrite:  # appeared meanwhile
             raise ConvLoRASegError(f"output exists: {path} (use --overwrite to replace it)")
         os.replace(tmp_path, path)

@@ -57,6 +57,8 @@ class AdaptResult:
     alpha: float
     epochs: int
     best_epoch: int
+    #: label-free agreement before the first epoch (index 0: after AdaBN where the method runs it first) and
+    #: after each epoch; ``details["agreement_source"]`` is the untouched source model's
     agreement: List[float]
     losses: List[float]
     trainable_params: int
@@ -201,12 +203,6 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             _check_stop(should_stop)
             yield x[i:i + bs].to(dev)
 
-    uses_adabn = method in ("adabn", "convlora-adabn")
-    if uses_adabn and (mode == "fast" or method == "adabn"):
-        emit({"event": "progress", "stage": "adabn", "step": 0, "total": len(train_x)})
-        adabn(m, batches(train_x, 64), modules=m.unet, forward=m.unet)
-        emit({"event": "progress", "stage": "adabn", "step": len(train_x), "total": len(train_x)})
-
     def score(epoch: int) -> float:
         vals = []
         for v in select:
@@ -218,8 +214,16 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
               "agreement": a})
         return a
 
+    uses_adabn = method in ("adabn", "convlora-adabn")
+    ran_adabn = uses_adabn and (mode == "fast" or method == "adabn")
+    agreement_source = score(0)  # the source model, before anything is adapted
+    if ran_adabn:
+        emit({"event": "progress", "stage": "adabn", "step": 0, "total": len(train_x)})
+        adabn(m, batches(train_x, 64), modules=m.unet, forward=m.unet)
+        emit({"event": "progress", "stage": "adabn", "step": len(train_x), "total": len(train_x)})
+
     bn_stats = uses_adabn
-    scores = [score(0)]
+    scores = [score(0) if ran_adabn else agreement_source]
     best_state = _changed_state(m, trainable, bn_stats)
     best_epoch = 0
     losses: List[float] = []
@@ -282,7 +286,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         rank=rank, alpha=alpha, epochs=epochs, best_epoch=best_epoch, agreement=scores, losses=losses,
         trainable_params=n_trainable, seconds=time.perf_counter() - t0, n_volumes=len(volumes),
         n_slices=int(len(train_x)), seed=seed,
-        details={"steps_per_epoch": steps_per_epoch, "precision": str(amp or "fp32").replace("torch.", "")})
+        details={"agreement_source": agreement_source, "steps_per_epoch": steps_per_epoch, "precision": str(amp or "fp32").replace("torch.", "")})
     emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": best_epoch,
           "agreement": result.best_agreement})
     return result

@@ -197,6 +197,7 @@ class AdapterInfo:
     placement: str
     created: str
     agreement: Optional[float]
+    #: numbers the adapter stores: LoRA factors, trained weights and BatchNorm statistics
     n_params: int
     bytes: int
     details: Dict[str, Any] = field(default_factory=dict, repr=False)
@@ -244,7 +245,7 @@ def _adapter_info(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, 
         method=meta.get("method", "?"), mode=meta.get("mode", "?"), rank=int(meta.get("rank", "0")),
         placement=meta.get("placement", "?"), created=meta.get("created", ""),
         agreement=float(meta["agreement"]) if meta.get("agreement") else None,
-        n_params=sum(t.numel() for k, t in tensors.items() if k.endswith(("lora_A", "lora_B", ".weight", ".bias"))),
+        n_params=sum(t.numel() for t in tensors.values()),
         bytes=path.stat().st_size, details=details)
 
 

@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
-import queue
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -549,38 +547,3 @@ def array_from_image(image: sitk.Image) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- streaming
-
-def iter_prepared(paths: Iterable[PathLike], grid: WorkingGrid,
-                  prefetch: int = 1) -> Iterator[Tuple[Path, VolumeSlices]]:
-    """Yield ``(path, to_slices(read_image(path), grid))`` in order, preparing up to ``prefetch`` next volumes
-    in a background thread while the caller works on the current one. Errors surface at their item."""
-    paths = [Path(p) for p in paths]
-    results: "queue.Queue[Tuple[Optional[VolumeSlices], Optional[BaseException]]]" = queue.Queue(max(1, prefetch))
-    stop = threading.Event()
-
-    def work() -> None:
-        for p in paths:
-            if stop.is_set():
-                return
-            try:
-                item = (to_slices(read_image(p), grid), None)
-            except BaseException as e:  # handed to the consumer, raised there
-                item = (None, e)
-            while not stop.is_set():
-                try:
-                    results.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-
-    thread = threading.Thread(target=work, name="convloraseg-prefetch", daemon=True)
-    thread.start()
-    try:
-        for p in paths:
-            vs, error = results.get()
-            if error is not None:
-                raise error
-            yield p, vs
-    finally:
-        stop.set()
-        thread.join(timeout=5)
