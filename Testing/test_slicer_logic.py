@@ -329,19 +329,6 @@ def test_segment_voxels_equal_the_cli_output_on_the_same_file(logic, head, tmp_p
     np.testing.assert_allclose(ijk_to_ras(cli), get_matrix(labelmap), atol=1e-5)
 
 
-def test_segment_gives_a_named_labelmap_with_exactly_the_input_geometry(logic, head):
-    labelmap = logic.segment(head, device="cpu")
-    assert labelmap.IsA("vtkMRMLLabelMapVolumeNode")
-    assert labelmap.GetName() == f"{head.GetName()} brain mask"
-    np.testing.assert_array_equal(get_matrix(labelmap), get_matrix(head))
-    got = slicer.util.arrayFromVolume(labelmap)
-    assert got.shape == slicer.util.arrayFromVolume(head).shape and got.dtype == np.uint8
-    assert set(np.unique(got)) == {0, 1}  # a real mask: neither empty nor full
-    again = logic.segment(head, outputNode=labelmap, device="cpu")  # reuses the chosen node, same voxels
-    assert again is labelmap and labelmap.GetScene().GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 1
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(again), got)
-
-
 def test_node_path_equals_the_library_on_an_image_of_identical_geometry(logic, head):
     """Node -> image conversion loses nothing: same result as the library on the node's own image."""
     from ConvLoRASegLib.segment import segment_image
