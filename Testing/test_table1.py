@@ -79,15 +79,15 @@ def test_cc359_plumbing_end_to_end_and_resume(tmp_path):
     work, out = tmp_path / "work", tmp_path / "results"
     _tiny_model(work / "cc359_ge3.safetensors")
     args = ["--cc359", str(root), "--work", str(work), "--out", str(out), "--no-robex", "--seeds", "0", "1",
-            "--methods", "source", "adabn", "convlora-adabn-fast", "oracle", "--epochs", "1",
+            "--methods", "source", "convlora-adabn-fast", "oracle", "--epochs", "1",
             "--steps-per-epoch", "1", "--batch-size", "4", "--device", "cpu"]
     assert table1.main(args) == 0
 
     rows = _read_csv(out / "table1.csv")
     assert list(rows[0]) == list(table1.CSV_COLUMNS)
     assert {r["site"] for r in rows} == {"philips3"}  # the only target domain in the tree
-    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("source", "adabn", "convlora-adabn-fast",
-                                                                         "oracle") for s in ("0", "1")}
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("source", "convlora-adabn-fast", "oracle")
+                                                        for s in ("0", "1")}
     by = {(r["method"], r["seed"]): r for r in rows}
     for r in rows:
         assert 0.0 <= float(r["surface_dice"]) <= 1.0 and 0.0 <= float(r["dice"]) <= 1.0
@@ -136,11 +136,11 @@ def test_synthetic_smoke_on_one_real_head(tmp_path, heads_dir):
         pytest.skip("colin27 is not among the shared heads")
     work, out = tmp_path / "work", tmp_path / "results"
     _tiny_model(work / "loho_colin27.safetensors")
-    args = ["--smoke", "--work", str(work), "--out", str(out), "--adapt-heads", "1", "--device", "cpu"]
+    args = ["--smoke", "--work", str(work), "--out", str(out), "--methods", "source", "adabn", "--device", "cpu"]
     assert table1.main(args) == 0
     rows = _read_csv(out / "table1_smoke.csv")
-    assert {(r["site"], r["method"]) for r in rows} == {("philips3", m) for m in ("source", "adabn",
-                                                                                  "convlora-adabn-fast")}
+    assert {(r["site"], r["method"]) for r in rows} == {("philips3", "source"), ("philips3", "adabn")}
+    assert all(0.0 <= float(r["surface_dice"]) <= 1.0 for r in rows)
     meta = json.loads((out / "table1_smoke.json").read_text())
     task = meta["tasks"][0]
     assert task["rotation"] == "colin27" and task["evaluate"] == ["colin27_s0_philips3"]

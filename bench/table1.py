@@ -94,6 +94,9 @@ class Budget:
     lr: float = 1e-4
     oracle_lr: float = 1e-3
     selection_volumes: int = 1
+    #: autocast of the training forward passes (adapt()'s ``precision``; the oracle the same): ``auto`` = bf16
+    #: where the CPU/GPU has it natively, ``fp32`` = none. AdaBN, pseudo-labels and selection run in fp32.
+    precision: str = "auto"
     seeds: Tuple[int, ...] = (0, 1, 2)
 
     def key(self) -> str:
@@ -318,12 +321,22 @@ def finetune_oracle(model, images: Sequence[np.ndarray], masks: Sequence[np.ndar
         order = torch.randperm(len(x_t), generator=gen)
         for step in range(steps):
             idx = order[step * budget.batch_size:(step + 1) * budget.batch_size]
-            loss = F.binary_cross_entropy_with_logits(m.unet(x_t[idx].to(device)), y_t[idx].to(device))
+            with autocast(device, budget.precision):
+                logits = m.unet(x_t[idx].to(device))
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y_t[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     m.eval()
     return m, sum(p.numel() for p in params), time.perf_counter() - t0
+
+
+def autocast(device, precision: str):
+    """torch.autocast with the library's choice of reduced precision for ``device`` (disabled for fp32)."""
+    from ConvLoRASegLib.segment import autocast_dtype
+
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def state_bytes(state: Dict[str, torch.Tensor]) -> int:
@@ -488,7 +501,8 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                 algo, mode = ADAPT_METHODS[method]
                 res = adapt(base, adapt_slices, method=algo, mode=mode, epochs=budget.epochs, lr=budget.lr,
                             batch_size=budget.batch_size, seed=max(s, 0), device=device,
-                            selection_volumes=budget.selection_volumes, steps_per_epoch=budget.steps_per_epoch)
+                            selection_volumes=budget.selection_volumes, steps_per_epoch=budget.steps_per_epoch,
+                            precision=budget.precision)
                 nbytes = adapter_file_bytes(base, res)
                 extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4)}
                 for ev in evs:
@@ -637,7 +651,7 @@ def expectations(table: Sequence[dict]) -> List[str]:
 # ---------------------------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one seed, one rotation, 1 epoch x 4 steps (<= 10 min)")
+    ap.add_argument("--quick", action="store_true", help="one seed, one rotation, two sites, one adaptation volume, 1 epoch x 4 steps")
     ap.add_argument("--smoke", action="store_true", help="plumbing test: one site, source + adabn, tiny budget")
     ap.add_argument("--cc359", type=Path, default=None, help="run on a real CC359 tree instead of simulated sites")
     ap.add_argument("--work", type=Path, default=Path("/tmp/convlora-work"), help="cache folder (cohorts, rows)")
@@ -652,13 +666,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--eval-subjects", type=int, nargs="+", default=None, help="subjects of the held-out head")
     ap.add_argument("--adapt-subjects", type=int, nargs="+", default=None, help="subjects of the other heads")
-    ap.add_argument("--adapt-heads", type=int, default=3, help="how many of the other heads give adaptation volumes")
+    ap.add_argument("--adapt-heads", type=int, default=None, help="how many of the other heads give adaptation volumes")
     ap.add_argument("--severity", type=float, default=1.0, help="the site simulator's global severity")
     ap.add_argument("--robex-volumes", type=int, default=None, help="most new ROBEX runs (cached ones are free)")
     ap.add_argument("--no-robex", action="store_true")
     ap.add_argument("--max-adapt", type=int, default=20, help="CC359: most adaptation volumes per domain")
     ap.add_argument("--max-eval", type=int, default=12, help="CC359: most evaluation volumes per domain")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="autocast for adaptation and the oracle (auto: bf16 where native)")
     return ap.parse_args(argv)
 
 
@@ -666,11 +682,11 @@ def settings(a: argparse.Namespace) -> Dict[str, object]:
     """Defaults by mode (full / quick / smoke), overridden by explicit options."""
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     d = {"full": dict(seeds=[0, 1, 2], epochs=3, steps=8, batch=32, eval_subjects=[0], adapt_subjects=[4, 5],
-                      rotations=None, sites=list(TARGET_SITES), robex=10 ** 6),
+                      rotations=None, sites=list(TARGET_SITES), robex=10 ** 6, adapt_heads=3),
          "quick": dict(seeds=[0], epochs=1, steps=4, batch=16, eval_subjects=[0], adapt_subjects=[4],
-                       rotations=["colin27"], sites=list(TARGET_SITES), robex=1),
+                       rotations=["colin27"], sites=["ge15", "philips3"], robex=1, adapt_heads=1),
          "smoke": dict(seeds=[0], epochs=1, steps=1, batch=4, eval_subjects=[0], adapt_subjects=[4],
-                       rotations=["colin27"], sites=["philips3"], robex=0)}[mode]
+                       rotations=["colin27"], sites=["philips3"], robex=0, adapt_heads=1)}[mode]
     pick = lambda given, default: default if given is None else given  # noqa: E731
     methods = a.methods or (["source", "adabn", "convlora-adabn-fast"] if a.smoke else list(METHOD_COLUMNS))
     if a.no_robex:
@@ -680,7 +696,8 @@ def settings(a: argparse.Namespace) -> Dict[str, object]:
             "eval_subjects": pick(a.eval_subjects, d["eval_subjects"]),
             "adapt_subjects": pick(a.adapt_subjects, d["adapt_subjects"]),
             "rotations": pick(a.rotations, d["rotations"]), "sites": pick(a.sites, d["sites"]),
-            "robex_volumes": pick(a.robex_volumes, d["robex"]), "methods": methods}
+            "robex_volumes": pick(a.robex_volumes, d["robex"]), "adapt_heads": pick(a.adapt_heads, d["adapt_heads"]),
+            "methods": methods}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -693,7 +710,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = resolve_device(a.device)
     models = a.models or a.work
     budget = Budget(epochs=cfg["epochs"], steps_per_epoch=cfg["steps_per_epoch"], batch_size=cfg["batch_size"],
-                    seeds=tuple(cfg["seeds"]))
+                    precision=a.precision, seeds=tuple(cfg["seeds"]))
     if a.cc359 is not None:
         tasks = cc359_tasks(a.cc359, cfg["sites"], models, a.work, 0, a.max_adapt, a.max_eval, timer)
         title = f"Table 1 on CC359 ({a.cc359.name}), source GE 3 T"
@@ -701,8 +718,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from make_cohort import available_heads
 
         rotations = cfg["rotations"] or list(available_heads())
-        tasks = synthetic_tasks(cfg["sites"], rotations, cfg["eval_subjects"], cfg["adapt_subjects"], a.adapt_heads,
-                                a.severity, models, a.work, cfg["mode"] != "full", timer)
+        tasks = synthetic_tasks(cfg["sites"], rotations, cfg["eval_subjects"], cfg["adapt_subjects"],
+                                cfg["adapt_heads"], a.severity, models, a.work, cfg["mode"] != "full", timer)
         title = (f"Table 1, semi-synthetic ({cfg['mode']}): source ge3, leave one head out "
                  f"({', '.join(rotations)}), severity {a.severity:g}")
     if not tasks:
