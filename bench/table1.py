@@ -71,6 +71,8 @@ ADAPT_METHODS: Dict[str, Tuple[str, str]] = {
 SEEDLESS = ("source", "adabn", "robex")
 #: Methods whose result does not depend on the adaptation volumes or the budget.
 NO_ADAPTATION = ("source", "robex")
+#: Bumped when a method's code changes its results, so that cached rows of the old code are recomputed.
+ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"]}
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement")
@@ -92,7 +94,7 @@ class Budget:
     steps_per_epoch: int = 8
     batch_size: int = 32
     lr: float = 1e-4
-    oracle_lr: float = 1e-3
+    oracle_lr: float = 1e-4
     selection_volumes: int = 1
     #: autocast of the training forward passes (adapt()'s ``precision``; the oracle the same): ``auto`` = bf16
     #: where the CPU/GPU has it natively, ``fp32`` = none. AdaBN, pseudo-labels and selection run in fp32.
@@ -101,7 +103,7 @@ class Budget:
 
     def key(self) -> str:
         """Short hash of the settings that change adapted results (the row cache's key)."""
-        d = {k: v for k, v in asdict(self).items() if k != "seeds"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("seeds", "oracle_lr")}  # oracle: see row_key
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -195,8 +197,15 @@ def loho_model(head: str, heads: Sequence[str], models: Path, work: Path, quick:
 # ---------------------------------------------------------------------------------------------------------------
 def synthetic_tasks(sites: Sequence[str], rotations: Sequence[str], eval_subjects: Sequence[int],
                     adapt_subjects: Sequence[int], adapt_heads: int, severity: float, models: Path, work: Path,
-                    quick: bool, timer: Timer) -> List[Task]:
-    """Leave-one-head-out tasks; simulated volumes are cached in ``work/table1/cohorts/sev<severity>/<site>``."""
+                    quick: bool, timer: Timer, adapt_from: str = "others") -> List[Task]:
+    """Leave-one-head-out tasks; simulated volumes are cached in ``work/table1/cohorts/sev<severity>/<site>``.
+
+    ``adapt_from="others"``: the adaptation volumes are subjects ``adapt_subjects`` of ``adapt_heads`` other heads;
+    ``"held-out"``: subjects ``adapt_subjects`` of the held-out head itself (other deformations than the evaluated
+    ones, unlabeled). Evaluation volumes are never adaptation volumes.
+    """
+    if set(eval_subjects) & set(adapt_subjects) and adapt_from == "held-out":
+        raise ConvLoRASegError("--adapt-subjects and --eval-subjects overlap: an evaluation volume would adapt")
     from make_cohort import available_heads, make_site_cohort
 
     heads = list(available_heads())
@@ -206,7 +215,7 @@ def synthetic_tasks(sites: Sequence[str], rotations: Sequence[str], eval_subject
     tasks = []
     for head in rotations:
         model_path = timer.run("train_source_models", loho_model, head, heads, models, work, quick)
-        others = [h for h in heads if h != head][:adapt_heads]
+        others = [head] if adapt_from == "held-out" else [h for h in heads if h != head][:adapt_heads]
         for site in sites:
             out = work / "table1" / "cohorts" / f"sev{severity:g}" / site
             t = time.perf_counter()
@@ -294,10 +303,14 @@ def finetune_oracle(model, images: Sequence[np.ndarray], masks: Sequence[np.ndar
                     device) -> Tuple[object, int, float]:
     """Supervised fine-tuning of every U-Net weight on the target's labelled adaptation volumes: the ceiling.
 
-    BCE-with-logits on the labels, Adam (``budget.oracle_lr``), BatchNorm in training mode (its statistics follow
+    BCE-with-logits on the labels, Adam (``budget.oracle_lr``), BatchNorm in training mode (batch statistics of
     the target), ``budget.epochs x budget.steps_per_epoch`` steps of ``budget.batch_size`` slices; the final
-    weights are kept (no label-free selection). Returns (model copy, trainable parameters, seconds).
+    weights are kept (no label-free selection). At the end the BatchNorm running statistics are set to the exact
+    target statistics under the new weights (AdaBN over the same slices): a few momentum updates would leave them
+    mostly the source's and break the eval-mode network. Returns (model copy, trainable parameters, seconds).
     """
+    from ConvLoRASegLib.adabn import adabn
+
     from ConvLoRASegLib.segment import EMPTY_SLICE_MAX
     from ConvLoRASegLib.selftrain import source_copy
 
@@ -328,6 +341,7 @@ def finetune_oracle(model, images: Sequence[np.ndarray], masks: Sequence[np.ndar
             loss.backward()
             opt.step()
     m.eval()
+    adabn(m, (x_t[i:i + 64].to(device) for i in range(0, len(x_t), 64)), modules=m.unet, forward=m.unet)
     return m, sum(p.numel() for p in params), time.perf_counter() - t0
 
 
@@ -428,7 +442,8 @@ def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, 
     """The row cache's key: everything that changes one volume's result."""
     fixed = method in NO_ADAPTATION
     blob = json.dumps([model_sha, "" if fixed else budget.key(), task.site, task.rotation, method, seed, volume,
-                       [] if fixed else sorted(adapt_names)])
+                       [] if fixed else sorted(adapt_names)] + ROW_VERSIONS.get(method, [])
+                      + ([budget.oracle_lr] if method == "oracle" else []))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -651,7 +666,8 @@ def expectations(table: Sequence[dict]) -> List[str]:
 # ---------------------------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one seed, one rotation, two sites, one adaptation volume, 1 epoch x 4 steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="one seed, one rotation, two sites, one adaptation volume, 1 epoch x 4 steps")
     ap.add_argument("--smoke", action="store_true", help="plumbing test: one site, source + adabn, tiny budget")
     ap.add_argument("--cc359", type=Path, default=None, help="run on a real CC359 tree instead of simulated sites")
     ap.add_argument("--work", type=Path, default=Path("/tmp/convlora-work"), help="cache folder (cohorts, rows)")
@@ -667,6 +683,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--eval-subjects", type=int, nargs="+", default=None, help="subjects of the held-out head")
     ap.add_argument("--adapt-subjects", type=int, nargs="+", default=None, help="subjects of the other heads")
     ap.add_argument("--adapt-heads", type=int, default=None, help="how many of the other heads give adaptation volumes")
+    ap.add_argument("--adapt-from", choices=("others", "held-out"), default="others",
+                    help="adaptation volumes: new subjects of the other heads, or other subjects of the held-out head")
     ap.add_argument("--severity", type=float, default=1.0, help="the site simulator's global severity")
     ap.add_argument("--robex-volumes", type=int, default=None, help="most new ROBEX runs (cached ones are free)")
     ap.add_argument("--no-robex", action="store_true")
@@ -719,9 +737,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         rotations = cfg["rotations"] or list(available_heads())
         tasks = synthetic_tasks(cfg["sites"], rotations, cfg["eval_subjects"], cfg["adapt_subjects"],
-                                cfg["adapt_heads"], a.severity, models, a.work, cfg["mode"] != "full", timer)
+                                cfg["adapt_heads"], a.severity, models, a.work, cfg["mode"] != "full", timer,
+                                a.adapt_from)
         title = (f"Table 1, semi-synthetic ({cfg['mode']}): source ge3, leave one head out "
-                 f"({', '.join(rotations)}), severity {a.severity:g}")
+                 f"({', '.join(rotations)}), adaptation from {a.adapt_from}, severity {a.severity:g}")
     if not tasks:
         raise ConvLoRASegError("nothing to evaluate (no target site found)")
     print(f"{len(tasks)} tasks, methods {', '.join(cfg['methods'])}, seeds {budget.seeds}, budget "
@@ -741,6 +760,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     base_params = sum(p.numel() for p in load_model(tasks[0].model_path).unet.parameters())
     stem = "table1" if cfg["mode"] == "full" or a.cc359 else f"table1_{cfg['mode']}"
+    if a.cc359 is None and a.adapt_from == "held-out" and cfg["mode"] != "full":
+        stem += "_heldout"
     write_csv(a.out / f"{stem}.csv", table, CSV_COLUMNS)
     write_csv(a.out / f"{stem}_volumes.csv", rows, VOLUME_COLUMNS)
     md = markdown(table, base_params, title)
