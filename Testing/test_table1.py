@@ -144,4 +144,9 @@ def test_synthetic_smoke_on_one_real_head(tmp_path, heads_dir):
     meta = json.loads((out / "table1_smoke.json").read_text())
     task = meta["tasks"][0]
     assert task["rotation"] == "colin27" and task["evaluate"] == ["colin27_s0_philips3"]
-    assert all(not name.startswith("colin27") for name in task["adapt"])  # never the held-out head
+    assert task["adapt"] == ["colin27_s4_philips3"]  # another subject of the held-out head, never the evaluated one
+
+
+def test_an_evaluation_volume_never_adapts(tmp_path):
+    with pytest.raises(table1.ConvLoRASegError, match="overlap"):
+        table1.main(["--smoke", "--work", str(tmp_path), "--out", str(tmp_path), "--adapt-subjects", "0"])

@@ -8,9 +8,13 @@ Semi-synthetic mode (default). Six simulated CC359-like sites (``ConvLoRASegLib.
 of ``../shared/data/heads``; several "subjects" per head come from random deformations (tools/make_cohort.py).
 The source site is ``ge3``; targets are the other five. Leave one head out: the rotation that holds out head ``h``
 uses the source model ``loho_<h>.safetensors`` (trained on ge3 subjects 0-2 of the three other heads by
-tools/train_default_model.py, or here when absent), adapts it on unlabeled target-site volumes of *new* subjects
-(4, 5, ...) of the other three heads, and evaluates on head ``h``'s target-site subjects (0 = the real head itself)
-against their masks: surface Dice at 1 mm (primary) and Dice, on each volume's native site grid.
+tools/train_default_model.py, or here when absent), adapts it on unlabeled target-site volumes, and evaluates on
+head ``h``'s target-site subject 0 (the real head itself) against its mask: surface Dice at 1 mm (primary) and
+Dice, on the volume's native site grid.
+
+By default (``--adapt-from held-out``) the adaptation volumes are other subjects (4, 5) of the held-out head at the
+target site — unlabeled and never evaluated; ``--adapt-from others`` takes new subjects of the other three heads
+instead (docs/table1.md says why the default is the former).
 
 CC359 mode. Source domain GE 3 T; per target domain a seeded subject split (``cohorts.split_cases``): the train
 part adapts (labels only for the oracle), the test part evaluates. The source model is trained on GE 3 T's
@@ -197,7 +201,7 @@ def loho_model(head: str, heads: Sequence[str], models: Path, work: Path, quick:
 # ---------------------------------------------------------------------------------------------------------------
 def synthetic_tasks(sites: Sequence[str], rotations: Sequence[str], eval_subjects: Sequence[int],
                     adapt_subjects: Sequence[int], adapt_heads: int, severity: float, models: Path, work: Path,
-                    quick: bool, timer: Timer, adapt_from: str = "others") -> List[Task]:
+                    quick: bool, timer: Timer, adapt_from: str = "held-out") -> List[Task]:
     """Leave-one-head-out tasks; simulated volumes are cached in ``work/table1/cohorts/sev<severity>/<site>``.
 
     ``adapt_from="others"``: the adaptation volumes are subjects ``adapt_subjects`` of ``adapt_heads`` other heads;
@@ -683,7 +687,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--eval-subjects", type=int, nargs="+", default=None, help="subjects of the held-out head")
     ap.add_argument("--adapt-subjects", type=int, nargs="+", default=None, help="subjects of the other heads")
     ap.add_argument("--adapt-heads", type=int, default=None, help="how many of the other heads give adaptation volumes")
-    ap.add_argument("--adapt-from", choices=("others", "held-out"), default="others",
+    ap.add_argument("--adapt-from", choices=("others", "held-out"), default="held-out",
                     help="adaptation volumes: new subjects of the other heads, or other subjects of the held-out head")
     ap.add_argument("--severity", type=float, default=1.0, help="the site simulator's global severity")
     ap.add_argument("--robex-volumes", type=int, default=None, help="most new ROBEX runs (cached ones are free)")
@@ -760,8 +764,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     base_params = sum(p.numel() for p in load_model(tasks[0].model_path).unet.parameters())
     stem = "table1" if cfg["mode"] == "full" or a.cc359 else f"table1_{cfg['mode']}"
-    if a.cc359 is None and a.adapt_from == "held-out" and cfg["mode"] != "full":
-        stem += "_heldout"
+    if a.cc359 is None and a.adapt_from == "others":
+        stem += "_others"
     write_csv(a.out / f"{stem}.csv", table, CSV_COLUMNS)
     write_csv(a.out / f"{stem}_volumes.csv", rows, VOLUME_COLUMNS)
     md = markdown(table, base_params, title)
