@@ -703,7 +703,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def settings(a: argparse.Namespace) -> Dict[str, object]:
     """Defaults by mode (full / quick / smoke), overridden by explicit options."""
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
-    d = {"full": dict(seeds=[0, 1, 2], epochs=3, steps=8, batch=32, eval_subjects=[0], adapt_subjects=[4, 5],
+    d = {"full": dict(seeds=[0, 1, 2], epochs=2, steps=4, batch=16, eval_subjects=[0], adapt_subjects=[4],
                       rotations=None, sites=list(TARGET_SITES), robex=10 ** 6, adapt_heads=3),
          "quick": dict(seeds=[0], epochs=1, steps=4, batch=16, eval_subjects=[0], adapt_subjects=[4],
                        rotations=["colin27"], sites=["ge15", "philips3"], robex=1, adapt_heads=1),
@@ -757,8 +757,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for task in tasks:
         t = time.perf_counter()
         rows += run_task(task, cfg["methods"], budget, cache, robex_cache, robex_budget, device, timer)
+        done = tasks.index(task) + 1
+        elapsed = time.perf_counter() - t_start
         print(f"task {task.site} / hold-out {task.rotation}: {time.perf_counter() - t:.0f} s "
-              f"(total {time.perf_counter() - t_start:.0f} s)", flush=True)
+              f"(total {elapsed:.0f} s, {done}/{len(tasks)} tasks, "
+              f"about {elapsed / done * (len(tasks) - done) / 60:.0f} min left)", flush=True)
     table = aggregate(rows, budget.seeds)
     from ConvLoRASegLib.store import load_model
 
