@@ -622,7 +622,7 @@ def plot(table: Sequence[dict], path: Path, title: str) -> Optional[Path]:
     s = summarise(table, "surface_dice")
     sites = sorted({r["site"] for r in table}, key=lambda x: (TARGET_SITES + (x,)).index(x)) + ["mean"]
     methods = [m for m in METHOD_COLUMNS if m in s]
-    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 4.2), dpi=110)
     width = 0.8 / max(len(methods), 1)
     for i, m in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(sites))]
@@ -635,7 +635,7 @@ def plot(table: Sequence[dict], path: Path, title: str) -> Optional[Path]:
     ax.set_ylim(max(0.0, min(finite) - 0.05), 1.0)
     ax.set_ylabel("surface Dice at 1 mm")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=5, loc="lower center")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -643,6 +643,14 @@ def plot(table: Sequence[dict], path: Path, title: str) -> Optional[Path]:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def read_table(path: Path) -> List[dict]:
+    """A ``table1.csv`` back as rows with numbers (for re-plotting)."""
+    with open(path, newline="") as f:
+        return [{**r, "seed": int(r["seed"]), "surface_dice": float(r["surface_dice"]), "dice": float(r["dice"]),
+                 "trainable_params": int(r["trainable_params"]), "adapter_bytes": int(r["adapter_bytes"]),
+                 "adapt_seconds": float(r["adapt_seconds"])} for r in csv.DictReader(f)]
 
 
 def expectations(table: Sequence[dict]) -> List[str]:
@@ -694,6 +702,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-robex", action="store_true")
     ap.add_argument("--max-adapt", type=int, default=20, help="CC359: most adaptation volumes per domain")
     ap.add_argument("--max-eval", type=int, default=12, help="CC359: most evaluation volumes per domain")
+    ap.add_argument("--plot-only", type=Path, default=None, metavar="CSV",
+                    help="only redraw the chart of a table1*.csv (next to it, .png)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="autocast for adaptation and the oracle (auto: bf16 where native)")
@@ -724,6 +734,12 @@ def settings(a: argparse.Namespace) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
+    if a.plot_only is not None:
+        meta_path = a.plot_only.with_suffix(".json")
+        title = json.loads(meta_path.read_text()).get("title", a.plot_only.stem) if meta_path.is_file() \
+            else a.plot_only.stem
+        print(plot(read_table(a.plot_only), a.plot_only.with_suffix(".png"), title))
+        return 0
     cfg = settings(a)
     t_start = time.perf_counter()
     timer = Timer()
@@ -779,7 +795,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            f"min on {os.cpu_count()} CPU cores ({device}), torch threads {torch.get_num_threads()}.\n")
     (a.out / f"{stem}.md").write_text(md)
     plot(table, a.out / f"{stem}.png", title)
-    meta = {"settings": cfg, "severity": a.severity, "budget": asdict(budget), "stage_seconds": timer.stages,
+    meta = {"title": title, "settings": cfg, "severity": a.severity, "budget": asdict(budget),
+            "stage_seconds": timer.stages,
             "total_seconds": round(total, 1), "tasks": [{"site": t.site, "rotation": t.rotation,
                                                          "model": str(t.model_path),
                                                          "adapt": [v.name for v in t.adapt],
