@@ -236,10 +236,11 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         teacher = source if source is not None else m
         teacher.eval()
         outs = []
-        with torch.no_grad():
+        # fp32 teacher, whatever autocast a caller wraps adapt() in (CPU autocast cannot cat float16 tensors)
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
             for xb in batches(train_x, 64):
                 outs.append(torch.sigmoid(teacher(xb)).to(torch.float16).cpu())
-        cached = torch.cat(outs)
+            cached = torch.cat(outs)
         del source
 
     opt = torch.optim.Adam(params, lr=lr) if epochs else None

