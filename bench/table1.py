@@ -60,6 +60,7 @@ if os.environ.get("CONVLORASEG_THREADS"):
     torch.set_num_threads(int(os.environ["CONVLORASEG_THREADS"]))
 
 from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
+import train_default_model as _train_default_model  # noqa: E402  (tools/)
 
 SOURCE_SITE = "ge3"
 TARGET_SITES = ("ge15", "philips15", "philips3", "siemens15", "siemens3")
@@ -80,9 +81,8 @@ ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"]}
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement")
-#: ``convlora-seg train`` arguments of the source models (the same as tools/train_default_model.py).
-TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--epochs", "8", "--esh-epochs", "6", "--val-fraction", "0.25",
-              "--fp16")
+#: ``convlora-seg train`` arguments of the source models: the leave-one-head-out recipe of the model card.
+TRAIN_ARGS = tuple(_train_default_model.TRAIN_ARGS)
 QUICK_TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--epochs", "2", "--esh-epochs", "2",
                     "--val-fraction", "0.25", "--fp16")
 
