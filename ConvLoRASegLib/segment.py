@@ -29,7 +29,7 @@ StopFlag = Optional[Callable[[], bool]]
 #: A slice whose normalised intensities are all below this is empty field of view: predicted as background.
 EMPTY_SLICE_MAX = 0.02
 #: Pixels (of the working grid) kept around the non-empty part of a batch when it is cropped for inference: the
-#: network's output inside the crop then matches the full slice's (measured in bench/speed.py; see docs/speed.md).
+#: network's output inside the crop then matches the full slice's (measured in bench/speed.py; see BENCHMARKS.md, Speed).
 CROP_MARGIN_PX = 16
 #: Crops start and end on multiples of this (the U-Net's three stride-2 levels need multiples of 8).
 CROP_ALIGN_PX = 8

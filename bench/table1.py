@@ -14,7 +14,7 @@ Dice, on the volume's native site grid.
 
 By default (``--adapt-from held-out``) the adaptation volumes are other subjects (4, 5) of the held-out head at the
 target site — unlabeled and never evaluated; ``--adapt-from others`` takes new subjects of the other three heads
-instead (docs/table1.md says why the default is the former).
+instead (BENCHMARKS.md, Table 1, says why the default is the former).
 
 CC359 mode. Source domain GE 3 T; per target domain a seeded subject split (``cohorts.split_cases``): the train
 part adapts (labels only for the oracle), the test part evaluates. The source model is trained on GE 3 T's
