@@ -79,6 +79,24 @@ def prefetched(items: Sequence[T], load: Callable[[T], R]) -> Iterator[Tuple[T, 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def readable(items: Sequence[Path], load: Callable[[Path], Tuple[Any, List[str]]], rep: Reporter,
+             failed: List[Dict[str, str]], raise_single: bool = False) -> Iterator[Tuple[int, Path, Any]]:
+    """:func:`prefetched` for volumes: yields ``(index, path, value)`` for each volume that loads; its intensity
+    warnings go to ``rep``. A volume that fails is warned about and recorded in ``failed`` (or, with
+    ``raise_single`` and a single input, its error is raised)."""
+    for i, (path, loaded, error) in enumerate(prefetched(items, load)):
+        if error is not None:
+            if raise_single and len(items) == 1:
+                raise error
+            rep.warn(f"skipped {path.name}: {error}")
+            failed.append({"input": str(path), "message": str(error)})
+            continue
+        value, warnings = loaded
+        for w in warnings:
+            rep.warn(f"{path.name} {w}")
+        yield i, path, value
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While active, SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C (restored afterwards)."""
@@ -228,16 +246,7 @@ def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
     failed: List[Dict[str, str]] = []
     created_folder = False
     load = lambda p: _load_volume(p, model.grid, args.first_volume)  # noqa: E731
-    for i, (src, loaded, error) in enumerate(prefetched(inputs, load)):
-        if error is not None:
-            if len(inputs) == 1:
-                raise error
-            rep.warn(f"skipped {src.name}: {error}")
-            failed.append({"input": str(src), "message": str(error)})
-            continue
-        image, warnings = loaded
-        for w in warnings:
-            rep.warn(f"{src.name} {w}")
+    for i, src, image in readable(inputs, load, rep, failed, raise_single=True):
         t0 = time.perf_counter()
         chosen, scores = adapter, {}
         if adapter == "auto":
@@ -307,15 +316,8 @@ def _load_target(path: Path, grid):
 def read_target(paths: Sequence[Path], grid, rep: Reporter) -> Tuple[List[Any], List[Path], List[Dict[str, str]]]:
     """Working-grid slices of every readable target volume; unreadable ones are skipped with a warning."""
     stacks, used, skipped = [], [], []
-    for i, (path, loaded, error) in enumerate(prefetched(list(paths), lambda p: _load_target(p, grid))):
+    for i, path, slices in readable(list(paths), lambda p: _load_target(p, grid), rep, skipped):
         rep({"event": "progress", "stage": "read", "step": i + 1, "total": len(paths)})
-        if error is not None:
-            rep.warn(f"skipped {path.name}: {error}")
-            skipped.append({"input": str(path), "message": str(error)})
-            continue
-        slices, warnings = loaded
-        for w in warnings:
-            rep.warn(f"{path.name} {w}")
         stacks.append(slices)
         used.append(path)
     if not stacks:
