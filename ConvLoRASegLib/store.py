@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_output
@@ -80,11 +80,9 @@ def _read(path: PathLike, expected_format: str) -> Tuple[Dict[str, torch.Tensor]
         raise ConvLoRASegError(f"{what} path is a folder, expected a .safetensors file: {path}")
     _refuse_pickle(path, what)
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
             meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ConvLoRASegError(f"{path.name} is not a readable .safetensors file ({str(exc).splitlines()[0]})") from None
     fmt = meta.get("format")

@@ -35,7 +35,6 @@ Working grid
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -44,6 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .atomic import atomic_output
 from .errors import ConvLoRASegError
 from .grid import WorkingGrid
 
@@ -212,40 +212,21 @@ def _suffix(path: Path) -> str:
     raise ConvLoRASegError(f"{path.name}: cannot write this file type; use one of {', '.join(WRITABLE_SUFFIXES)}")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
-    """Write an image atomically (temporary file in the same folder, then rename); returns the path.
+    """Write an image atomically (:func:`~ConvLoRASegLib.atomic.atomic_output`: a temporary file in the same
+    folder, renamed when complete); returns the path.
 
     Raises:
-        ConvLoRASegError: unknown file type, existing file without ``overwrite``, missing or read-only folder.
+        ConvLoRASegError: unknown file type, existing file without ``overwrite``, missing or read-only folder,
+            or a failed write.
     """
     p = Path(path)
-    suffix = _suffix(p)
-    folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise ConvLoRASegError(f"cannot write {p}: the folder {folder} does not exist")
-    if p.is_dir():
-        raise ConvLoRASegError(f"cannot write {p}: it is a folder")
-    if p.exists() and not overwrite:
-        raise ConvLoRASegError(f"{p} exists already; choose another name or allow overwriting")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConvLoRASegError(f"cannot write {p}: the folder {folder} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
+    _suffix(p)  # refuse an unknown file type before anything is written
     try:
-        sitk.WriteImage(image, tmp, True)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, p)
+        with atomic_output(p, overwrite=overwrite) as tmp:
+            sitk.WriteImage(image, str(tmp), True)
     except (RuntimeError, OSError) as e:
         raise ConvLoRASegError(f"cannot write {p}: {str(e).strip().splitlines()[-1]}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return p
 
 
