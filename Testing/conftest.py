@@ -28,3 +28,24 @@ def heads_dir() -> Path:
     if not HEADS.is_dir():
         pytest.skip(f"shared heads not found at {HEADS}")
     return HEADS
+
+
+@pytest.fixture
+def simulated_oom(monkeypatch):
+    """Make every forward pass of more than 2 slices raise a (CUDA-like) out-of-memory error; returns the list of
+    batch sizes tried, in order."""
+    import torch
+
+    from ConvLoRASegLib.model import ConvLoRASegModel
+
+    real_forward = ConvLoRASegModel.forward
+    seen = []
+
+    def forward(self, x):
+        seen.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(ConvLoRASegModel, "forward", forward)
+    return seen

@@ -241,19 +241,8 @@ def test_cuda_without_cuda(capsys, tiny_model, head_files, tmp_path):
     assert code == 0 and out.is_file()
 
 
-def test_out_of_memory_retries_with_smaller_batches(capsys, tiny_model, head_files, tmp_path, monkeypatch):
-    from ConvLoRASegLib.model import ConvLoRASegModel
-
-    real_forward = ConvLoRASegModel.forward
-    seen = []
-
-    def forward(self, x):
-        seen.append(x.shape[0])
-        if x.shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(self, x)
-
-    monkeypatch.setattr(ConvLoRASegModel, "forward", forward)
+def test_out_of_memory_retries_with_smaller_batches(capsys, tiny_model, head_files, tmp_path, simulated_oom):
+    seen = simulated_oom
     out = tmp_path / "m.nii.gz"
     code, _, err = run_cli(capsys, *segment(tiny_model, head_files[0], out))
     assert code == 0, err

@@ -110,18 +110,10 @@ def test_reduced_precision_mask_agrees_with_fp32():
     assert default_batch_size(torch.device("cpu"), 256) * 4 == default_batch_size(torch.device("cpu"), 128)
 
 
-def test_with_esh_and_oom_fallback_keep_working(monkeypatch):
+def test_with_esh_and_oom_fallback_keep_working(request):
     m, slices = _model(), _head_slices()
     final, early = predict_slices(m, slices, "cpu", batch_size=8, precision="fp32", with_esh=True)
-    real_forward, seen = ConvLoRASegModel.forward, []
-
-    def forward(self, x):
-        seen.append(x.shape[0])
-        if x.shape[0] > 2:
-            raise torch.OutOfMemoryError("simulated")
-        return real_forward(self, x)
-
-    monkeypatch.setattr(ConvLoRASegModel, "forward", forward)
+    seen = request.getfixturevalue("simulated_oom")  # from here on, batches of more than 2 slices fail
     small = predict_slices(m, slices, "cpu", batch_size=8, precision="fp32")
     assert seen[0] == 8 and max(seen[seen.index(2):]) == 2
     assert np.abs(small - final).max() < 0.05 and early.shape == final.shape and early.any()
