@@ -17,8 +17,10 @@ Methods (the columns of the paper's Table 1):
 =================  ======================================================================================
 
 Modes: ``paper`` does what the paper's code does (pseudo-labels recomputed at every step and not detached;
-BatchNorm in train mode, momentum 0.1, for ``convlora-adabn``). ``fast`` runs exact AdaBN first, computes the
-pseudo-labels once without gradients and caches them, and back-propagates only through the layers up to the ESH.
+BatchNorm in train mode, momentum 0.1, for ``convlora-adabn``; fp32 throughout). ``fast`` runs exact AdaBN first,
+computes the pseudo-labels once without gradients and caches them (in the same pass that scores the post-AdaBN
+agreement), back-propagates only through the layers up to the ESH, caps the optimiser steps per epoch
+(:data:`FAST_STEPS_PER_EPOCH`) and runs its forward passes in bf16 where the hardware has it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from .segment import EMPTY_SLICE_MAX, agreement, autocast_dtype, predict_slices,
 
 METHODS = ("convlora-adabn", "adabn", "udas", "udas-convlora", "self-training")
 MODES = ("paper", "fast")
+#: Fast mode's default cap on optimiser steps per epoch (256 slices per epoch at batch 32; a new random subset each
+#: epoch). Measured on a 10-volume cohort (BENCHMARKS.md, Speed): within 0.01 surface Dice of paper mode.
+FAST_STEPS_PER_EPOCH = 8
 Progress = Optional[Callable[[dict], None]]
 StopFlag = Optional[Callable[[], bool]]
 
@@ -151,7 +156,7 @@ def _set_modes(model: ConvLoRASegModel, method: str, mode: str) -> None:
 def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
           mode: str = "fast", epochs: int = 5, lr: float = 1e-4, batch_size: int = 32, rank: int = 2,
           alpha: float = 2.0, placement: str = "init_path", seed: int = 0, device="auto",
-          selection_volumes: int = 4, steps_per_epoch: Optional[int] = None, precision: str = "fp32",
+          selection_volumes: int = 4, steps_per_epoch: Optional[int] = None, precision: Optional[str] = None,
           progress: Progress = None, should_stop: StopFlag = None) -> AdaptResult:
     """Adapt a copy of ``model`` to the target volumes (each an N x H x W stack of working-grid slices).
 
@@ -163,9 +168,11 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         rank, alpha, placement: ConvLoRA settings (the paper: 2, 2, ``init_path``).
         seed: fixes initialisation and batch order: the same seed gives the same adapter.
         selection_volumes: how many target volumes score the label-free agreement after each epoch.
-        steps_per_epoch: cap on optimiser steps per epoch (a random subset of slices each epoch); None = all.
-        precision: ``fp32`` (default) or ``auto``/``bf16``/``fp16``: autocast for the training forward passes
-            (fp32 master weights and loss).
+        steps_per_epoch: cap on optimiser steps per epoch (a random subset of slices each epoch); 0 = all.
+            None = the mode's default: all in paper mode, :data:`FAST_STEPS_PER_EPOCH` in fast mode.
+        precision: ``fp32``, or ``auto``/``bf16``/``fp16``: autocast for the training forward passes (fp32 master
+            weights and loss) and, in fast mode, for the pseudo-label and agreement passes. None = the mode's
+            default: ``fp32`` in paper mode, ``auto`` (bf16 where the CPU/GPU has it natively) in fast mode.
         progress: called with dicts ``{"event": "progress", "stage": ..., "step": ..., "total": ..., ...}``.
         should_stop: polled between steps; when True, :class:`~ConvLoRASegLib.errors.Cancelled` is raised.
     """
@@ -197,51 +204,75 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         raise ConvLoRASegError("every target slice is empty (no signal above background)")
     select = volumes[:max(1, selection_volumes)]
     spacing = m.grid.spacing_mm
+    fast = mode == "fast"
+    if precision is None:
+        precision = "auto" if fast else "fp32"
+    if steps_per_epoch is None:
+        steps_per_epoch = FAST_STEPS_PER_EPOCH if fast else 0
+    # fast mode: the no-gradient passes (agreement, pseudo-labels) run like segmentation, in the training precision
+    infer_precision = precision if fast else "fp32"
 
     def batches(x: torch.Tensor, bs: int):
         for i in range(0, len(x), bs):
             _check_stop(should_stop)
             yield x[i:i + bs].to(dev)
 
-    def score(epoch: int) -> float:
-        vals = []
-        for v in select:
-            _check_stop(should_stop)
-            final, early = predict_slices(m, v, dev, precision="fp32", with_esh=True)
-            vals.append(agreement(final, early, spacing))
+    def infer(net: ConvLoRASegModel, v: np.ndarray, with_esh: bool):
+        _check_stop(should_stop)
+        return predict_slices(net, v, dev, precision=infer_precision, with_esh=with_esh)
+
+    def report(epoch: int, vals: List[float]) -> float:
         a = float(np.mean(vals))
         emit({"event": "progress", "stage": "select", "step": epoch, "total": epochs, "epoch": epoch,
               "agreement": a})
         return a
 
+    def score(epoch: int) -> float:
+        return report(epoch, [agreement(*infer(m, v, True), spacing) for v in select])
+
     uses_adabn = method in ("adabn", "convlora-adabn")
-    ran_adabn = uses_adabn and (mode == "fast" or method == "adabn")
+    ran_adabn = uses_adabn and (fast or method == "adabn")
     agreement_source = score(0)  # the source model, before anything is adapted
     if ran_adabn:
         emit({"event": "progress", "stage": "adabn", "step": 0, "total": len(train_x)})
         adabn(m, batches(train_x, 64), modules=m.unet, forward=m.unet)
         emit({"event": "progress", "stage": "adabn", "step": len(train_x), "total": len(train_x)})
-
-    bn_stats = uses_adabn
-    scores = [score(0) if ran_adabn else agreement_source]
-    best_state = _changed_state(m, trainable, bn_stats)
-    best_epoch = 0
-    losses: List[float] = []
     if method == "adabn":
         epochs = 0
 
     # pseudo-labels computed once (fast mode, and always for self-training, whose teacher is frozen)
     cached: Optional[torch.Tensor] = None
-    if epochs and (mode == "fast" or method == "self-training"):
+    first_score: Optional[float] = None if ran_adabn else agreement_source
+    if epochs and fast:
+        # one segmentation-style pass over every target volume gives the pseudo-labels and, for the selection
+        # volumes, the post-AdaBN agreement (the teacher is the model being adapted, before its first step)
         teacher = source if source is not None else m
-        teacher.eval()
+        outs, vals = [], []
+        for i, v in enumerate(volumes):
+            with_esh = first_score is None and teacher is m and i < len(select)
+            got = infer(teacher, v, with_esh)
+            probs = got[0] if with_esh else got
+            if with_esh:
+                vals.append(agreement(probs, got[1], spacing))
+            outs.append(probs[v.reshape(len(v), -1).max(1) >= EMPTY_SLICE_MAX].astype(np.float16))
+        cached = torch.from_numpy(np.concatenate(outs)[:, None])  # numpy: no autocast a caller may have around
+        if vals:
+            first_score = report(0, vals)
+    elif epochs and method == "self-training":
+        source.eval()
         outs = []
         # fp32 teacher, whatever autocast a caller wraps adapt() in (CPU autocast cannot cat float16 tensors)
         with torch.no_grad(), torch.autocast(dev.type, enabled=False):
             for xb in batches(train_x, 64):
-                outs.append(torch.sigmoid(teacher(xb)).to(torch.float16).cpu())
+                outs.append(torch.sigmoid(source(xb)).to(torch.float16).cpu())
             cached = torch.cat(outs)
-        del source
+    del source
+
+    bn_stats = uses_adabn
+    scores = [score(0) if first_score is None else first_score]
+    best_state = _changed_state(m, trainable, bn_stats)
+    best_epoch = 0
+    losses: List[float] = []
 
     opt = torch.optim.Adam(params, lr=lr) if epochs else None
     full_steps = (len(train_x) + batch_size - 1) // batch_size

@@ -154,3 +154,31 @@ def test_adapt_inside_an_outer_autocast(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
     assert r.state["init_path.0.lora_A"].dtype == torch.float32
+
+
+def test_mode_defaults_for_steps_and_precision(model):
+    """Fast mode caps the steps per epoch and uses the hardware's bf16; paper mode runs every step in fp32."""
+    from ConvLoRASegLib.segment import autocast_dtype
+    from ConvLoRASegLib.selftrain import FAST_STEPS_PER_EPOCH
+
+    vols = _volumes(n=4, slices=40)  # 160 slices = 40 steps of 4
+    fast = adapt(model, vols, mode="fast", epochs=1, batch_size=4, device="cpu")
+    paper = adapt(model, vols, mode="paper", epochs=1, batch_size=4, device="cpu")
+    every = adapt(model, vols, mode="fast", epochs=1, batch_size=4, device="cpu", steps_per_epoch=0,
+                  precision="fp32")
+    auto = autocast_dtype(torch.device("cpu"), "auto")
+    assert fast.details["steps_per_epoch"] == FAST_STEPS_PER_EPOCH < 40
+    assert fast.details["precision"] == (str(auto).replace("torch.", "") if auto else "fp32")
+    assert paper.details == {**paper.details, "steps_per_epoch": 40, "precision": "fp32"}
+    assert every.details["steps_per_epoch"] == 40 and every.details["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_fast_mode_scores_the_adabn_model_in_its_pseudo_label_pass(model, precision):
+    """The post-AdaBN agreement taken from the pseudo-label pass equals a separate scoring of the AdaBN model."""
+    merged = adapt(model, _volumes(n=3), mode="fast", epochs=1, batch_size=8, device="cpu", precision=precision,
+                   selection_volumes=2)
+    alone = adapt(model, _volumes(n=3), mode="fast", epochs=0, batch_size=8, device="cpu", precision=precision,
+                  selection_volumes=2)
+    assert merged.agreement[0] == alone.agreement[0]
+    assert merged.details["agreement_source"] == alone.details["agreement_source"]
