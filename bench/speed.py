@@ -662,14 +662,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not s.robex and not a.only:
         names.remove("robex")
     results: Dict[str, Any] = {}
+    previous = a.out / "speed.json"
+    if a.only and previous.is_file():  # --only reruns some paths: keep the other paths' results of the same size
+        old = json.loads(previous.read_text())
+        if old.get("settings", {}).get("name") == s.name and old.get("device") == a.device:
+            results = {k: v for k, v in old.get("results", {}).items() if k not in names}
     for name in names:
         wcfg = dict(cfg)
         if name.startswith("adapt_"):
             wcfg.update(mode=name.split("_")[1], epochs=s.adapt_epochs,
                         steps_per_epoch=s.paper_steps_per_epoch if name == "adapt_paper" else None)
-        t = time.perf_counter()
+        t, load = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
         results[name] = run_worker(name, wcfg, s.in_process)
         results[name]["wall_seconds"] = round(time.perf_counter() - t, 1)
+        results[name]["measured"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                     "load_average_before": load}
         print(f"[speed] {name}: {json.dumps({k: v for k, v in results[name].items() if not isinstance(v, (list, dict))})}",
               flush=True)
     res = {"machine": machine(), "settings": dataclasses.asdict(s), "device": a.device, "weights": weights,

@@ -77,7 +77,8 @@ SEEDLESS = ("source", "adabn", "robex")
 #: Methods whose result does not depend on the adaptation volumes or the budget.
 NO_ADAPTATION = ("source", "robex")
 #: Bumped when a method's code changes its results, so that cached rows of the old code are recomputed.
-ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"]}
+ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn": ["fast-infer-precision"],
+                                      "convlora-adabn-fast": ["fast-infer-precision"]}
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement")
@@ -101,7 +102,8 @@ class Budget:
     oracle_lr: float = 1e-4
     selection_volumes: int = 1
     #: autocast of the training forward passes (adapt()'s ``precision``; the oracle the same): ``auto`` = bf16
-    #: where the CPU/GPU has it natively, ``fp32`` = none. AdaBN, pseudo-labels and selection run in fp32.
+    #: where the CPU/GPU has it natively, ``fp32`` = none. AdaBN runs in fp32; pseudo-labels and selection run in
+    #: fp32 in paper mode and in this precision in fast mode (as adapt() does).
     precision: str = "auto"
     seeds: Tuple[int, ...] = (0, 1, 2)
 
