@@ -175,14 +175,12 @@ def resolve_adapter(spec: Optional[str], model, adapters_dir: Optional[str]):
     if spec.lower() == "auto":
         return "auto"
     path = Path(spec).expanduser()
-    if path.is_file():
-        info = activate_adapter(model, path)  # refuses an adapter of another base model, or a corrupt file
-        activate_adapter(model, None)
-        return info
-    if path.suffix == ".safetensors" or os.sep in spec or "/" in spec:
-        raise ConvLoRASegError(f"adapter file not found: {path}")
-    info = AdapterStore(adapters_dir).find(model.sha256, spec)
-    activate_adapter(model, info)
+    if not path.is_file():
+        if path.suffix == ".safetensors" or os.sep in spec or "/" in spec:
+            raise ConvLoRASegError(f"adapter file not found: {path}")
+        path = AdapterStore(adapters_dir).find(model.sha256, spec).path
+    # read and checked once here (another base model, a corrupt file); segmenting later reuses what was read
+    info = activate_adapter(model, path)
     activate_adapter(model, None)
     return info
 
@@ -227,7 +225,7 @@ def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
     from .cohorts import find_volumes
     from .segment import choose_adapter, resolve_device, segment_image
     from .store import load_model
-    from .volumes import check_memory, image_info, write_image
+    from .volumes import check_memory, image_info, to_slices, write_image
 
     inputs = find_volumes(args.inputs)
     device = resolve_device(args.device)
@@ -248,9 +246,12 @@ def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
     load = lambda p: _load_volume(p, model.grid, args.first_volume)  # noqa: E731
     for i, src, image in readable(inputs, load, rep, failed, raise_single=True):
         t0 = time.perf_counter()
-        chosen, scores = adapter, {}
+        chosen, scores, working = adapter, {}, None
         if adapter == "auto":
-            chosen, scores = choose_adapter(model, image, candidates, device) if candidates else (None, {})
+            chosen = None
+            if candidates:  # the scan goes onto the working grid once, for the choice and the segmentation
+                working = to_slices(image, model.grid)
+                chosen, scores = choose_adapter(model, image, candidates, device, working=working)
             if candidates:
                 name = chosen.name if chosen is not None else "source model (no adapter)"
                 score = scores["source" if chosen is None else chosen.name]
@@ -261,7 +262,7 @@ def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
             rep({**event, "volume": _i + 1, "volumes": len(inputs)})
 
         result = segment_image(model, image, adapter=chosen, device=device, postprocess=not args.no_postprocess,
-                               probabilities=args.probabilities, progress=progress)
+                               probabilities=args.probabilities, progress=progress, working=working)
         if as_folder and not created_folder:
             out.mkdir(parents=True, exist_ok=True)
             created_folder = True
@@ -348,8 +349,9 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     stacks, used, skipped = read_target(paths, model.grid, rep)
 
     kwargs: Dict[str, Any] = {k: getattr(args, k) for k in ("method", "mode", "rank", "placement", "seed")}
-    if args.epochs is not None:
-        kwargs["epochs"] = args.epochs
+    for k in ("epochs", "steps_per_epoch", "precision"):
+        if getattr(args, k) is not None:
+            kwargs[k] = getattr(args, k)
     result = adapt(model, stacks, device=device, progress=rep, **kwargs)
     rep({"event": "progress", "stage": "save", "step": 0, "total": 1})
     details = {**result.summary(),
@@ -713,6 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="convlora-adabn", choices=METHODS)
     p.add_argument("--mode", default="fast", choices=MODES, help="fast (default) or the paper's exact recipe")
     p.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: the library's)")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N",
+                   help="optimiser steps per epoch, 0 = every slice (default: 8 in fast mode, all in paper mode)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast of the forward passes (default: auto = bf16 where native in fast mode, fp32 in "
+                        "paper mode)")
     p.add_argument("--rank", type=int, default=2, metavar="R", help="ConvLoRA rank (default 2)")
     p.add_argument("--placement", default="init_path", metavar="P", help="where ConvLoRA goes (default init_path)")
     p.add_argument("--seed", type=int, default=0, metavar="S")

@@ -261,6 +261,7 @@ class AdapterSet:
         self.net = _net(model)
         self.alpha_over_r = alpha_over_r
         self._adapters: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._scales: Dict[str, float] = {}
         self._source: Dict[str, torch.Tensor] = {}
         self.active: Optional[str] = None
 
@@ -268,13 +269,16 @@ class AdapterSet:
     def names(self) -> List[str]:
         return list(self._adapters)
 
-    def add(self, name: str, state: Dict[str, torch.Tensor]) -> None:
+    def add(self, name: str, state: Dict[str, torch.Tensor], alpha_over_r: Optional[float] = None) -> None:
+        """Register an adapter; ``alpha_over_r`` is its LoRA scale (default: the set's ``alpha_over_r``)."""
         self._adapters[name] = {k: v.detach().clone() for k, v in state.items()}
+        self._scales[name] = self.alpha_over_r if alpha_over_r is None else float(alpha_over_r)
 
     def remove(self, name: str) -> None:
         if self.active == name:
             self.disable()
         del self._adapters[name]
+        del self._scales[name]
 
     @torch.no_grad()
     def set_adapter(self, name: Optional[str]) -> None:
@@ -288,7 +292,7 @@ class AdapterSet:
         for path in sorted({k[: -len(".lora_A")] for k in state if k.endswith(".lora_A")}):
             layer = self.net.get_submodule(path)
             layer.set_lora(state[path + ".lora_A"], state[path + ".lora_B"])
-            layer.alpha = layer.r * self.alpha_over_r
+            layer.alpha = layer.r * self._scales[name]
         for key, value in state.items():
             if key.endswith((".lora_A", ".lora_B")):
                 continue

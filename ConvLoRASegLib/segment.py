@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,15 +22,20 @@ from .errors import ConvLoRASegError
 from .model import ConvLoRASegModel
 from .store import AdapterInfo, load_adapter
 
+if TYPE_CHECKING:
+    from .volumes import VolumeSlices
+
 AdapterLike = Union[None, str, Path, AdapterInfo]
 Progress = Optional[Callable[[dict], None]]
 StopFlag = Optional[Callable[[], bool]]
 
 #: A slice whose normalised intensities are all below this is empty field of view: predicted as background.
 EMPTY_SLICE_MAX = 0.02
-#: Pixels (of the working grid) kept around the non-empty part of a batch when it is cropped for inference: the
-#: network's output inside the crop then matches the full slice's (measured in bench/speed.py; see BENCHMARKS.md, Speed).
-CROP_MARGIN_PX = 16
+#: Pixels (of the working grid) kept around the non-empty part of a batch when it is cropped for inference: outside
+#: it the image is below EMPTY_SLICE_MAX, close to the network's zero padding. Measured on colin27, 1 mm / 256 px
+#: (BENCHMARKS.md, Speed): the mask's surface Dice vs the uncropped fp32 mask is 0.9999 at 16 and at 8 px, 0.9995 at
+#: 4 px and 0.992 at 0 px; 8 px runs the volume about 20 % faster than 16 px.
+CROP_MARGIN_PX = 8
 #: Crops start and end on multiples of this (the U-Net's three stride-2 levels need multiples of 8).
 CROP_ALIGN_PX = 8
 
@@ -121,19 +126,29 @@ def adapter_set(model: ConvLoRASegModel) -> AdapterSet:
 
 
 def activate_adapter(model: ConvLoRASegModel, adapter: AdapterLike) -> Optional[AdapterInfo]:
-    """Make ``adapter`` (a file, an :class:`AdapterInfo`, or None for the source model) the active one."""
+    """Make ``adapter`` (a file, an :class:`AdapterInfo`, or None for the source model) the active one.
+
+    A file is read (and checked against the model) once; it is read again only when it changes on disk."""
     aset = adapter_set(model)
     if adapter is None:
         aset.set_adapter(None)
         return None
-    path = adapter.path if isinstance(adapter, AdapterInfo) else Path(adapter)
-    key = str(Path(path).resolve())
-    info, tensors = load_adapter(model, path)
+    path = Path(adapter.path if isinstance(adapter, AdapterInfo) else adapter).expanduser()
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        raise ConvLoRASegError(f"adapter file not found: {path}") from None
+    key = f"{path.resolve()}@{st.st_mtime_ns}:{st.st_size}"
+    infos: Dict[str, AdapterInfo] = model.__dict__.setdefault("_adapter_infos", {})
     if key not in aset.names:
-        aset.alpha_over_r = info.details.get("alpha", info.rank) / max(info.rank, 1)
-        aset.add(key, tensors)
+        info, tensors = load_adapter(model, path)
+        for stale in [k for k in aset.names if k.rpartition("@")[0] == str(path.resolve())]:
+            aset.remove(stale)  # the file was replaced: drop its old tensors
+            infos.pop(stale, None)
+        aset.add(key, tensors, alpha_over_r=info.details.get("alpha", info.rank) / max(info.rank, 1))
+        infos[key] = info
     aset.set_adapter(key)
-    return info
+    return infos[key]
 
 
 @torch.no_grad()
@@ -309,13 +324,15 @@ def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
 def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike = None,
                   device: Union[str, torch.device] = "auto", postprocess: bool = True, probabilities: bool = False,
                   batch_size: Optional[int] = None, precision: str = "auto",
-                  progress: Progress = None, should_stop: StopFlag = None) -> sitk.Image:
+                  progress: Progress = None, should_stop: StopFlag = None,
+                  working: Optional[VolumeSlices] = None) -> sitk.Image:
     """Brain mask (uint8 {0, 1}) of ``image`` on exactly its grid; or the float32 probabilities with
-    ``probabilities=True``. ``adapter``: an adapter file / :class:`AdapterInfo` for the scan's site, or None."""
+    ``probabilities=True``. ``adapter``: an adapter file / :class:`AdapterInfo` for the scan's site, or None.
+    ``working``: ``to_slices(image, model.grid)`` if the caller already has it (e.g. from :func:`choose_adapter`)."""
     from .volumes import to_mask, to_native, to_slices
 
     activate_adapter(model, adapter)
-    vs = to_slices(image, model.grid)
+    vs = working if working is not None else to_slices(image, model.grid)
     probs = predict_slices(model, vs.slices, device, batch_size, precision, progress=progress,
                            should_stop=should_stop)
     prob_img = to_native(probs, vs)
@@ -325,16 +342,16 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
 
 
 def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
-                   device: Union[str, torch.device] = "auto",
+                   device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
                    ) -> Tuple[Optional[AdapterInfo], Dict[str, float]]:
     """Pick, label-free, the adapter whose ESH agrees best with its final prediction on this scan.
 
     Returns the winner (None if the source model scores best) and every score, keyed by adapter name
-    (``"source"`` for no adapter).
+    (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
     """
     from .volumes import to_slices
 
-    vs = to_slices(image, model.grid)
+    vs = working if working is not None else to_slices(image, model.grid)
     scores: Dict[str, float] = {}
     best: Tuple[float, Optional[AdapterInfo]] = (-1.0, None)
     for candidate in [None, *adapters]:

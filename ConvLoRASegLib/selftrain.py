@@ -93,6 +93,7 @@ def source_copy(model: ConvLoRASegModel) -> ConvLoRASegModel:
     if aset is not None:
         aset.disable()
         del m._adapter_set
+    m.__dict__.pop("_adapter_infos", None)
     remove_convlora(m)
     m.sha256 = model.sha256
     return m
@@ -182,6 +183,11 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         raise ConvLoRASegError(f"unknown mode {mode!r}; choose paper or fast")
     if placement not in PLACEMENTS:
         raise ConvLoRASegError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    if epochs < 0 or (steps_per_epoch is not None and steps_per_epoch < 0) or batch_size < 1:
+        raise ConvLoRASegError(f"epochs and steps per epoch must be >= 0 and the batch size >= 1 "
+                               f"(got {epochs}, {steps_per_epoch}, {batch_size})")
+    if precision not in (None, "auto", "fp32", "bf16", "fp16"):
+        raise ConvLoRASegError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
     volumes = [np.asarray(v, np.float32) for v in target if v is not None and len(v)]
     if not volumes:
         raise ConvLoRASegError("the target cohort has no readable volumes")

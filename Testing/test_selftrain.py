@@ -126,6 +126,10 @@ def test_cancel_and_bad_arguments(model):
         adapt(model, _volumes(), epochs=2, batch_size=4, device="cpu", should_stop=stop)
     with pytest.raises(ConvLoRASegError, match="unknown method"):
         adapt(model, _volumes(), method="magic")
+    with pytest.raises(ConvLoRASegError, match="must be >= 0"):
+        adapt(model, _volumes(), steps_per_epoch=-1)
+    with pytest.raises(ConvLoRASegError, match="unknown precision"):
+        adapt(model, _volumes(), precision="fp8")
     with pytest.raises(ConvLoRASegError, match="no readable volumes"):
         adapt(model, [])
     with pytest.raises(ConvLoRASegError, match="empty"):

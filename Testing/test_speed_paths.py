@@ -112,11 +112,12 @@ def test_reduced_precision_mask_agrees_with_fp32():
 
 def test_with_esh_and_oom_fallback_keep_working(request):
     m, slices = _model(), _head_slices()
-    final, early = predict_slices(m, slices, "cpu", batch_size=8, precision="fp32", with_esh=True)
+    # uncropped: with untrained weights the crop (the union over a batch) changes the output, which is not tested here
+    final, early = predict_slices(m, slices, "cpu", batch_size=8, precision="fp32", with_esh=True, crop=False)
     seen = request.getfixturevalue("simulated_oom")  # from here on, batches of more than 2 slices fail
-    small = predict_slices(m, slices, "cpu", batch_size=8, precision="fp32")
+    small = predict_slices(m, slices, "cpu", batch_size=8, precision="fp32", crop=False)
     assert seen[0] == 8 and max(seen[seen.index(2):]) == 2
-    assert np.abs(small - final).max() < 0.05 and early.shape == final.shape and early.any()
+    assert np.abs(small - final).max() < 1e-4 and early.shape == final.shape and early.any()
 
 
 def test_benchmark_smoke_mode_runs(tmp_path):

@@ -134,3 +134,40 @@ def test_no_pickle_anywhere_in_the_library():
         assert "import pickle" not in text and "pickle.load" not in text, py
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{py}: {call}"
+
+
+def test_activate_adapter_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
+    import os
+
+    from ConvLoRASegLib import segment
+
+    m = _model()
+    store.save_model(m, tmp_path / "m.safetensors")
+    path = tmp_path / "a.safetensors"
+    store.save_adapter(m, _adapter(m), path, name="site", method="convlora-adabn", mode="fast", rank=2, alpha=2,
+                       placement="init_path")
+    reads = []
+    real = segment.load_adapter
+    monkeypatch.setattr(segment, "load_adapter", lambda *a: reads.append(a) or real(*a))
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        first = segment.activate_adapter(m, path)
+        out_a = m(x)
+        segment.activate_adapter(m, None)
+        again = segment.activate_adapter(m, path)
+        assert len(reads) == 1 and again.name == first.name == "site"
+        assert torch.equal(m(x), out_a)
+        # the file is replaced by another adapter: read again, the old tensors dropped
+        os.replace(tmp_path / "a.safetensors", tmp_path / "old.safetensors")
+        store.save_adapter(m, _adapter(_model(seed=3)), path, name="site2", method="convlora-adabn", mode="fast",
+                           rank=2, alpha=4, placement="init_path")
+        new = segment.activate_adapter(m, path)
+        out_new = m(x)
+        assert len(reads) == 2 and new.name == "site2" and not torch.equal(out_new, out_a)
+        assert len(segment.adapter_set(m).names) == 1
+        segment.activate_adapter(m, tmp_path / "old.safetensors")  # the first adapter, under its new name
+        assert torch.equal(m(x), out_a)
+        segment.activate_adapter(m, path)  # each adapter keeps its own alpha / r (2 for site2, 1 for the other)
+        assert torch.equal(m(x), out_new) and len(reads) == 3
+    with pytest.raises(ConvLoRASegError, match="not found"):
+        segment.activate_adapter(m, tmp_path / "missing.safetensors")

@@ -446,9 +446,12 @@ class RowCache:
 def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, volume: str,
             adapt_names: Sequence[str]) -> str:
     """The row cache's key: everything that changes one volume's result."""
+    from ConvLoRASegLib.segment import CROP_MARGIN_PX
+
     fixed = method in NO_ADAPTATION
+    inference = [] if method == "robex" else [f"crop-margin-{CROP_MARGIN_PX}"]  # our masks depend on the crop
     blob = json.dumps([model_sha, "" if fixed else budget.key(), task.site, task.rotation, method, seed, volume,
-                       [] if fixed else sorted(adapt_names)] + ROW_VERSIONS.get(method, [])
+                       [] if fixed else sorted(adapt_names)] + ROW_VERSIONS.get(method, []) + inference
                       + ([budget.oracle_lr] if method == "oracle" else []))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
