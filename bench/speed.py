@@ -550,8 +550,12 @@ def markdown(res: Dict[str, Any]) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"bf16 on CPU: {m['cpu_bf16']}{', GPU: ' + m['gpu'] if 'gpu' in m else ''}; "
              f"load average at start {tuple(round(v, 1) for v in m['load_avg'])}. Date {m['date']}.",
-             f"Command: `{res['command']}` (device {res['device']}). Weights: {res['weights']}.", "",
-             "| path | seconds | vs paper path | peak RSS MB | surface Dice vs truth | vs fp32 mask |",
+             f"Command: `{res['command']}` (device {res['device']}). Weights: {res['weights']}.", ""]
+    stamps = {k: v["measured"] for k, v in r.items() if isinstance(v, dict) and "measured" in v}
+    if stamps:  # paths rerun with --only keep their own
+        lines += ["Each path's start time (UTC) and 1-minute load average before it: " + "; ".join(
+            f"{k} {v['date'][11:16]} ({v['load_average_before'][0]:.1f})" for k, v in stamps.items()) + ".", ""]
+    lines += ["| path | seconds | vs paper path | peak RSS MB | surface Dice vs truth | vs fp32 mask |",
              "|---|---:|---:|---:|---:|---:|"]
 
     def row(label: str, d: Dict[str, Any], secs: Optional[float] = None, ratio: bool = True) -> None:
@@ -643,7 +647,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.smoke and not a.model:
         model_path, weights = None, "untrained (seeded, smoke): accuracy rows are meaningless"
     work = a.work / s.name
-    t0 = time.perf_counter()
+    t0, at_start = time.perf_counter(), machine()  # date and load average before anything runs
     print(f"[speed] preparing inputs in {work} ...", flush=True)
     inputs = prepare_inputs(s, work)
     cohort = prepare_cohort(s, work) if not a.only or {"adapt_paper", "adapt_fast"} & set(a.only) else {}
@@ -679,7 +683,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      "load_average_before": load}
         print(f"[speed] {name}: {json.dumps({k: v for k, v in results[name].items() if not isinstance(v, (list, dict))})}",
               flush=True)
-    res = {"machine": machine(), "settings": dataclasses.asdict(s), "device": a.device, "weights": weights,
+    res = {"machine": at_start, "settings": dataclasses.asdict(s), "device": a.device, "weights": weights,
            "command": "python bench/speed.py" + (" --smoke" if a.smoke else " --quick" if a.quick else ""),
            "total_seconds": round(time.perf_counter() - t0, 1), "results": results}
     text = markdown(res)
