@@ -153,10 +153,27 @@ def test_segment_several_into_a_folder_with_json(capsys, tiny_model, head_files,
     assert prob.GetPixelID() == sitk.sitkFloat32
 
 
-def test_segment_with_adapter_file_name_and_auto(capsys, tiny_model, tiny_adapter, head_files, tmp_path):
+def test_segment_with_adapter_file_name_and_auto(capsys, tiny_model, tiny_adapter, head_files, tmp_path,
+                                                 monkeypatch):
+    from ConvLoRASegLib import segment, volumes
+
+    calls = {"read": 0, "to_slices": 0}
+    real_load, real_slices = segment.load_adapter, volumes.to_slices
+
+    def counting_load(*a):
+        calls["read"] += 1
+        return real_load(*a)
+
+    def counting_slices(*a, **k):
+        calls["to_slices"] += 1
+        return real_slices(*a, **k)
+
+    monkeypatch.setattr(segment, "load_adapter", counting_load)
+    monkeypatch.setattr(volumes, "to_slices", counting_slices)
     code, _, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "a.nii.gz", "--model", tiny_model,
                            "--adapter", tiny_adapter)
     assert code == 0, err
+    assert calls == {"read": 1, "to_slices": 1}  # the adapter file is read once (checked, then used)
     code, _, err = run_cli(capsys, "adapters", "import", tiny_adapter, "--name", "scannerX")
     assert code == 0, err
     code, _, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "b.nii.gz", "--model", tiny_model,
@@ -165,6 +182,7 @@ def test_segment_with_adapter_file_name_and_auto(capsys, tiny_model, tiny_adapte
     code, stdout, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "c.nii.gz", "--model",
                                 tiny_model, "--adapter", "auto", "--adapters", tiny_adapter.parent, "--json")
     assert code == 0, err
+    assert calls["to_slices"] == 3  # auto: one working grid for the choice and the segmentation
     done = json_lines(stdout)[-1]
     scores = done["outputs"][0]["agreement"]
     assert set(scores) == {"source", "siteA"} and all(0.0 <= v <= 1.0 for v in scores.values())
