@@ -2,7 +2,7 @@
 
 The library reports progress through one callback taking a dict (see ``DESIGN.md``)::
 
-    {"event": "progress", "stage": "adabn|train|select|save|segment|...", "step": i, "total": n,
+    {"event": "progress", "stage": "adabn|pseudo-labels|train|select|save|segment|...", "step": i, "total": n,
      "epoch": e, "loss": x, "agreement": a}
 
 A :class:`Reporter` is that callback. With ``--json`` every event becomes one JSON object per line on stdout,

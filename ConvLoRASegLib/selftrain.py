@@ -255,6 +255,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         teacher = source if source is not None else m
         outs, vals = [], []
         for i, v in enumerate(volumes):
+            emit({"event": "progress", "stage": "pseudo-labels", "step": i, "total": len(volumes)})
             with_esh = first_score is None and teacher is m and i < len(select)
             got = infer(teacher, v, with_esh)
             probs = got[0] if with_esh else got
@@ -262,6 +263,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
                 vals.append(agreement(probs, got[1], spacing))
             outs.append(probs[v.reshape(len(v), -1).max(1) >= EMPTY_SLICE_MAX].astype(np.float16))
         cached = torch.from_numpy(np.concatenate(outs)[:, None])  # numpy: no autocast a caller may have around
+        emit({"event": "progress", "stage": "pseudo-labels", "step": len(volumes), "total": len(volumes)})
         if vals:
             first_score = report(0, vals)
     elif epochs and method == "self-training":

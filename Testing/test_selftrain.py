@@ -64,6 +64,7 @@ def test_methods_run_and_train_what_they_should(model, method, mode):
         assert r.trainable_params == sum(p.numel() for p in model.unet.parameters())
     stages = {e["stage"] for e in events}
     assert "select" in stages and (method == "adabn" or "train" in stages)
+    assert ("pseudo-labels" in stages) == (mode == "fast" and method != "adabn")
     for e in events:
         assert e["event"] == "progress" and {"stage", "step", "total"} <= set(e)
 
