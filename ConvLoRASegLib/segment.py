@@ -9,6 +9,7 @@ hardware has it, empty slices skipped, ConvLoRA merged into the kernels) -> :fun
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -134,15 +135,16 @@ def activate_adapter(model: ConvLoRASegModel, adapter: AdapterLike) -> Optional[
         aset.set_adapter(None)
         return None
     path = Path(adapter.path if isinstance(adapter, AdapterInfo) else adapter).expanduser()
+    real = str(path.resolve())
     try:
-        st = path.resolve().stat()
+        st = os.stat(real)
     except OSError:
         raise ConvLoRASegError(f"adapter file not found: {path}") from None
-    key = f"{path.resolve()}@{st.st_mtime_ns}:{st.st_size}"
+    key = f"{real}@{st.st_mtime_ns}:{st.st_size}"
     infos: Dict[str, AdapterInfo] = model.__dict__.setdefault("_adapter_infos", {})
     if key not in aset.names:
         info, tensors = load_adapter(model, path)
-        for stale in [k for k in aset.names if k.rpartition("@")[0] == str(path.resolve())]:
+        for stale in [k for k in aset.names if k.rpartition("@")[0] == real]:
             aset.remove(stale)  # the file was replaced: drop its old tensors
             infos.pop(stale, None)
         aset.add(key, tensors, alpha_over_r=info.details.get("alpha", info.rank) / max(info.rank, 1))

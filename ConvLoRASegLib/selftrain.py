@@ -261,8 +261,9 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             probs = got[0] if with_esh else got
             if with_esh:
                 vals.append(agreement(probs, got[1], spacing))
-            outs.append(probs[v.reshape(len(v), -1).max(1) >= EMPTY_SLICE_MAX].astype(np.float16))
-        cached = torch.from_numpy(np.concatenate(outs)[:, None])  # numpy: no autocast a caller may have around
+            outs.append(probs.astype(np.float16))
+        # the slices of train_x (``keep``), in numpy: no autocast a caller may have around
+        cached = torch.from_numpy(np.concatenate(outs)[keep][:, None])
         emit({"event": "progress", "stage": "pseudo-labels", "step": len(volumes), "total": len(volumes)})
         if vals:
             first_score = report(0, vals)
@@ -326,7 +327,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         rank=rank, alpha=alpha, epochs=epochs, best_epoch=best_epoch, agreement=scores, losses=losses,
         trainable_params=n_trainable, seconds=time.perf_counter() - t0, n_volumes=len(volumes),
         n_slices=int(len(train_x)), seed=seed,
-        details={"agreement_source": agreement_source, "steps_per_epoch": steps_per_epoch, "precision": str(amp or "fp32").replace("torch.", "")})
+        details={"agreement_source": agreement_source, "steps_per_epoch": steps_per_epoch,
+                 "precision": str(amp or "fp32").replace("torch.", "")})
     emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": best_epoch,
           "agreement": result.best_agreement})
     return result
