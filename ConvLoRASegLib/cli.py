@@ -26,6 +26,8 @@ from .errors import Cancelled, ConvLoRASegError
 from .progress import Reporter
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 130
+#: = train.OUT_SCALE (not imported: the parser must not import torch; a test keeps the two equal).
+OUT_SCALE_DEFAULT = 6.0
 #: Name endings of the files ``segment`` writes into an output folder.
 MASK_SUFFIX, PROB_SUFFIX = "_brainmask.nii.gz", "_brainprob.nii.gz"
 _IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -424,10 +426,19 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
     val, train = order[:n_val], order[n_val:]
     info = {"trained_with": f"convlora-seg train (ConvLoRASegLib {__version__})",
             "train_images": [cases[i].image.name for i in train], "val_images": [cases[i].image.name for i in val]}
+    ckpt = Path(args.checkpoint).expanduser() if args.checkpoint else out.with_name(
+        out.name[: -len(".safetensors")] + ".checkpoint.safetensors" if out.name.endswith(".safetensors")
+        else out.name + ".checkpoint.safetensors")
+    if args.resume and not ckpt.is_file():
+        rep.info(f"no checkpoint at {ckpt} yet: starting from step 0")
     model = train_source([images[i] for i in train], [masks[i] for i in train], [images[i] for i in val],
                          [masks[i] for i in val], grid=grid, epochs=args.epochs, esh_epochs=args.esh_epochs,
                          seed=args.seed, device=device, info=info, lr_schedule=args.lr_schedule,
-                         init=load_model(Path(args.init).expanduser()) if args.init else None, progress=rep)
+                         init=load_model(Path(args.init).expanduser()) if args.init else None, progress=rep,
+                         batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                         out_scale=args.out_scale, out_lr_mult=args.out_lr_mult, augment_3d=args.augment_3d,
+                         steps_per_epoch=args.steps_per_epoch, checkpoint=ckpt,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume)
     sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     record = model.info.get("training", {})
     rep.info(f"model written to {out} ({_fmt_bytes(out.stat().st_size)}, sha256 {sha[:12]}…): "
@@ -740,6 +751,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="constant learning rate (the paper) or cosine decay to 0")
     p.add_argument("--init", metavar="MODEL", help="continue training from this model's weights")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--lr", type=float, default=1e-3, metavar="LR")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N",
+                   help="optimiser steps per epoch (default: one pass over the epoch's slices)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast of training (auto: bf16 where the CPU/GPU has it natively)")
+    p.add_argument("--augment-3d", type=int, default=0, metavar="K",
+                   help="TorchIO-augmented copies of each volume per epoch (needs the train extra; default 0)")
+    p.add_argument("--out-scale", type=float, default=OUT_SCALE_DEFAULT, metavar="S",
+                   help=f"initial weight of the final BatchNorm, the logits' scale (default {OUT_SCALE_DEFAULT})")
+    p.add_argument("--out-lr-mult", type=float, default=1.0, metavar="M",
+                   help="learning-rate multiplier of the final BatchNorm (default 1)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="training checkpoint (default: OUTPUT with .checkpoint.safetensors)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="write the checkpoint every N steps and after every epoch (default 50; 0: epochs only)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the file size)")
     p.add_argument("--overwrite", action="store_true")
     _common(p, model=False)

@@ -35,6 +35,8 @@ from .model import ConvLoRASegModel
 
 MODEL_FORMAT = "convlora-seg-model"
 ADAPTER_FORMAT = "convlora-seg-adapter"
+#: A training checkpoint (``convlora-seg train --resume``): model, optimiser and RNG tensors, JSON state.
+CHECKPOINT_FORMAT = "convlora-seg-train-checkpoint"
 FORMAT_VERSION = "1"
 PathLike = Union[str, Path]
 
@@ -73,7 +75,7 @@ def _refuse_pickle(path: Path, what: str) -> None:
 
 def _read(path: PathLike, expected_format: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     path = Path(path)
-    what = "model" if expected_format == MODEL_FORMAT else "adapter"
+    what = {MODEL_FORMAT: "model", CHECKPOINT_FORMAT: "checkpoint"}.get(expected_format, "adapter")
     if not path.exists():
         raise ConvLoRASegError(f"{what} file not found: {path}")
     if path.is_dir():
@@ -87,7 +89,8 @@ def _read(path: PathLike, expected_format: str) -> Tuple[Dict[str, torch.Tensor]
         raise ConvLoRASegError(f"{path.name} is not a readable .safetensors file ({str(exc).splitlines()[0]})") from None
     fmt = meta.get("format")
     if fmt != expected_format:
-        other = {MODEL_FORMAT: "a model", ADAPTER_FORMAT: "an adapter"}.get(fmt or "", "not a ConvLoRASeg file")
+        other = {MODEL_FORMAT: "a model", ADAPTER_FORMAT: "an adapter",
+                 CHECKPOINT_FORMAT: "a training checkpoint"}.get(fmt or "", "not a ConvLoRASeg file")
         raise ConvLoRASegError(f"{path.name} is {other}; expected {what} file")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConvLoRASegError(f"{path.name} has format version {meta.get('format_version')}, this library reads "
@@ -162,6 +165,24 @@ def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device]
     model.sha256 = sha
     model.info.setdefault("path", str(path))
     return model.to(device).eval()
+
+
+def save_checkpoint(path: PathLike, tensors: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Path:
+    """Write a training checkpoint atomically (replacing the previous one): tensors as they are (fp32 master
+    weights, optimiser moments, RNG states as uint8 tensors) and ``state`` (JSON) as metadata."""
+    meta = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+            "state": json.dumps(state)}
+    return _write(path, tensors, meta, overwrite=True)
+
+
+def load_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(tensors, state) of a checkpoint written by :func:`save_checkpoint`."""
+    tensors, meta = _read(path, CHECKPOINT_FORMAT)
+    try:
+        state = json.loads(meta["state"])
+    except (KeyError, ValueError) as exc:
+        raise ConvLoRASegError(f"{Path(path).name} has invalid checkpoint metadata ({exc})") from None
+    return tensors, state
 
 
 def model_sha256(model: ConvLoRASegModel) -> str:

@@ -1,17 +1,30 @@
 """Source training (the paper's stages 1 and 2): the U-Net on labelled source slices, then the ESH on its frozen
 early features.
 
-U-Net: BCE-with-logits, Adam (lr 1e-3), batch 32, the epoch with the best validation surface Dice (1 mm) kept.
-ESH: the frozen U-Net's level-``esh_level`` features (computed once and cached), BCE-with-logits against the same
-labels, Adam (lr 1e-3).
+U-Net: BCE-with-logits, Adam (lr 1e-3), the epoch with the best validation surface Dice kept (tolerance: the
+working grid's spacing; 1 mm on a 2 mm grid counts only coinciding surfels). ESH: the frozen U-Net's
+level-``esh_level`` features (computed once and cached), BCE-with-logits against the same labels, Adam (lr 1e-3).
+
+Recipe additions over the paper (see the README's model card for what each measured):
+
+* **Output scale.** The DART20 net ends in ``BatchNorm2d(1)`` whose affine weight is the logits' scale. PyTorch
+  starts it at 1 and Adam moves it by about lr per step, so after a few hundred steps the logits are still soft
+  and the 0.5 contour wanders. New trainings start it at ``out_scale`` (default :data:`OUT_SCALE`) and may give
+  it its own learning rate (``out_lr_mult``); the state-dict layout is unchanged.
+* **3D augmentation** (``augment_3d`` > 0, TorchIO, :mod:`ConvLoRASegLib.augment`): every epoch, that many fresh
+  augmented copies of each training volume join the original slices (scanner artefacts, field of view, pose).
+* **Checkpoints**: with ``checkpoint``, the whole training state (weights, best weights, Adam moments, RNG states,
+  the epoch's sample order; store.save_checkpoint, atomic) is written every ``checkpoint_every`` steps and after
+  every epoch; ``resume=True`` continues from it and gives the same model as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,6 +34,11 @@ from .errors import Cancelled, ConvLoRASegError
 from .grid import WorkingGrid
 from .model import ConvLoRASegModel
 from .segment import EMPTY_SLICE_MAX, autocast_dtype, predict_slices, resolve_device
+
+#: Initial weight of the final BatchNorm2d(1) (the logits' scale) for new trainings (PyTorch's default: 1).
+OUT_SCALE = 6.0
+#: Learning-rate multiplier of that BatchNorm's weight and bias.
+OUT_LR_MULT = 1.0
 
 Progress = Optional[Callable[[dict], None]]
 StopFlag = Optional[Callable[[], bool]]
@@ -61,13 +79,55 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tup
     return x.clamp_min(0).pow(gamma), y
 
 
-def _val_score(model: ConvLoRASegModel, images, masks, dev) -> float:
+
+def _val_score(model: ConvLoRASegModel, images, masks, dev, tolerance_mm: Optional[float] = None) -> float:
+    """Mean surface Dice of the model's 0.5 masks on the validation volumes, on the working grid, at
+    ``tolerance_mm`` (default: the grid's spacing, the smallest tolerance that is not degenerate there)."""
     from .metrics import surface_dice
 
     s = model.grid.spacing_mm
-    vals = [surface_dice(predict_slices(model, img, dev, precision="fp32") >= 0.5, msk > 0, (s, s, s), 1.0)
+    tol = s if tolerance_mm is None else tolerance_mm
+    vals = [surface_dice(predict_slices(model, img, dev, precision="fp32") >= 0.5, msk > 0, (s, s, s), tol)
             for img, msk in zip(images, masks)]
     return float(np.mean(vals))
+
+
+def set_output_scale(model: ConvLoRASegModel, scale: float) -> None:
+    """Set the initial weight of the U-Net's final ``BatchNorm2d(1)`` (``unet.out_path[2]``): the logits' scale."""
+    with torch.no_grad():
+        model.unet.out_path[2].weight.fill_(float(scale))
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    """Learning-rate factor before optimiser step ``step`` (0-based) of ``total``."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+    return 1.0
+
+
+def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacing_mm: float, seed: int,
+                epoch: int, stop: Callable[[], None], emit) -> tuple:
+    """The epoch's training slices: the originals plus ``augment_3d`` fresh 3D-augmented copies of each volume
+    (deterministic in (seed, epoch), so a resumed run rebuilds the same pool)."""
+    if augment_3d <= 0:
+        return x_all, y_all
+    from .augment import augment_volume
+
+    images, masks = [], []
+    n = len(train_images) * augment_3d
+    for i, (img, msk) in enumerate(zip(train_images, train_masks)):
+        for k in range(augment_3d):
+            stop()
+            emit({"event": "progress", "stage": "augment", "step": i * augment_3d + k, "total": n, "epoch": epoch})
+            a, b = augment_volume(img, msk, spacing_mm, seed=(seed * 1_000_003 + epoch * 10_007 + i * 101 + k))
+            images.append(a)
+            masks.append(b)
+    xa, ya = _stack(images, masks, empty_fraction=0.1, rng=np.random.default_rng([seed, epoch]))
+    return torch.cat([x_all, xa]), torch.cat([y_all, ya])
+
+
+def _config(**kw) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
 
 
 def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.ndarray],
@@ -76,13 +136,20 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                  lr: float = 1e-3, esh_level: int = 3, n_filters: int = 16, augment: bool = True,
                  precision: str = "auto", seed: int = 0, device="auto", info: Optional[Dict[str, Any]] = None,
                  lr_schedule: str = "constant", init: Optional[ConvLoRASegModel] = None,
-                 progress: Progress = None, should_stop: StopFlag = None) -> ConvLoRASegModel:
+                 progress: Progress = None, should_stop: StopFlag = None, *,
+                 out_scale: float = OUT_SCALE, out_lr_mult: float = OUT_LR_MULT, augment_3d: int = 0,
+                 steps_per_epoch: Optional[int] = None, checkpoint: Optional[Union[str, Path]] = None,
+                 checkpoint_every: int = 50, resume: bool = False) -> ConvLoRASegModel:
     """Train a source model from labelled volumes (each an N x H x W stack of working-grid slices, masks 0/1).
 
     ``precision="auto"`` trains under bf16 autocast on CPUs/GPUs with native bf16 (fp32 master weights), fp32
-    elsewhere. ``lr_schedule``: ``"constant"`` (the paper) or ``"cosine"`` (decays to 0 over the epochs).
+    elsewhere. ``lr_schedule``: ``"constant"`` (the paper) or ``"cosine"`` (decays to 0 over all steps).
     ``init``: continue from this model's U-Net weights (e.g. a second, cosine-decayed round of training); its
-    grid must equal ``grid``. Returns the model (eval mode) with ``info`` completed by the training record.
+    grid must equal ``grid``. ``out_scale`` / ``out_lr_mult``: initial weight and learning-rate multiplier of the
+    final BatchNorm (not applied to the weights of ``init``, only its learning rate). ``augment_3d``: TorchIO
+    copies per volume and epoch. ``steps_per_epoch``: optimiser steps per epoch (default: one pass over the
+    epoch's slices). ``checkpoint`` / ``checkpoint_every`` / ``resume``: see the module docstring.
+    Returns the model (eval mode) with ``info["training"]`` completed by the training record.
     """
     emit = progress or (lambda e: None)
     t0 = time.perf_counter()
@@ -91,6 +158,10 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     gen = torch.Generator().manual_seed(seed)
     dev = resolve_device(device)
     grid = grid or WorkingGrid()
+    if lr_schedule not in ("constant", "cosine"):
+        raise ConvLoRASegError(f"unknown lr schedule {lr_schedule!r}: constant or cosine")
+    if augment_3d < 0:
+        raise ConvLoRASegError(f"augment_3d must be >= 0, got {augment_3d}")
     x_all, y_all = _stack(train_images, train_masks, empty_fraction=0.1, rng=rng)
     model = ConvLoRASegModel(grid=grid, n_filters=n_filters, esh_level=esh_level, info=info).to(dev)
     if init is not None:
@@ -98,33 +169,101 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
             raise ConvLoRASegError(f"--init model has grid {init.grid} / {init.n_filters} filters, not {grid}")
         model.unet.load_state_dict(init.unet.state_dict())
         model.info["initialised_from"] = {"sha256": init.sha256, "training": init.info.get("training")}
+    else:
+        set_output_scale(model, out_scale)
     dtype = autocast_dtype(dev, precision)
-    record: Dict[str, Any] = {"epochs": epochs, "esh_epochs": esh_epochs, "batch_size": batch_size, "lr": lr,
-                              "augment": augment, "precision": str(dtype or "fp32"), "seed": seed,
-                              "lr_schedule": lr_schedule,
-                              "n_train_volumes": len(train_images), "n_train_slices": int(len(x_all)),
-                              "n_val_volumes": len(val_images), "val_surface_dice": []}
+    if steps_per_epoch is not None and steps_per_epoch <= 0:
+        steps_per_epoch = None
+    steps = steps_per_epoch or (len(x_all) * (1 + augment_3d) + batch_size - 1) // batch_size
+    total_steps = epochs * steps
+    config = _config(epochs=epochs, esh_epochs=esh_epochs, batch_size=batch_size, lr=lr, augment=augment,
+                     precision=str(dtype or "fp32"), seed=seed, lr_schedule=lr_schedule, out_scale=out_scale,
+                     out_lr_mult=out_lr_mult, augment_3d=augment_3d, steps_per_epoch=steps,
+                     n_train_volumes=len(train_images), n_train_slices=int(len(x_all)),
+                     n_val_volumes=len(val_images), grid=grid.to_dict(), n_filters=n_filters,
+                     init=init.sha256 if init is not None else None)
+    record: Dict[str, Any] = dict(config, total_steps=total_steps, val_surface_dice=[], train_loss=[],
+                                  val_tolerance_mm=grid.spacing_mm)
+    if augment_3d:
+        from .augment import RECIPE
+
+        record["augment_3d_recipe"] = RECIPE
 
     def stop() -> None:
         if should_stop is not None and should_stop():
             raise Cancelled("training cancelled")
 
     # stage 1: the U-Net --------------------------------------------------------------------------------------
-    opt = torch.optim.Adam(model.unet.parameters(), lr=lr)
-    steps = (len(x_all) + batch_size - 1) // batch_size
-    if lr_schedule not in ("constant", "cosine"):
-        raise ConvLoRASegError(f"unknown lr schedule {lr_schedule!r}: constant or cosine")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps)) \
-        if lr_schedule == "cosine" else None
+    out_params = list(model.unet.out_path[2].parameters())
+    out_ids = {id(p) for p in out_params}
+    opt = torch.optim.Adam([{"params": [p for p in model.unet.parameters() if id(p) not in out_ids], "lr": lr},
+                            {"params": out_params, "lr": lr * out_lr_mult}])
+    base_lrs = [g["lr"] for g in opt.param_groups]
     best = (-1.0, copy.deepcopy(model.unet.state_dict()), 0)
-    for epoch in range(1, epochs + 1):
+    start_epoch, start_step, order, seconds_before, unet_done = 1, 0, None, 0.0, False
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+
+    def save_ckpt(epoch: int, step: int, order_t: Optional[torch.Tensor], done: bool) -> None:
+        from .store import save_checkpoint
+
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update({f"best.{k}": v for k, v in best[1].items()})
+        for i, st in opt.state_dict()["state"].items():
+            for name, t in st.items():
+                tensors[f"opt.{i}.{name}"] = torch.as_tensor(t)
+        tensors["rng.gen"] = gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if order_t is not None:
+            tensors["order"] = order_t
+        state = {"config": config, "epoch": epoch, "step": step, "best_score": best[0], "best_epoch": best[2],
+                 "record": record, "seconds": seconds_before + time.perf_counter() - t0, "unet_done": done}
+        save_checkpoint(ckpt, tensors, state)
+
+    if resume and ckpt is not None and ckpt.exists():
+        from .store import load_checkpoint
+
+        tensors, state = load_checkpoint(ckpt)
+        old = state["config"]
+        changed = ", ".join(f"{k}={old.get(k)!r}" for k in config if old.get(k) != config[k])
+        if changed:
+            raise ConvLoRASegError(f"cannot resume from {ckpt.name}: it was made with other settings ({changed})")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = (state["best_score"], {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")},
+                state["best_epoch"])
+        sd = opt.state_dict()
+        for key, t in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                sd["state"].setdefault(int(i), {})[name] = t.clone()
+        opt.load_state_dict(sd)
+        gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        record = state["record"]
+        record.setdefault("resumed_at_steps", []).append((state["epoch"] - 1) * steps + state["step"])
+        seconds_before = float(state["seconds"])
+        start_epoch, start_step, unet_done = state["epoch"], state["step"], state["unet_done"]
+        order = tensors.get("order")
+        if start_step >= steps:
+            start_epoch, start_step, order = start_epoch + 1, 0, None
+        emit({"event": "progress", "stage": "resume", "step": (start_epoch - 1) * steps + start_step,
+              "total": total_steps, "epoch": start_epoch})
+
+    for epoch in range(start_epoch, epochs + 1):
+        if unet_done:
+            break
         model.unet.train()
-        order = torch.randperm(len(x_all), generator=gen)
+        x_pool, y_pool = _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d, grid.spacing_mm, seed,
+                                     epoch, stop, emit)
+        if order is None:
+            reps = (steps * batch_size + len(x_pool) - 1) // len(x_pool)
+            order = torch.cat([torch.randperm(len(x_pool), generator=gen) for _ in range(reps)])
         total = 0.0
-        for step in range(steps):
+        for step in range(start_step, steps):
             stop()
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * _lr_factor(lr_schedule, (epoch - 1) * steps + step, total_steps)
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x, y = x_all[idx], y_all[idx]
+            x, y = x_pool[idx], y_pool[idx]
             if augment:
                 x, y = augment_batch(x, y, gen)
             x, y = x.to(dev), y.to(dev)
@@ -134,24 +273,30 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if sched is not None:
-                sched.step()
             total += loss.item()
             emit({"event": "progress", "stage": "train", "step": step + 1, "total": steps, "epoch": epoch,
                   "epochs": epochs, "loss": loss.item()})
+            if ckpt is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save_ckpt(epoch, step + 1, order, False)
         model.eval()
         score = _val_score(model, val_images, val_masks, dev) if len(val_images) else float(epoch)
         record["val_surface_dice"].append(round(score, 4) if len(val_images) else None)
+        record["train_loss"].append(round(total / max(1, steps - start_step), 4))
         emit({"event": "progress", "stage": "select", "step": epoch, "total": epochs, "epoch": epoch,
-              "loss": total / steps, "agreement": score if len(val_images) else None})
+              "loss": total / max(1, steps - start_step), "agreement": score if len(val_images) else None})
         if score >= best[0]:
             best = (score, copy.deepcopy(model.unet.state_dict()), epoch)
+        order, start_step = None, 0
+        if ckpt is not None:
+            save_ckpt(epoch, steps, None, epoch == epochs)
     model.unet.load_state_dict(best[1])
     record["best_epoch"] = best[2]
     if len(val_images):
         record["best_val_surface_dice"] = round(best[0], 4)
+    record["output_scale"] = round(float(model.unet.out_path[2].weight.item()), 4)
 
     # stage 2: the ESH on frozen early features ---------------------------------------------------------------
+    steps_esh = (len(x_all) + batch_size - 1) // batch_size
     model.eval()
     feats = []
     with torch.no_grad():
@@ -162,10 +307,10 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     opt = torch.optim.Adam(model.esh.parameters(), lr=lr)
     model.esh.train()
     for epoch in range(1, esh_epochs + 1):
-        order = torch.randperm(len(x_all), generator=gen)
-        for step in range(steps):
+        order_e = torch.randperm(len(x_all), generator=gen)
+        for step in range(steps_esh):
             stop()
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order_e[step * batch_size:(step + 1) * batch_size]
             loss = F.binary_cross_entropy_with_logits(model.esh(feats_t[idx].to(dev)), y_all[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,7 +318,6 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
         emit({"event": "progress", "stage": "esh", "step": epoch, "total": esh_epochs, "epoch": epoch,
               "loss": loss.item()})
     model.eval()
-    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record["seconds"] = round(seconds_before + time.perf_counter() - t0, 1)
     model.info.setdefault("training", {}).update(record)
     return model.cpu()
-

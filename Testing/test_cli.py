@@ -289,6 +289,32 @@ def test_train_small_model(capsys, tmp_path):
     assert len(model.info["val_images"]) == 1 and len(model.info["train_images"]) == 2
 
 
+def test_train_resume_from_checkpoint(capsys, tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    for i in range(2):
+        img = synthetic_head(seed=i)
+        sitk.WriteImage(img, str(tmp_path / "img" / f"s{i}.nii.gz"))
+        sitk.WriteImage(_mask_of(img, 50), str(tmp_path / "msk" / f"s{i}_mask.nii.gz"))
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--images", tmp_path / "img", "--masks", tmp_path / "msk", "-o", out, "--spacing", "4",
+            "--slice-size", "64", "--epochs", "2", "--esh-epochs", "1", "--val-fraction", "0", "--device", "cpu",
+            "--steps-per-epoch", "2", "--batch-size", "4", "--precision", "fp32", "--lr-schedule", "cosine",
+            "--checkpoint-every", "1", "--json"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    ckpt = tmp_path / "m.checkpoint.safetensors"
+    assert ckpt.is_file()
+    first = load_model(out)
+    code, stdout, err = run_cli(capsys, *args, "--resume", "--overwrite")
+    assert code == 0, err
+    again = load_model(out)
+    assert again.info["training"]["resumed_at_steps"] == [4]  # the finished U-Net stage is not trained again
+    assert torch.equal(first.unet.init_path[0].weight, again.unet.init_path[0].weight)
+    code, _, err = run_cli(capsys, *args, "--resume", "--overwrite", "--lr", "0.01")
+    assert code == 2 and "other settings" in err and "Traceback" not in err
+
+
 def test_import_checkpoint_without_pickle(capsys, tmp_path):
     from ConvLoRASegLib.esh import EarlySegmentationHead
     from ConvLoRASegLib.unet import UNet2D

@@ -1,0 +1,147 @@
+"""Source training: the output-scale initialisation, validation tolerance, checkpoints and --resume, 3D augmentation.
+
+Tiny nets (4 filters) on 32 x 32 slices: each test runs in seconds on one CPU thread.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from ConvLoRASegLib import train as train_mod
+from ConvLoRASegLib.errors import Cancelled, ConvLoRASegError
+from ConvLoRASegLib.grid import WorkingGrid
+from ConvLoRASegLib.model import ConvLoRASegModel
+from ConvLoRASegLib.train import OUT_SCALE, train_source
+
+GRID = WorkingGrid(spacing_mm=4.0, slice_size=32)
+
+
+def _volume(seed, n=10, size=32):
+    rng = np.random.default_rng(seed)
+    k, j, i = np.mgrid[:n, :size, :size]
+    c = np.array([n / 2, size / 2, size / 2]) + rng.uniform(-2, 2, 3)
+    r = np.sqrt(((k - c[0]) * 3.0) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2)
+    mask = (r < 9).astype(np.uint8)
+    img = np.clip(0.3 * (r < 13) + 0.5 * mask + rng.normal(0, 0.05, mask.shape), 0, 1).astype(np.float32)
+    return img, mask
+
+
+def _data():
+    vols = [_volume(s) for s in range(3)]
+    return [v[0] for v in vols[:2]], [v[1] for v in vols[:2]], [vols[2][0]], [vols[2][1]]
+
+
+KW = dict(grid=GRID, n_filters=4, epochs=2, esh_epochs=1, batch_size=4, steps_per_epoch=3, precision="fp32",
+          device="cpu", seed=1)
+
+
+def test_new_training_starts_with_sharp_output_scale():
+    xi, yi, xv, yv = _data()
+    model = train_source(xi, yi, xv, yv, **KW)
+    w = float(model.unet.out_path[2].weight.detach())
+    assert OUT_SCALE >= 4 and abs(w - OUT_SCALE) < 0.1  # moved by ~lr per step from its start, not from 1
+    assert model.info["training"]["output_scale"] == pytest.approx(w, abs=1e-3)
+    assert model.info["training"]["out_scale"] == OUT_SCALE
+    # the layout is unchanged: a fresh model loads the weights strictly
+    ConvLoRASegModel(grid=GRID, n_filters=4).load_state_dict(model.state_dict(), strict=True)
+    soft = train_source(xi, yi, xv, yv, out_scale=1.0, **KW)
+    assert abs(float(soft.unet.out_path[2].weight.detach()) - 1.0) < 0.1
+
+
+def test_output_lr_multiplier_moves_the_scale_faster():
+    xi, yi, xv, yv = _data()
+    slow = train_source(xi, yi, xv, yv, out_scale=1.0, **KW)
+    fast = train_source(xi, yi, xv, yv, out_scale=1.0, out_lr_mult=20.0, **KW)
+    d_slow = abs(float(slow.unet.out_path[2].weight.detach()) - 1.0)
+    d_fast = abs(float(fast.unet.out_path[2].weight.detach()) - 1.0)
+    assert d_fast > 5 * d_slow
+
+
+def test_validation_tolerance_is_the_grid_spacing(monkeypatch):
+    img, mask = _volume(0)
+    shifted = np.roll(mask, 1, axis=2)  # one working voxel off
+    monkeypatch.setattr(train_mod, "predict_slices", lambda model, x, dev, precision: shifted.astype(np.float32))
+    model = ConvLoRASegModel(grid=GRID, n_filters=4)
+    assert train_mod._val_score(model, [img], [mask], torch.device("cpu")) == pytest.approx(1.0)
+    assert train_mod._val_score(model, [img], [mask], torch.device("cpu"), tolerance_mm=1.0) < 0.9
+
+
+def _stop_after(n):
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > n
+    return should_stop
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # mid-epoch 1; right after epoch 1's checkpoint + 1 step
+def test_resumed_training_equals_uninterrupted(tmp_path, stop_after):
+    xi, yi, xv, yv = _data()
+    whole = train_source(xi, yi, xv, yv, lr_schedule="cosine", checkpoint=tmp_path / "a.safetensors", checkpoint_every=1,
+                         **KW)
+    ckpt = tmp_path / "b.safetensors"
+    with pytest.raises(Cancelled):
+        train_source(xi, yi, xv, yv, lr_schedule="cosine", checkpoint=ckpt, checkpoint_every=1,
+                     should_stop=_stop_after(stop_after), **KW)
+    assert ckpt.is_file()
+    resumed = train_source(xi, yi, xv, yv, lr_schedule="cosine", checkpoint=ckpt, checkpoint_every=1, resume=True,
+                           **KW)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    rec = resumed.info["training"]
+    assert rec["resumed_at_steps"] and rec["val_surface_dice"] == whole.info["training"]["val_surface_dice"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    xi, yi, xv, yv = _data()
+    ckpt = tmp_path / "c.safetensors"
+    with pytest.raises(Cancelled):
+        train_source(xi, yi, xv, yv, checkpoint=ckpt, checkpoint_every=1, should_stop=_stop_after(2), **KW)
+    with pytest.raises(ConvLoRASegError, match="other settings.*lr"):
+        train_source(xi, yi, xv, yv, checkpoint=ckpt, resume=True, lr=5e-4, **KW)
+
+
+def test_checkpoint_is_not_a_model(tmp_path):
+    from ConvLoRASegLib.store import load_model
+
+    xi, yi, xv, yv = _data()
+    ckpt = tmp_path / "d.safetensors"
+    train_source(xi, yi, xv, yv, checkpoint=ckpt, **KW)
+    with pytest.raises(ConvLoRASegError, match="training checkpoint"):
+        load_model(ckpt)
+
+
+def test_augment_volume_is_seeded_and_keeps_shape():
+    pytest.importorskip("torchio")
+    from ConvLoRASegLib.augment import augment_volume
+
+    img, mask = _volume(0, n=24, size=32)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    a1, m1 = augment_volume(img, mask, 4.0, seed=3)
+    after_a = torch.rand(1)
+    torch.manual_seed(5)
+    a2, m2 = augment_volume(img, mask, 4.0, seed=3)
+    after_b = torch.rand(1)
+    assert np.array_equal(a1, a2) and np.array_equal(m1, m2) and torch.equal(after_a, after_b)  # caller's RNG kept
+    assert a1.shape == img.shape and m1.dtype == np.uint8 and set(np.unique(m1)) <= {0, 1}
+    assert a1.min() >= 0 and a1.max() <= 1 and m1.sum() > 0.3 * mask.sum()
+    del before
+
+
+def test_training_with_3d_augmentation_records_the_recipe():
+    pytest.importorskip("torchio")
+    xi, yi, xv, yv = _data()
+    model = train_source(xi, yi, xv, yv, augment_3d=1, **KW)
+    rec = model.info["training"]
+    assert rec["augment_3d"] == 1 and rec["augment_3d_recipe"]["library"] == "torchio"
+    assert rec["steps_per_epoch"] == 3 and rec["total_steps"] == 6
+
+
+def test_cli_default_out_scale_matches_the_library():
+    from ConvLoRASegLib import cli
+
+    assert cli.OUT_SCALE_DEFAULT == OUT_SCALE
