@@ -28,8 +28,10 @@ Working grid
     axial         Superior                Posterior (top = nose)    Left (radiological view)
     ============  ======================  ========================  ================================
 
-    Every slice is ``slice_size x slice_size`` voxels centred on the centre of the image's physical extent
-    (padded with background or cropped); N covers the image's whole extent along the slicing axis.
+    Every slice is ``slice_size x slice_size`` voxels centred in-plane on the head (:func:`head_centre`: a
+    model-free head box from intensities), not on the image's centre, so that a field of view with neck, an
+    off-centre head or a smaller field of view shows the network (and AdaBN) the head in the same place (padded with
+    background or cropped); N covers the image's whole extent along the slicing axis.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ WORKING_ORIENTATION = {"sagittal": "PIL", "coronal": "LIP", "axial": "LPS"}
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 #: Downsampling factor above which :func:`to_slices` low-pass filters first (anti-aliasing).
 ANTIALIAS_FACTOR = 1.5
+#: Voxel size (mm) at which :func:`head_centre` looks for the head (a coarse, fast look).
+HEAD_BOX_VOXEL_MM = 4.0
+#: Depth (mm) below the top of the head of the working grid's centre: on the four real heads of the project the
+#: brain mask's box centre lies 78-95 mm below the vertex (its top 14-18 mm below), so a 256 mm field of view
+#: centred here keeps the whole brain with >= 40 mm to spare above and below.
+HEAD_CENTRE_BELOW_VERTEX_MM = 85.0
+#: Height (mm) of the slab below the vertex whose box gives the left-right and front-back centre (the neck and
+#: shoulders below it do not move the centre).
+HEAD_SLAB_MM = 170.0
 
 _LETTER_AXIS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
@@ -280,6 +291,37 @@ def _reference(size: Sequence[int], spacing: Sequence[float], origin: Sequence[f
     return ref
 
 
+def head_centre(image: sitk.Image) -> np.ndarray:
+    """Where the brain's centre is expected (mm, LPS), from intensities alone: a cheap, model-free head box.
+
+    The image is shrunk to about ``HEAD_BOX_VOXEL_MM`` voxels, Otsu's threshold separates head from air and the
+    largest connected component is the head (neck included, if the field of view has it). Its top (the vertex) is
+    found in physical space; the centre is ``HEAD_CENTRE_BELOW_VERTEX_MM`` below it (or the middle of the head's
+    height, if that is higher: a field of view cut above the chin, a small phantom) and, left-right and
+    front-back, the middle of the head's box within ``HEAD_SLAB_MM`` below the vertex (so that neck and shoulders
+    do not pull it). Falls back to :func:`physical_centre` when no head is found (e.g. a constant image).
+    """
+    spacing = np.array(image.GetSpacing(), dtype=float)
+    factors = [int(f) for f in np.maximum(1, np.floor(HEAD_BOX_VOXEL_MM / spacing))]
+    small = sitk.BinShrink(image, factors) if max(factors) > 1 else image
+    try:
+        fg = sitk.OtsuThreshold(small, 0, 1)
+        labels = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
+    except RuntimeError:
+        return physical_centre(image)
+    kji = np.argwhere(sitk.GetArrayViewFromImage(labels) == 1)
+    if len(kji) < 8:
+        return physical_centre(image)
+    m = _direction(small) * np.array(small.GetSpacing())
+    pts = np.array(small.GetOrigin()) + kji[:, ::-1].astype(float) @ m.T
+    top = pts[:, 2].max()  # LPS: +z is superior
+    slab = pts[pts[:, 2] >= top - HEAD_SLAB_MM]
+    centre = (slab.min(0) + slab.max(0)) / 2.0
+    # never below the middle of the head's own extent (a field of view cut above the chin, a phantom)
+    centre[2] = max(top - HEAD_CENTRE_BELOW_VERTEX_MM, (top + pts[:, 2].min()) / 2.0)
+    return centre
+
+
 def working_reference(image: sitk.Image, grid: WorkingGrid) -> sitk.Image:
     """An empty uint8 image with the working grid's geometry for ``image`` (see the module docstring)."""
     direction = canonical_direction(image) @ orientation_matrix(WORKING_ORIENTATION[grid.axis])
@@ -287,7 +329,11 @@ def working_reference(image: sitk.Image, grid: WorkingGrid) -> sitk.Image:
     extent = _corners(image) @ direction[:, 2]
     n = max(1, int(np.ceil((extent.max() - extent.min()) / h - 1e-6)))
     size = np.array([grid.slice_size, grid.slice_size, n])
-    origin = physical_centre(image) - direction @ ((size - 1) / 2.0 * h)
+    # in-plane: centred on the head; along the slicing axis: the image's whole extent
+    centre = physical_centre(image)
+    offset = head_centre(image) - centre
+    centre = centre + direction[:, :2] @ (direction[:, :2].T @ offset)
+    origin = centre - direction @ ((size - 1) / 2.0 * h)
     return _reference(size, [h] * 3, origin, direction)
 
 

@@ -346,3 +346,47 @@ def test_read_dicom_series_folder(tmp_path):
     assert im.GetSize() == (12, 10, 6)
     assert np.allclose(im.GetSpacing(), [0.8, 0.9, 2.5], atol=1e-3)
     assert np.allclose(sitk.GetArrayViewFromImage(im), vol)
+
+
+# ---------------------------------------------------------------------------------------- head-centred grid
+
+def _head_phantom(extra_below_mm: float = 0.0, shift_ap_mm: float = 0.0) -> sitk.Image:
+    """A 4 mm "head" (ellipsoid 150 x 190 x 170 mm, a bright inner "brain") inside a field of view that reaches
+    ``extra_below_mm`` further down (a neck-like cylinder fills it) and is shifted front-back by ``shift_ap_mm``."""
+    sp = 4.0
+    nz = int((220 + extra_below_mm) / sp)
+    size = (48, 64, nz)  # x: L-R, y: P-A ... as LPS array axes (x, y, z)
+    zz, yy, xx = np.mgrid[0:nz, 0:size[1], 0:size[0]].astype(float) * sp
+    top = nz * sp - 20.0  # vertex 20 mm below the top of the field of view
+    cz, cy, cx = top - 85.0, size[1] * sp / 2 + shift_ap_mm, size[0] * sp / 2
+    head = ((xx - cx) / 75) ** 2 + ((yy - cy) / 95) ** 2 + ((zz - (top - 85)) / 85) ** 2 <= 1
+    brain = ((xx - cx) / 60) ** 2 + ((yy - cy) / 80) ** 2 + ((zz - cz) / 65) ** 2 <= 1
+    neck = (((xx - cx) / 45) ** 2 + ((yy - cy) / 45) ** 2 <= 1) & (zz < top - 150)
+    a = np.where(brain, 100.0, np.where(head | neck, 40.0, 0.0)).astype(np.float32)
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing([sp] * 3)
+    img.SetOrigin([-cx, -cy, -cz])  # the brain's centre at the physical origin, whatever the FOV
+    return img
+
+
+def test_head_centre_ignores_the_field_of_view():
+    """More neck or an off-centre head does not move the centre: it stays on the brain (within a voxel)."""
+    for extra, shift in ((0.0, 0.0), (80.0, 0.0), (0.0, 40.0), (120.0, -30.0)):
+        c = V.head_centre(_head_phantom(extra, shift))
+        assert np.all(np.abs(c) <= 6.0), (extra, shift, c)
+
+
+def test_working_slices_do_not_move_with_the_field_of_view():
+    """The brain lands on the same working-grid pixels with and without a neck and an off-centre head
+    (with the image-centred grid of before, 80 mm more neck moved it by 20 pixels)."""
+    grid = WorkingGrid(spacing_mm=4.0, slice_size=64, normalisation="minmax")
+
+    def brain_box(img):
+        s = V.to_slices(img, grid).slices
+        hw = np.argwhere((s > 0.9).any(0))
+        return hw.min(0), hw.max(0)
+
+    ref = brain_box(_head_phantom())
+    for extra, shift in ((80.0, 0.0), (0.0, 40.0), (120.0, -30.0)):
+        lo, hi = brain_box(_head_phantom(extra, shift))
+        assert np.abs(lo - ref[0]).max() <= 1 and np.abs(hi - ref[1]).max() <= 1, (extra, shift)
