@@ -6,9 +6,10 @@ Only ``convlora-seg train`` uses it; segmentation and adaptation never import To
 A training volume is the working grid's slice stack ``(N, H, W)`` (isotropic ``spacing_mm``, axes L, I, P: see
 :mod:`ConvLoRASegLib.volumes`) with its 0/1 mask. :func:`augment_volume` returns a new volume of the same shape:
 
-1. field of view: a random crop (up to ``FOV_CUT_MM`` from each in-plane side, most below: the neck cut or kept)
-   then, as :func:`~ConvLoRASegLib.volumes.working_reference` does for a scan, the rest re-centred in the
-   original box (``tio.CropOrPad``);
+1. field of view: a random crop (up to ``FOV_CUT_MM`` from each in-plane side, most below: the neck cut or kept),
+   padded back with background at the same place (``tio.Crop`` + ``tio.Pad``): the working grid is placed from
+   the vertex (:func:`~ConvLoRASegLib.volumes.head_centre`), so a scan whose field of view stops higher or
+   lower shows the head where it was, with less or more below it;
 2. geometry: ``tio.RandomAffine`` (scales 0.8-1.2 per axis, +-15 degrees, +-16 mm), ``tio.RandomElasticDeformation``;
 3. scanner: ``tio.RandomBiasField``, ``tio.RandomGamma``, ``tio.RandomBlur``, ``tio.RandomAnisotropy``,
    ``tio.RandomMotion``, ``tio.RandomGhosting``, ``tio.RandomNoise`` (each with its own probability);
@@ -74,8 +75,7 @@ def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float):
 
 
 def _fov_crop(tio, shape: Tuple[int, int, int], spacing_mm: float, gen: torch.Generator):
-    """A crop of the in-plane field of view (axes 1 = I and 2 = P of the (N, H, W) stack), then back to ``shape``
-    with the remaining content centred."""
+    """A crop of the in-plane field of view (axes 1 = I and 2 = P of the (N, H, W) stack), padded back in place."""
     n, h, w = shape
     top, neck = (int(round(c / spacing_mm)) for c in FOV_CUT_MM)
 
@@ -88,7 +88,7 @@ def _fov_crop(tio, shape: Tuple[int, int, int], spacing_mm: float, gen: torch.Ge
     crop = (0, 0, draw(top), draw(neck), draw(top), draw(top))
     if not any(crop):
         return None
-    return tio.Compose([tio.Crop(crop), tio.CropOrPad(shape, padding_mode=0)])
+    return tio.Compose([tio.Crop(crop), tio.Pad(crop, padding_mode=0)])
 
 
 def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:

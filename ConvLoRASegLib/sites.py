@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -160,7 +160,7 @@ def bias_field(shape: Tuple[int, int, int], rng: np.random.Generator, amplitude:
 
 
 def simulate_site(image: sitk.Image, mask: sitk.Image, site: Union[str, SiteProfile], seed: int,
-                  severity: float = 1.0) -> Tuple[sitk.Image, sitk.Image]:
+                  severity: float = 1.0, also: Sequence[sitk.Image] = ()) -> Tuple[sitk.Image, ...]:
     """The head as ``site`` would have scanned and stored it, and the brain mask on the same grid.
 
     Args:
@@ -171,8 +171,11 @@ def simulate_site(image: sitk.Image, mask: sitk.Image, site: Union[str, SiteProf
         severity: scales every artefact magnitude (gamma's distance from 1, contrast change, bias, noise, PSF
             widening); 0 keeps only the new grid.
 
+        also: more masks of the same head (e.g. a second rater's) taken through the same grid as ``mask``; the
+            geometry and intensities depend on ``mask`` only.
+
     Returns:
-        (image in the site's dtype and range, uint8 {0, 1} mask), both on the site's grid.
+        (image in the site's dtype and range, uint8 {0, 1} mask, *the masks in ``also``), all on the site's grid.
     """
     p = _profile(site)
     rng = np.random.default_rng(seed)
@@ -188,7 +191,10 @@ def simulate_site(image: sitk.Image, mask: sitk.Image, site: Union[str, SiteProf
     out.CopyInformation(ref)
     mask_out = sitk.GetImageFromArray(brain.astype(np.uint8))
     mask_out.CopyInformation(ref)
-    return out, mask_out
+    extra = tuple(sitk.Cast(sitk.Resample(sitk.Cast(m2 != 0, sitk.sitkFloat32), ref, sitk.Transform(),
+                                          sitk.sitkLinear, 0.0, sitk.sitkFloat32) >= 0.5, sitk.sitkUInt8)
+                  for m2 in also)
+    return (out, mask_out) + extra
 
 
 def _intensities(a: np.ndarray, brain: np.ndarray, p: SiteProfile, rng: np.random.Generator,
@@ -214,11 +220,11 @@ def _intensities(a: np.ndarray, brain: np.ndarray, p: SiteProfile, rng: np.rando
 
 
 def random_subject(image: sitk.Image, mask: sitk.Image, seed: int,
-                   strength: float = 1.0) -> Tuple[sitk.Image, sitk.Image]:
+                   strength: float = 1.0, also: Sequence[sitk.Image] = ()) -> Tuple[sitk.Image, ...]:
     """A new "subject" from one head: smooth random elastic deformation (B-spline, about 2 mm, at most 6 mm at
     ``strength`` 1) after a small random affine (scale +-8 %, rotation +-6 degrees per axis), about the brain's
-    centre. The same transform moves image (linear, float32 out) and mask (linear of 0/1, >= 0.5, uint8); the
-    grid is kept."""
+    centre. The same transform moves image (linear, float32 out) and mask (linear of 0/1, >= 0.5, uint8), and
+    each mask in ``also`` (returned after them); the grid is kept."""
     rng = np.random.default_rng(seed)
     centre = _brain_centre(mask)
     affine = sitk.AffineTransform(3)
@@ -238,7 +244,12 @@ def random_subject(image: sitk.Image, mask: sitk.Image, seed: int,
                       sitk.sitkFloat32)
     mask_out = sitk.Cast(m >= 0.5, sitk.sitkUInt8)
     mask_out.CopyInformation(mask)
-    return out, mask_out
+    extra = []
+    for m2 in also:
+        r = sitk.Resample(sitk.Cast(m2 != 0, sitk.sitkFloat32), mask, transform, sitk.sitkLinear, 0.0,
+                          sitk.sitkFloat32)
+        extra.append(sitk.Cast(r >= 0.5, sitk.sitkUInt8))
+    return (out, mask_out) + tuple(extra)
 
 
 def _as_displacement(transform: sitk.Transform, image: sitk.Image, spacing_mm: float = 4.0) -> sitk.Transform:

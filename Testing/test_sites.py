@@ -121,3 +121,13 @@ def test_random_subject_moves_anatomy_plausibly(head):
     assert s1.GetSize() == image.GetSize() and np.allclose(s1.GetDirection(), image.GetDirection())
     assert 0.75 < dice(a0, a1) < 0.99 and dice(a1, a3) < 0.99
     assert abs(volume_ml(m1) / volume_ml(mask) - 1.0) < 0.3
+
+
+def test_more_masks_follow_the_same_deformation_and_grid(head):
+    image, mask = head
+    s, m, m_again = random_subject(image, mask, seed=1, also=(mask,))
+    assert np.array_equal(sitk.GetArrayViewFromImage(m), sitk.GetArrayViewFromImage(m_again))
+    a, am, am_again = simulate_site(s, m, "siemens3", seed=0, also=(m_again,))
+    assert np.array_equal(sitk.GetArrayViewFromImage(am), sitk.GetArrayViewFromImage(am_again))
+    a2, _ = simulate_site(s, m, "siemens3", seed=0)
+    assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(a2))  # image unchanged

@@ -24,6 +24,12 @@ from ConvLoRASegLib.volumes import read_image, write_image  # noqa: E402
 SHARED_HEADS = ROOT.parent / "shared" / "data" / "heads"
 
 
+def silver_mask(head: str) -> Optional[Path]:
+    """The head's silver-standard mask (STAPLE of shipped mask, ROBEX, deepbet; see the heads' README), if any."""
+    p = SHARED_HEADS / head / "mask_silver.nii.gz"
+    return p if p.is_file() else None
+
+
 def available_heads() -> Dict[str, Tuple[Path, Path]]:
     """name -> (image, mask): the full-resolution shared heads if present, else the bundled demo heads."""
     if SHARED_HEADS.is_dir():
@@ -43,7 +49,10 @@ def subject_seed(head: str, k: int, site: str, seed: int) -> int:
 
 def make_site_cohort(site: str, subjects: int, heads: Sequence[str], out: Path, seed: int = 0,
                      first_subject: int = 0, severity: float = 1.0, overwrite: bool = False) -> List[Tuple[Path, Path]]:
-    """Simulate ``subjects`` subjects per head at ``site``; returns the (image, mask) files written."""
+    """Simulate ``subjects`` subjects per head at ``site``; returns the (image, mask) files written.
+
+    Where a head has a silver-standard mask it goes through the same deformation and grid into ``masks_silver/``
+    (the images and shipped masks are exactly those written without it)."""
     all_heads = available_heads()
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -51,16 +60,24 @@ def make_site_cohort(site: str, subjects: int, heads: Sequence[str], out: Path, 
     for head in heads:
         img_path, mask_path = all_heads[head]
         image, mask = read_image(img_path), read_image(mask_path)
+        silver_path = silver_mask(head)
+        also = (read_image(silver_path),) if silver_path else ()
+        if also:
+            (out / "masks_silver").mkdir(parents=True, exist_ok=True)
         for k in range(first_subject, first_subject + subjects):
             name = f"{head}_s{k}_{site}.nii.gz"
-            dst_i, dst_m = out / "images" / name, out / "masks" / name
-            if dst_i.exists() and dst_m.exists() and not overwrite:
+            dst_i, dst_m, dst_s = out / "images" / name, out / "masks" / name, out / "masks_silver" / name
+            if dst_i.exists() and dst_m.exists() and (not also or dst_s.exists()) and not overwrite:
                 written.append((dst_i, dst_m))
                 continue
-            subj = (image, mask) if k == 0 else random_subject(image, mask, seed=subject_seed(head, k, "anat", seed))
-            si, sm = simulate_site(subj[0], subj[1], site, seed=subject_seed(head, k, site, seed), severity=severity)
+            subj = (image, mask, *also) if k == 0 else random_subject(
+                image, mask, seed=subject_seed(head, k, "anat", seed), also=also)
+            si, sm, *ss = simulate_site(subj[0], subj[1], site, seed=subject_seed(head, k, site, seed),
+                                        severity=severity, also=subj[2:])
             write_image(si, dst_i, overwrite=True)
             write_image(sm, dst_m, overwrite=True)
+            if ss:
+                write_image(ss[0], dst_s, overwrite=True)
             written.append((dst_i, dst_m))
     return written
 
