@@ -83,7 +83,7 @@ CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_para
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement")
 #: ``convlora-seg train`` arguments of the source models: the leave-one-head-out recipe of the model card.
-TRAIN_ARGS = tuple(_train_default_model.TRAIN_ARGS)
+TRAIN_ARGS = tuple(_train_default_model.TRAIN_ARGS + _train_default_model.RECIPE_ARGS)
 QUICK_TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--epochs", "2", "--esh-epochs", "2",
                     "--val-fraction", "0.25", "--fp16")
 
