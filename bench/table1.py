@@ -1,4 +1,4 @@
-"""The paper's Table 1: source model vs. the adaptation methods (and ROBEX) on five target scanner sites.
+"""The paper's Table 1: source model vs. the adaptation methods (and ROBEX, deepbet) on five target scanner sites.
 
     python bench/table1.py --quick --work /work/cache/work          # <= 10 min on 2 CPU cores: 1 seed, 1 rotation
     python bench/table1.py --work /work/cache/work                  # full: 3 seeds, 4 rotations
@@ -47,6 +47,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 if os.environ.get("CONVLORASEG_THREADS"):
     os.environ.setdefault("OMP_NUM_THREADS", os.environ["CONVLORASEG_THREADS"])
@@ -66,16 +67,16 @@ SOURCE_SITE = "ge3"
 TARGET_SITES = ("ge15", "philips15", "philips3", "siemens15", "siemens3")
 #: The columns of the table, in order.
 METHOD_COLUMNS = ("source", "adabn", "self-training", "udas", "udas-convlora", "convlora-adabn-paper",
-                  "convlora-adabn-fast", "oracle", "robex")
+                  "convlora-adabn-fast", "oracle", "robex", "deepbet")
 #: Table column -> (selftrain.adapt method, mode). UDAS variants and self-training run as the paper's code does.
 ADAPT_METHODS: Dict[str, Tuple[str, str]] = {
     "adabn": ("adabn", "fast"), "self-training": ("self-training", "paper"), "udas": ("udas", "paper"),
     "udas-convlora": ("udas-convlora", "paper"), "convlora-adabn-paper": ("convlora-adabn", "paper"),
     "convlora-adabn-fast": ("convlora-adabn", "fast")}
 #: Methods without randomness: computed once per rotation and repeated for every seed.
-SEEDLESS = ("source", "adabn", "robex")
+SEEDLESS = ("source", "adabn", "robex", "deepbet")
 #: Methods whose result does not depend on the adaptation volumes or the budget.
-NO_ADAPTATION = ("source", "robex")
+NO_ADAPTATION = ("source", "robex", "deepbet")
 #: Bumped when a method's code changes its results, so that cached rows of the old code are recomputed.
 ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn": ["fast-infer-precision"],
                                       "convlora-adabn-fast": ["fast-infer-precision"]}
@@ -403,6 +404,23 @@ def robex_mask(image_path: Path) -> Tuple[np.ndarray, float]:
     return sitk.GetArrayFromImage(m) > 0, secs
 
 
+def deepbet_scores(ev: EvalVolume, cache: Path) -> Dict[str, float]:
+    """deepbet's surface Dice, Dice and seconds on one evaluation volume (bench/peers.py), cached like ROBEX's."""
+    from peers import deepbet_mask
+
+    path = cache / f"{ev.image_path.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    mask, secs = deepbet_mask(ev.image_path)
+    sd, d = score_mask(mask, ev)
+    row = {"surface_dice": sd, "dice": d, "seconds": round(secs, 1)}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
+    return row
+
+
 def robex_scores(ev: EvalVolume, cache: Path) -> Dict[str, float]:
     """ROBEX's surface Dice, Dice and seconds on one evaluation volume, cached by the image file's name."""
     path = cache / f"{ev.image_path.name}.json"
@@ -449,7 +467,7 @@ def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, 
     from ConvLoRASegLib.segment import CROP_MARGIN_PX
 
     fixed = method in NO_ADAPTATION
-    inference = [] if method == "robex" else [f"crop-margin-{CROP_MARGIN_PX}"]  # our masks depend on the crop
+    inference = [] if method in ("robex", "deepbet") else [f"crop-margin-{CROP_MARGIN_PX}"]  # our masks depend on the crop
     blob = json.dumps([model_sha, "" if fixed else budget.key(), task.site, task.rotation, method, seed, volume,
                        [] if fixed else sorted(adapt_names)] + ROW_VERSIONS.get(method, []) + inference
                       + ([budget.oracle_lr] if method == "oracle" else []))
@@ -513,6 +531,10 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                         continue
                     r = robex_scores(ev, robex_cache)
                     robex_budget[0] -= 1
+                    record(method, s, ev.name, r["surface_dice"], r["dice"], 0, 0, r["seconds"])
+            elif method == "deepbet":
+                for ev in evs:
+                    r = deepbet_scores(ev, robex_cache.parent / "deepbet")
                     record(method, s, ev.name, r["surface_dice"], r["dice"], 0, 0, r["seconds"])
             elif method == "oracle":
                 if any(m is None for m in adapt_masks):
@@ -705,6 +727,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--severity", type=float, default=1.0, help="the site simulator's global severity")
     ap.add_argument("--robex-volumes", type=int, default=None, help="most new ROBEX runs (cached ones are free)")
     ap.add_argument("--no-robex", action="store_true")
+    ap.add_argument("--no-deepbet", action="store_true", help="leave out the deepbet column (PyPI deepbet)")
     ap.add_argument("--max-adapt", type=int, default=20, help="CC359: most adaptation volumes per domain")
     ap.add_argument("--max-eval", type=int, default=12, help="CC359: most evaluation volumes per domain")
     ap.add_argument("--plot-only", type=Path, default=None, metavar="CSV",
@@ -728,6 +751,8 @@ def settings(a: argparse.Namespace) -> Dict[str, object]:
     methods = a.methods or (["source", "adabn", "convlora-adabn-fast"] if a.smoke else list(METHOD_COLUMNS))
     if a.no_robex:
         methods = [m for m in methods if m != "robex"]
+    if a.no_deepbet:
+        methods = [m for m in methods if m != "deepbet"]
     return {"mode": mode, "seeds": pick(a.seeds, d["seeds"]), "epochs": pick(a.epochs, d["epochs"]),
             "steps_per_epoch": pick(a.steps_per_epoch, d["steps"]), "batch_size": pick(a.batch_size, d["batch"]),
             "eval_subjects": pick(a.eval_subjects, d["eval_subjects"]),
