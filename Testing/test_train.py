@@ -78,8 +78,8 @@ def _stop_after(n):
 @pytest.mark.parametrize("stop_after", [2, 4])  # mid-epoch 1; right after epoch 1's checkpoint + 1 step
 def test_resumed_training_equals_uninterrupted(tmp_path, stop_after):
     xi, yi, xv, yv = _data()
-    whole = train_source(xi, yi, xv, yv, lr_schedule="cosine", checkpoint=tmp_path / "a.safetensors", checkpoint_every=1,
-                         **KW)
+    whole = train_source(xi, yi, xv, yv, lr_schedule="cosine", checkpoint=tmp_path / "a.safetensors",
+                         checkpoint_every=1, **KW)
     ckpt = tmp_path / "b.safetensors"
     with pytest.raises(Cancelled):
         train_source(xi, yi, xv, yv, lr_schedule="cosine", checkpoint=ckpt, checkpoint_every=1,
@@ -119,17 +119,16 @@ def test_augment_volume_is_seeded_and_keeps_shape():
     from ConvLoRASegLib.augment import augment_volume
 
     img, mask = _volume(0, n=24, size=32)
-    before = torch.rand(1)
     torch.manual_seed(5)
     a1, m1 = augment_volume(img, mask, 4.0, seed=3)
     after_a = torch.rand(1)
     torch.manual_seed(5)
     a2, m2 = augment_volume(img, mask, 4.0, seed=3)
     after_b = torch.rand(1)
-    assert np.array_equal(a1, a2) and np.array_equal(m1, m2) and torch.equal(after_a, after_b)  # caller's RNG kept
+    assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
+    assert torch.equal(after_a, after_b)  # the caller's random stream is untouched
     assert a1.shape == img.shape and m1.dtype == np.uint8 and set(np.unique(m1)) <= {0, 1}
     assert a1.min() >= 0 and a1.max() <= 1 and m1.sum() > 0.3 * mask.sum()
-    del before
 
 
 def test_training_with_3d_augmentation_records_the_recipe():

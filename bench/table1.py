@@ -467,7 +467,8 @@ def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, 
     from ConvLoRASegLib.segment import CROP_MARGIN_PX
 
     fixed = method in NO_ADAPTATION
-    inference = [] if method in ("robex", "deepbet") else [f"crop-margin-{CROP_MARGIN_PX}"]  # our masks depend on the crop
+    # our masks depend on the crop; the peers' do not
+    inference = [] if method in ("robex", "deepbet") else [f"crop-margin-{CROP_MARGIN_PX}"]
     blob = json.dumps([model_sha, "" if fixed else budget.key(), task.site, task.rotation, method, seed, volume,
                        [] if fixed else sorted(adapt_names)] + ROW_VERSIONS.get(method, []) + inference
                       + ([budget.oracle_lr] if method == "oracle" else []))
