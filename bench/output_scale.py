@@ -35,7 +35,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--held-out", default="colin27")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--configs", nargs="+", default=["1:1", "6:1", "1:10"], metavar="SCALE:LR_MULT")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     grid = WorkingGrid(spacing_mm=4.0, slice_size=64)
@@ -45,7 +46,7 @@ def main() -> int:
         data[h] = (vs.slices, mask_to_slices(read_image(HEADS / h / "mask_silver.nii.gz"), vs))
     train = [h for h in data if h != a.held_out]
     rows = []
-    for scale, mult in ((1.0, 1.0), (6.0, 1.0), (1.0, 10.0), (6.0, 10.0)):
+    for scale, mult in (tuple(float(v) for v in c.split(":")) for c in a.configs):
         t = time.perf_counter()
         model = train_source([data[h][0] for h in train], [data[h][1] for h in train], grid=grid, epochs=1,
                              esh_epochs=0, batch_size=16, steps_per_epoch=a.steps, precision="fp32", device="cpu",
@@ -59,10 +60,10 @@ def main() -> int:
                      "soft_fraction": round(float(((p[box] > 0.1) & (p[box] < 0.9)).mean()), 4),
                      "seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    out = {"held_out": a.held_out, "train": train, "grid": grid.to_dict(), "steps": a.steps, "batch_size": 16,
-           "rows": rows}
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "output_scale.json").write_text(json.dumps(out, indent=1))
+        out = {"held_out": a.held_out, "train": train, "grid": grid.to_dict(), "steps": a.steps, "batch_size": 16,
+               "rows": rows}
+        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+        (ROOT / "bench" / "results" / "output_scale.json").write_text(json.dumps(out, indent=1))
     return 0
 
 
