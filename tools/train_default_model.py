@@ -140,6 +140,40 @@ def _mean(rows, tool, ref, metric, real=None):
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def card_markdown(card: dict) -> str:
+    """The LOHO table of BENCHMARKS.md / the README from a model card."""
+    lines = ["| held-out head | volumes | tool | Dice silver | sDice 1 mm silver | sDice 2 mm silver | Dice shipped | "
+             "sDice 1 mm shipped | sDice 2 mm shipped | s / volume |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in card["rotations"]:
+        for subset, real in (("ge3 s0-s3", False), ("real image", True)):
+            for tool in ("ours", "deepbet", "robex"):
+                vs = [v for v in r["volumes"] if v["real"] == real and tool in v]
+                if not vs:
+                    continue
+                m = lambda ref, k: sum(v[tool][ref][k] for v in vs) / len(vs)  # noqa: E731
+                secs = sum(v[tool]["seconds"] for v in vs) / len(vs)
+                lines.append(f"| {r['head']} | {subset} ({len(vs)}) | {tool} | {m('silver', 'dice'):.4f} | "
+                             f"{m('silver', 'surface_dice_1mm'):.4f} | {m('silver', 'surface_dice_2mm'):.4f} | "
+                             f"{m('shipped', 'dice'):.4f} | {m('shipped', 'surface_dice_1mm'):.4f} | "
+                             f"{m('shipped', 'surface_dice_2mm'):.4f} | {secs:.1f} |")
+    lines += ["", "| mean over held-out heads (all 5 volumes each) | Dice silver | min Dice silver | sDice 1 mm silver | "
+              "sDice 2 mm silver | Dice shipped | sDice 1 mm shipped |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for tool, s in card.get("summary", {}).items():
+        a, b = s["silver"]["all"], s["shipped"]["all"]
+        n = len(a["per_head"])
+        lines.append(f"| {tool} ({n} heads{', real images only' if tool == 'robex' else ''}) | {a['mean_dice']:.4f} | "
+                     f"{a['min_dice']:.4f} | {a['mean_surface_dice_1mm']:.4f} | {a['mean_surface_dice_2mm']:.4f} | "
+                     f"{b['mean_dice']:.4f} | {b['mean_surface_dice_1mm']:.4f} |")
+    lines += ["", "| model | trained on | steps (epochs x steps, batch) | best epoch | val surface Dice @ grid | "
+              "training seconds (CPU process, loaded machine) |", "|---|---|---|---:|---:|---:|"]
+    for r in card["rotations"]:
+        t = r.get("training", {})
+        lines.append(f"| loho_{r['head']} | the three other heads | {t.get('total_steps')} ({t.get('epochs')} x "
+                     f"{t.get('steps_per_epoch')}, {t.get('batch_size')}) | {t.get('best_epoch')} | "
+                     f"{t.get('best_val_surface_dice')} | {t.get('seconds')} |")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_evaluate(a) -> int:
     heads = list(available_heads())
     cohort = a.work / "ge3"
@@ -180,6 +214,9 @@ def cmd_evaluate(a) -> int:
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(card, indent=1))
     os.replace(tmp, out)
+    md = card_markdown(card)
+    out.with_suffix(".md").write_text(md)
+    print(md)
     print(json.dumps({t: {r: v.get("all", {}).get("mean_dice") for r, v in s.items()} for t, s in summary.items()}))
     return 0
 
