@@ -81,13 +81,21 @@ def robex_mask(image_path: Path) -> Tuple[np.ndarray, float]:
     return sitk.GetArrayFromImage(m) > 0, secs
 
 
+def cache_key(image_path: Path) -> str:
+    """File name stem + a hash of the absolute path: four heads' ``image.nii.gz`` must not share a cache entry."""
+    import hashlib
+
+    p = Path(image_path).absolute()
+    return f"{p.name.split('.')[0]}_{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+
+
 def cached_mask(tool: str, image_path: Path, cache: Optional[Path]) -> Tuple[np.ndarray, float]:
-    """A peer's mask of ``image_path``, cached in ``cache/<tool>/`` (a uint8 NIfTI + seconds) by file name."""
+    """A peer's mask of ``image_path``, cached in ``cache/<tool>/`` (a uint8 NIfTI + seconds) by its path."""
     fn = {"deepbet": deepbet_mask, "robex": robex_mask}[tool]
     if cache is None:
         return fn(image_path)
     folder = cache / tool
-    stem = Path(image_path).name.split(".")[0]
+    stem = cache_key(image_path)
     mpath, jpath = folder / f"{stem}.nii.gz", folder / f"{stem}.json"
     if mpath.is_file() and jpath.is_file():
         return sitk.GetArrayFromImage(sitk.ReadImage(str(mpath))) > 0, json.loads(jpath.read_text())["seconds"]
