@@ -179,7 +179,7 @@ def cmd_evaluate(a) -> int:
     cohort = a.work / "ge3"
     make_site_cohort("ge3", 4, heads, cohort)
     card = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-            "shared with other jobs", "command": "python tools/train_default_model.py evaluate",
+            "shared with other jobs", "command": "python tools/train_default_model.py " + " ".join(sys.argv[1:]),
             "site": "ge3", "references": ["silver (STAPLE of shipped, ROBEX, deepbet)", "shipped"],
             "note": "deepbet and ROBEX are raters of the silver masks: their silver scores are biased upwards",
             "rotations": []}
@@ -209,7 +209,7 @@ def cmd_evaluate(a) -> int:
     if "ours" in summary:
         card["mean_dice"] = summary["ours"]["silver"]["all"]["mean_dice"]
         card["mean_surface_dice"] = summary["ours"]["silver"]["all"]["mean_surface_dice_1mm"]
-    out = ROOT / "bench" / "results" / "model_card.json"
+    out = a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(card, indent=1))
@@ -242,6 +242,8 @@ def main() -> int:
     p = sub.add_parser("evaluate")
     p.add_argument("--heads", nargs="*")
     p.add_argument("--no-robex", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_card.json",
+                   help="the card (JSON; the table goes next to it as .md)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("install")
     p.set_defaults(func=cmd_install)
