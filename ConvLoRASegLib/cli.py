@@ -363,21 +363,28 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     rep({"event": "progress", "stage": "save", "step": 1, "total": 1})
     base_params, model_bytes = _base_parameters(model), mpath.stat().st_size
     summary = {
-        "agreement_before": result.agreement[0], "agreement_after": result.best_agreement,
+        "selected": result.selected, "adapted": result.adapted, "candidates": result.candidates,
+        "agreement_source": result.agreement_source, "agreement_selected": result.best_agreement,
         "best_epoch": result.best_epoch, "epochs": result.epochs, "trainable_params": result.trainable_params,
         "trainable_percent": 100.0 * result.trainable_params / base_params, "adapter_bytes": info.bytes,
         "model_bytes": model_bytes, "seconds": round(result.seconds, 1), "n_volumes": len(used),
         "n_skipped": len(skipped)}
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.candidates.items())
     rep.info("\n".join([
         f"adapter {info.name!r} written to {info.path}",
         f"  target: {len(used)} volumes ({result.n_slices} slices), {len(skipped)} skipped",
         f"  method {result.method} ({result.mode}), rank {result.rank}, placement {result.placement}",
-        f"  label-free agreement (ESH vs final, surface Dice 1 mm): {summary['agreement_before']:.3f} before, "
-        f"{summary['agreement_after']:.3f} after (best epoch {result.best_epoch} of {result.epochs})",
+        f"  label-free score of each candidate (ESH vs final agreement): {scores}",
+        f"  selected: {result.selected}",
         f"  trainable parameters: {result.trainable_params:,} = {summary['trainable_percent']:.2f} % of the "
         f"base model's {base_params:,}",
         f"  adapter file {_fmt_bytes(info.bytes)} vs model file {_fmt_bytes(model_bytes)}",
         f"  time {result.seconds:.1f} s"]))
+    if not result.adapted:
+        best = max((v for k, v in result.candidates.items() if k != "source"), default=float("nan"))
+        rep.warn(f"adaptation did not beat the unadapted model on the label-free score (source "
+                 f"{result.agreement_source:.3f}, best adapted candidate {best:.3f}): the adapter {info.name!r} "
+                 "changes nothing; segmenting without it gives the same masks")
     rep.done({"command": "adapt", "adapter": info.to_dict(), "summary": summary})
     return EXIT_OK
 
@@ -627,7 +634,7 @@ def cmd_import_checkpoint(args: argparse.Namespace, rep: Reporter) -> int:
 
     out = check_output_path(Path(args.output).expanduser(), args.overwrite)
     try:
-        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size)
+        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size, normalisation=args.normalisation)
     except ValueError as exc:
         raise ConvLoRASegError(str(exc)) from None
     unet = import_reference_checkpoint(args.checkpoint, n_filters=args.n_filters)
@@ -656,6 +663,10 @@ def cmd_import_checkpoint(args: argparse.Namespace, rep: Reporter) -> int:
                  "its label-free agreement and adaptation are meaningless")
     sha = save_model(model, out, overwrite=args.overwrite)
     rep.info(f"model written to {out} (sha256 {sha[:12]}…)")
+    rep.info("note: the paper's code slices the native grid (sagittal array axis 0, rotated, edge-padded to a "
+             "square); this model resamples every scan to an isotropic "
+             f"{grid.spacing_mm:g} mm grid of {grid.slice_size} px centred on the head, so give --spacing and "
+             "--slice-size of the scans it was trained on")
     rep.done({"command": "import-checkpoint", "model": str(out), "sha256": sha})
     return EXIT_OK
 
@@ -774,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-size", type=int, required=True, metavar="N", help="slice size it expects")
     p.add_argument("--n-filters", type=int, default=16, metavar="N")
     p.add_argument("--esh-level", type=int, default=3, metavar="L")
+    p.add_argument("--normalisation", choices=("minmax", "percentile"), default="minmax",
+                   help="intensity scaling it was trained with (default minmax: the paper's code scales each "
+                        "volume to [0, 1] by its minimum and maximum)")
     p.add_argument("--overwrite", action="store_true")
     _common(p, device=False, model=False)
     p.set_defaults(func=cmd_import_checkpoint)

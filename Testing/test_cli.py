@@ -214,6 +214,12 @@ def test_adapt_to_file_and_to_store(capsys, tiny_model, head_files, tmp_path):
     summary = done["summary"]
     assert 0 < summary["trainable_percent"] < 5 and summary["adapter_bytes"] < summary["model_bytes"]
     assert [sha(p) for p in head_files] == hashes
+    # the selection's verdict is in the JSON and, when no candidate beat the unadapted model, a warning says so
+    assert set(summary["candidates"]) == {"source", "adabn", "epoch 1"}
+    assert summary["selected"] in summary["candidates"] and summary["adapted"] == (summary["selected"] != "source")
+    assert summary["agreement_source"] == summary["candidates"]["source"]
+    assert ("did not beat the unadapted model" in err) == (not summary["adapted"])
+    assert info.details["selected"] == summary["selected"]
 
     code, stdout, err = run_cli(capsys, "adapt", *head_files, "--name", "ge-site", "--model", tiny_model,
                                 "--method", "adabn")
@@ -304,6 +310,11 @@ def test_import_checkpoint_without_pickle(capsys, tmp_path):
     model = load_model(out)
     assert torch.equal(model.unet.init_path[0].weight, unet.init_path[0].weight)
     assert torch.equal(model.esh.conv1.weight, esh.conv1.weight) and model.grid.slice_size == 256
+    assert model.grid.normalisation == "minmax"  # the paper's code min-max scales each volume
+    code, _, err = run_cli(capsys, "import-checkpoint", tmp_path / "unet.pth", "-o", tmp_path / "p.safetensors",
+                           "--spacing", "1", "--slice-size", "256", "--normalisation", "percentile")
+    assert code == 0, err
+    assert load_model(tmp_path / "p.safetensors").grid.normalisation == "percentile"
 
 
 # ---------------------------------------------------------------------------------------------------------------
