@@ -54,7 +54,7 @@ def _ensureLibraryImportable() -> None:
 
 _ensureLibraryImportable()
 
-from ConvLoRASegProcess import CliProcess, ProcessResult, childEnvironment, libraryCommand  # noqa: E402
+from ConvLoRASegLib.jobs import CliProcess, ProcessResult, childEnvironment, libraryCommand  # noqa: E402
 
 
 def _loadErrorsModuleAlone() -> type:
