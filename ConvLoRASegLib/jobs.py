@@ -151,6 +151,8 @@ class ProcessResult:
     cancelled: bool = False
     killedHard: bool = False
     log: List[str] = field(default_factory=list)
+    #: what the caller made of a successful run (e.g. the Slicer module's labelmap node); None otherwise
+    value: Any = None
 
     @property
     def ok(self) -> bool:
