@@ -355,7 +355,7 @@ def loadManifest(outputDir: Union[str, pathlib.Path]) -> List[Dict[str, Any]]:
         data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except ConvLoRASegError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConvLoRASegError(f"no readable manifest in {folder} ({exc.__class__.__name__}: {exc})") from None
     if isinstance(data, dict):
         data = data.get("cases") or data.get("outputs") or []
