@@ -27,10 +27,14 @@ def test_brain_volume_and_field_of_view_contact():
     m[2:5, 3:6, 4:8] = 1  # 36 voxels inside, off every face
     spacing = (1.0, 2.0, 3.0)  # x, y, z mm: voxel 6 mm3
     assert qc.brain_ml(m, spacing) == pytest.approx(36 * 6 / 1000)
-    assert qc.fov_contact_mm2(m, spacing) == 0.0
+    assert qc.fov_contact_mm2(m, spacing, margin_mm=1.0) == 0.0
     m[0, 3:6, 4:8] = 1  # 12 voxels on the z = 0 face: each x*y = 2 mm2
     m[5, 3:6, 29] = 1  # 3 voxels on the last x face: each y*z = 6 mm2
-    assert qc.fov_contact_mm2(m, spacing) == pytest.approx(12 * 2 + 3 * 6)
+    assert qc.fov_contact_mm2(m, spacing, margin_mm=1.0) == pytest.approx(12 * 2 + 3 * 6)
+    one = np.zeros((10, 20, 30), np.uint8)
+    one[5, 10, 25] = 1  # 5 mm from the last x face (x spacing 1 mm), far from the others
+    assert qc.fov_contact_mm2(one, spacing, margin_mm=1.0) == 0.0
+    assert qc.fov_contact_mm2(one, spacing, margin_mm=10.0) == pytest.approx(6.0)  # one y*z pixel
 
 
 def test_flags_follow_the_named_thresholds(monkeypatch):

@@ -52,6 +52,19 @@ def cases(severities):
                 yield f"sim{sev:g}/{name}/{site}", f"simulated severity {sev:g}", si, sm
 
 
+def cropped(severities=None):
+    """Each demo head with the top 10 or 25 mm of its brain cut off (a scan whose field of view misses the
+    vertex): the cases ``touches_field_of_view`` must catch."""
+    from ConvLoRASegLib.volumes import canonical
+
+    for name, (img, mask) in demo_heads().items():
+        image, m = canonical(sitk.ReadImage(str(img))), canonical(sitk.ReadImage(str(mask)))
+        z = np.flatnonzero(sitk.GetArrayViewFromImage(m).any(axis=(1, 2)))
+        for mm in (10, 25):
+            top = int(z[-1] - round(mm / m.GetSpacing()[2]))
+            yield f"crop{mm}/{name}", f"top {mm} mm cut off", image[:, :, :top], m[:, :, :top]
+
+
 def truth_measures(pred: sitk.Image, truth: sitk.Image) -> dict:
     p = sitk.GetArrayViewFromImage(pred) > 0
     t = sitk.GetArrayViewFromImage(truth) > 0
@@ -69,8 +82,10 @@ def pct(values, qs=(0, 5, 25, 50, 75, 95, 100)):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--severities", type=float, nargs="+", default=[1.0, 2.0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qc_thresholds"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--crops", action="store_true", help="only the cut-off-vertex cases (-> qc_thresholds_crops)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(ROOT / "bench" / "results" / ("qc_thresholds_crops" if args.crops else "qc_thresholds"))
     import torch
 
     torch.set_num_threads(1)
@@ -78,7 +93,7 @@ def main(argv=None) -> int:
     rows = []
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (case, group, image, mask) in enumerate(cases(args.severities)):
+        for i, (case, group, image, mask) in enumerate(cropped() if args.crops else cases(args.severities)):
             src = Path(tmp) / f"case{i}.nii.gz"
             sitk.WriteImage(image, str(src))
             job = CaseJob(input=str(src), output=str(Path(tmp) / f"case{i}_mask.nii.gz"))
