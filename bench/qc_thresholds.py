@@ -71,7 +71,7 @@ def truth_measures(pred: sitk.Image, truth: sitk.Image) -> dict:
     spacing = tuple(reversed(truth.GetSpacing()))
     return {"dice": round(float(dice(p, t)), 4), "surface_dice": round(float(surface_dice(p, t, spacing, 1.0)), 4),
             "truth_ml": round(qc.brain_ml(sitk.GetArrayViewFromImage(truth), truth.GetSpacing()), 1),
-            "truth_fov_mm2": round(qc.fov_contact_mm2(sitk.GetArrayViewFromImage(truth), truth.GetSpacing()), 1)}
+            "truth_fov_mm2": qc.measure(sitk.Cast(truth > 0, sitk.sitkUInt8), None)["fov_contact_mm2"]}
 
 
 def pct(values, qs=(0, 5, 25, 50, 75, 95, 100)):
