@@ -148,7 +148,8 @@ def test_segment_several_into_a_folder_with_json(capsys, tiny_model, head_files,
     events = json_lines(stdout)
     assert events[-1]["event"] == "done" and len(events[-1]["outputs"]) == 2
     assert any(e["event"] == "progress" and e["stage"] == "segment" for e in events)
-    assert sorted(p.name for p in out.iterdir()) == ["head0_brainprob.nii.gz", "head1_brainprob.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["head0_brainprob.nii.gz", "head1_brainprob.nii.gz",
+                                                     "manifest.csv", "manifest.json"]
     prob = sitk.ReadImage(str(out / "head0_brainprob.nii.gz"))
     assert prob.GetPixelID() == sitk.sitkFloat32
 
@@ -184,7 +185,7 @@ def test_segment_with_adapter_file_name_and_auto(capsys, tiny_model, tiny_adapte
     assert code == 0, err
     assert calls["to_slices"] == 3  # auto: one working grid for the choice and the segmentation
     done = json_lines(stdout)[-1]
-    scores = done["outputs"][0]["agreement"]
+    scores = done["outputs"][0]["adapter_scores"]
     assert set(scores) == {"source", "siteA"} and all(0.0 <= v <= 1.0 for v in scores.values())
     assert "chose" in err  # the choice and its score are printed (stderr with --json)
 
