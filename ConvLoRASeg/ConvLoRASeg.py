@@ -897,7 +897,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             target = outputNode if outputNode is not None and outputNode.GetScene() is not None else None
             mask = array_from_image(sitk.ReadImage(str(tempDir / "mask.nrrd"))).astype("uint8", copy=False)
             labelmap = self._writeLabelmap(volumeNode, mask, target, chosen)
-            scores = outputs[0].get("agreement")
+            scores = outputs[0].get("adapter_scores")  # the CLI's per-candidate label-free scores (--adapter auto)
             return SegmentOutcome(labelmap, chosen, dict(scores) if isinstance(scores, dict) else {})
 
         return self._runBackground("segment", arguments, progress, log, finished, waitForCompletion, timeout,

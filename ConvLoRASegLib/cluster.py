@@ -158,9 +158,9 @@ class Segmenter:
 
 def _is_case_failure(exc: BaseException) -> bool:
     """Errors that belong to one case (its file, its size), not to the program."""
-    import torch
+    from .segment import OutOfMemoryError
 
-    return isinstance(exc, (ConvLoRASegError, MemoryError, torch.OutOfMemoryError, OSError))
+    return isinstance(exc, (ConvLoRASegError, MemoryError, OutOfMemoryError, OSError))
 
 
 def _failed(job: CaseJob, exc: BaseException, seconds: float) -> Row:
