@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +109,8 @@ class AdaptResult:
     n_volumes: int
     n_slices: int
     seed: int
+    #: every candidate's adapter tensors (a few tens of kB each), for benchmarks that score them all
+    candidate_states: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     details: Dict[str, object] = field(default_factory=dict)
 
     @property
@@ -300,7 +302,6 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     trajectory = [scorer.table[start_name]]
 
     losses: List[float] = []
-    best_epoch: Optional[Tuple[float, str]] = None
     full_steps = (len(train_x) + batch_size - 1) // batch_size
     n_steps = min(full_steps, steps_cap) if steps_cap else full_steps
     if epochs:
@@ -329,12 +330,9 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             m.eval()
             name = f"epoch {epoch}"
             trajectory.append(scorer.score(name, m, epoch))
-            if best_epoch is None or trajectory[-1] > best_epoch[0]:
-                best_epoch = (trajectory[-1], name)
-                states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
+            states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
 
-    kept = {n: s for n, s in scorer.table.items() if n in states}  # the best epoch stands for all epochs
-    selected = choose(kept, order=[SOURCE, "adabn"])
+    selected = choose(scorer.table, order=[SOURCE, "adabn"])
     result_model = source_copy(model).to(dev)
     if selected != SOURCE:
         _open_trainable(result_model, spec, placement, rank, alpha)
@@ -347,6 +345,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         placement=placement if spec.uses_lora else "-", rank=rank, alpha=alpha, epochs=epochs, selected=selected,
         candidates=dict(scorer.table), agreement=trajectory, losses=losses, trainable_params=n_trainable,
         seconds=time.perf_counter() - t0, n_volumes=len(volumes), n_slices=int(len(train_x)), seed=seed,
+        candidate_states=states,
         details={"steps_per_epoch": n_steps,
                  "precision": str(autocast_dtype(dev, precision) or "fp32").replace("torch.", ""),
                  "candidate_volumes": per_volume_table(scorer.per_volume)})

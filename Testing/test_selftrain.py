@@ -34,7 +34,7 @@ def force_adapted(monkeypatch):
     from ConvLoRASegLib import selftrain
 
     monkeypatch.setattr(selftrain, "choose", lambda table, order=(): max(
-        (n for n in table if n != "source"), key=lambda n: (n.startswith("epoch"), table[n])))
+        (n for n in table if n != "source"), key=lambda n: (n.startswith("epoch"), table[n], n)))
 
 
 @pytest.fixture(scope="module")
