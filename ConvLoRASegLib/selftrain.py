@@ -100,8 +100,8 @@ class AdaptResult:
     selected: str
     #: label-free score of every candidate, in the order they were made
     candidates: Dict[str, float]
-    #: the score of the model the training started from (after AdaBN where the method runs it first), then after
-    #: each epoch
+    #: the score of the model the training started from (after AdaBN in fast mode, else the source model), then
+    #: after each epoch
     agreement: List[float]
     losses: List[float]
     trainable_params: int
@@ -298,7 +298,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             cached = _pseudo_labels(source_copy(model).to(dev).eval(), volumes, keep, scorer, emit)
         elif fast:
             cached = _pseudo_labels(m, volumes, keep, scorer, emit)
-    start_name = "adabn" if spec.adabn else SOURCE
+    start_name = "adabn" if spec.adabn and fast else SOURCE  # paper mode trains from the source statistics
     trajectory = [scorer.table[start_name]]
 
     losses: List[float] = []
