@@ -33,6 +33,7 @@ from typing import Dict, List, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -180,27 +181,6 @@ PAPER_SEEDS = (0,)
 IMAGE_CENTRE_FAMILIES = ("fov",)
 
 
-class Rows:
-    """Result rows cached in a JSON-lines file (resume after an interruption)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: Dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    self.rows[r["key"]] = r
-
-    def get(self, key: str):
-        return self.rows.get(key)
-
-    def put(self, row: dict) -> None:
-        self.rows[row["key"]] = row
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def _score(pred: np.ndarray, truth: np.ndarray, spacing_zyx) -> Tuple[float, float, float]:
     from ConvLoRASegLib.metrics import dice, surface_dice
 
@@ -225,7 +205,7 @@ def _image_centred():
     return ctx()
 
 
-def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows: Rows, methods: Sequence[str]):
+def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, methods: Sequence[str]):
     import contextlib
 
     import torch
@@ -314,8 +294,8 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows: 
                                 rows.put({**rows.get(_key(twin, k)), "key": _key(f"cand:{mode}:{name}", k),
                                           "method": f"cand:{mode}:{name}", "candidate": name})
                             continue
-                        if name.startswith("epoch") and name != best and int(name.split()[1]) % 2 == 0:
-                            continue  # odd epochs and the best one (CPU time)
+                        if name.startswith("epoch") and name not in (best, "epoch 1"):
+                            continue  # the first and the best epoch only (CPU time)
                         cand = source_copy(base)
                         cand.adapters.add(name, state, alpha_over_r=res.alpha / res.rank)
                         cand.adapters.set_adapter(name)
@@ -390,11 +370,13 @@ def markdown(summary: Dict[str, object]) -> str:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    rows = Rows(a.work / "rows.jsonl")
+    from table1 import RowCache  # bench/: the same JSON-lines row cache as Table 1
+
+    rows = RowCache(a.work / "rows.jsonl")
     methods = a.methods or list(RUN_METHODS)
     for seed in a.seeds:
-        for head in a.heads:
-            for family in a.families:
+        for family in a.families:
+            for head in a.heads:
                 run_task(head, family, seed, a.models, a.work, rows, methods)
     summary = summarise(list(rows.rows.values()))
     a.out.mkdir(parents=True, exist_ok=True)
