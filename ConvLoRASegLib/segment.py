@@ -365,20 +365,21 @@ def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequenc
     (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
     The model's active adapter is the same afterwards as before.
     """
-    from .selection import SOURCE, choose, score_volume
+    from .selection import SOURCE, choose, score_model
     from .volumes import to_slices
 
     vs = working if working is not None else to_slices(image, model.grid)
     was_active = model.adapters.active
     scores: Dict[str, float] = {}
+    consistency: Dict[str, float] = {}
     infos: Dict[str, Optional[AdapterInfo]] = {}
     try:
         for candidate in [None, *adapters]:
             info = activate_adapter(model, candidate)
-            final, early = predict_slices(model, vs.slices, device, with_esh=True)
             name = SOURCE if info is None else info.name
-            scores[name] = score_volume(final, early, model.grid.spacing_mm).value
+            got = score_model(model, vs.slices, device)
+            scores[name], consistency[name] = got.value, got.consistency if got.plausible else 0.0
             infos[name] = info
     finally:
         model.adapters.set_adapter(was_active)
-    return infos[choose(scores, order=[SOURCE])], scores
+    return infos[choose(scores, order=[SOURCE], consistency=consistency)], scores

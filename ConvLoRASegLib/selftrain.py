@@ -41,7 +41,7 @@ from .convlora import PLACEMENTS, adapter_state, inject_convlora, load_adapter_s
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
 from .segment import autocast_dtype, grad_scaler, nonempty_slices, predict_slices, resolve_device
-from .selection import SOURCE, VolumeScore, choose, mean_score, per_volume_table, score_volume
+from .selection import SOURCE, CandidateScore, VolumeScore, choose, per_volume_table, score_model
 from .unet import LEVELS
 
 MODES = ("paper", "fast")
@@ -194,23 +194,34 @@ class _Scorer:
                  emit: Callable[[dict], None], total_epochs: int, should_stop: StopFlag):
         self.volumes, self.dev, self.precision, self.spacing = volumes, dev, precision, spacing
         self.emit, self.total, self.should_stop = emit, total_epochs, should_stop
-        self.table: Dict[str, float] = {}
+        self.scores: Dict[str, CandidateScore] = {}
         self.per_volume: Dict[str, List[VolumeScore]] = {}
+
+    @property
+    def table(self) -> Dict[str, float]:
+        return {n: c.value for n, c in self.scores.items()}
+
+    @property
+    def consistency(self) -> Dict[str, float]:
+        return {n: c.consistency for n, c in self.scores.items()}
 
     def record(self, name: str, scores: List[VolumeScore], epoch: int) -> float:
         self.per_volume[name] = scores
-        self.table[name] = mean_score(scores)
+        self.scores[name] = CandidateScore.of(scores)
         self.emit({"event": "progress", "stage": "select", "step": epoch, "total": self.total, "epoch": epoch,
-                   "candidate": name, "agreement": self.table[name]})
-        return self.table[name]
+                   "candidate": name, "agreement": self.scores[name].value})
+        return self.scores[name].value
 
     def predict(self, model: ConvLoRASegModel, v: np.ndarray, with_esh: bool):
         _check_stop(self.should_stop)
         return predict_slices(model, v, self.dev, precision=self.precision, with_esh=with_esh)
 
+    def score_volume(self, model: ConvLoRASegModel, v: np.ndarray, predicted=None) -> VolumeScore:
+        _check_stop(self.should_stop)
+        return score_model(model, v, self.dev, self.precision, predicted=predicted)
+
     def score(self, name: str, model: ConvLoRASegModel, epoch: int) -> float:
-        return self.record(name, [score_volume(*self.predict(model, v, True), self.spacing) for v in self.volumes],
-                           epoch)
+        return self.record(name, [self.score_volume(model, v) for v in self.volumes], epoch)
 
 
 def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
@@ -332,7 +343,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             trajectory.append(scorer.score(name, m, epoch))
             states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
 
-    selected = choose(scorer.table, order=[SOURCE, "adabn"])
+    selected = choose(scorer.table, order=[SOURCE, "adabn"], consistency=scorer.consistency)
     result_model = source_copy(model).to(dev)
     if selected != SOURCE:
         _open_trainable(result_model, spec, placement, rank, alpha)
@@ -343,11 +354,12 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     result = AdaptResult(
         model=result_model, state=states[selected], method=method, mode=mode,
         placement=placement if spec.uses_lora else "-", rank=rank, alpha=alpha, epochs=epochs, selected=selected,
-        candidates=dict(scorer.table), agreement=trajectory, losses=losses, trainable_params=n_trainable,
+        candidates=scorer.table, agreement=trajectory, losses=losses, trainable_params=n_trainable,
         seconds=time.perf_counter() - t0, n_volumes=len(volumes), n_slices=int(len(train_x)), seed=seed,
         candidate_states=states,
         details={"steps_per_epoch": n_steps,
                  "precision": str(autocast_dtype(dev, precision) or "fp32").replace("torch.", ""),
+                 "candidate_scores": {n: vars(c) for n, c in scorer.scores.items()},
                  "candidate_volumes": per_volume_table(scorer.per_volume)})
     emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": result.best_epoch,
           "candidate": selected, "agreement": result.best_agreement})
@@ -365,7 +377,7 @@ def _pseudo_labels(teacher: ConvLoRASegModel, volumes: Sequence[np.ndarray], kee
         got = scorer.predict(teacher, v, with_esh)
         probs = got[0] if with_esh else got
         if with_esh:
-            scores.append(score_volume(probs, got[1], scorer.spacing))
+            scores.append(scorer.score_volume(teacher, v, predicted=got))
         outs.append(probs.astype(np.float16))
     emit({"event": "progress", "stage": "pseudo-labels", "step": len(volumes), "total": len(volumes)})
     if score_as is not None:

@@ -48,3 +48,23 @@ def test_spearman():
     assert selection.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert selection.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert np.isnan(selection.spearman([1, 2], [1, 2]))
+
+
+def test_a_candidate_less_consistent_than_the_source_is_refused():
+    """Training pushes the ESH towards the final output, so agreement alone rises with every epoch; a candidate
+    whose final mask became less stable under intensity perturbations than the source's is not taken."""
+    table = {"source": 0.60, "adabn": 0.62, "epoch 3": 0.66}
+    cons = {"source": 0.80, "adabn": 0.81, "epoch 3": 0.75}
+    assert selection.choose(table, ["source", "adabn"]) == "epoch 3"
+    assert selection.choose(table, ["source", "adabn"], consistency=cons) == "adabn"
+    assert selection.choose(table, ["source"], consistency={**cons, "adabn": 0.7}) == "source"
+
+
+def test_consistency_comes_from_perturbed_passes():
+    brain = _ball(40, 14)
+    shifted = _ball(40, 14, shift=3)
+    s = selection.score_volume(brain, brain, 2.0, perturbed=[shifted, brain])
+    assert s.agreement == pytest.approx(1.0) and s.consistency < 1.0
+    assert s.value == pytest.approx(0.5 * (s.agreement + s.consistency)) or not s.plausible
+    xs = selection.perturbed_inputs(np.full((2, 4, 4), 0.5, np.float32))
+    assert [float(x.max()) for x in xs] == pytest.approx([0.5 ** g for g in selection.CONSISTENCY_GAMMAS])
