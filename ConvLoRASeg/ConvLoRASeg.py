@@ -259,6 +259,26 @@ def outputNodeForSegment(inputVolume, selectedOutput, autoOutputID: Optional[str
     return selectedOutput
 
 
+def adaptationMessage(done: Dict[str, Any]) -> Tuple[str, bool]:
+    """The status line after an adaptation job and whether it is a warning: the label-free selection may have
+    kept the unadapted model (``summary.adapted`` false), and the user must see that the adapter changes nothing."""
+    adapter = done.get("adapter") or {}
+    summary = done.get("summary") or {}
+    name = adapter.get("name")
+    if summary.get("adapted") is False:
+        scores = summary.get("candidates") or {}
+        best = max((v for k, v in scores.items() if k != "source"), default=None)
+        best_text = f", best adapted candidate {best:.3f}" if isinstance(best, (int, float)) else ""
+        source = summary.get("agreement_source")
+        source_text = f"{source:.3f}" if isinstance(source, (int, float)) else "?"
+        return (f"Adapter '{name}' saved, but adaptation did not beat the unadapted model on the label-free score "
+                f"(source {source_text}{best_text}): it changes nothing; segment without it.", True)
+    selected = summary.get("selected")
+    agreement = adapter.get("agreement")
+    score = f"{agreement:.3f}" if isinstance(agreement, (int, float)) else "?"
+    return f"Adapter '{name}' saved (selected: {selected or '?'}, label-free score {score}).", False
+
+
 def heavySelfTestWanted(environ: Mapping[str, str], torchInstalled: bool) -> bool:
     """Run the self-test's segmentation and adaptation? Only where torch is there, unless the variable says."""
     value = environ.get(SELFTEST_ENV, "").strip().lower()
@@ -1401,8 +1421,10 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAdaptFinished(self, result: ProcessResult) -> None:
         if self._jobEnded("Adaptation", result):
-            adapter = result.done.get("adapter", {})
-            self.ui.statusLabel.text = f"Adapter '{adapter.get('name')}' saved (agreement {adapter.get('agreement')})."
+            text, warn = adaptationMessage(result.done or {})
+            self.ui.statusLabel.text = text
+            if warn:
+                slicer.util.warningDisplay(text)
         self.refreshAdapters()
 
     # -- segment ----------------------------------------------------------------------------------------

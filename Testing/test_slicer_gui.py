@@ -140,6 +140,18 @@ def test_segment_writes_which_volume_a_mask_belongs_to(logic, head):
 
 # ----------------------------------------------------------------------------------- self-test and torch
 
+def test_an_adapter_that_changes_nothing_is_a_warning():
+    """The label-free selection kept the unadapted model: the user is told, not just shown a saved adapter."""
+    kept = {"adapter": {"name": "siteB", "agreement": 0.61},
+            "summary": {"adapted": False, "selected": "source", "agreement_source": 0.61,
+                        "candidates": {"source": 0.61, "adabn": 0.58, "epoch 1": 0.6}}}
+    text, warn = module.adaptationMessage(kept)
+    assert warn and "did not beat the unadapted model" in text and "0.610" in text and "0.600" in text
+    adapted = {"adapter": {"name": "siteB", "agreement": 0.7}, "summary": {"adapted": True, "selected": "epoch 2"}}
+    text, warn = module.adaptationMessage(adapted)
+    assert not warn and "epoch 2" in text and "0.700" in text
+
+
 def test_heavy_self_test_runs_only_with_torch_or_when_asked():
     assert module.heavySelfTestWanted({}, torchInstalled=True)
     assert not module.heavySelfTestWanted({}, torchInstalled=False)
