@@ -304,6 +304,33 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
                             evaluate(f"{plain}-trained", cand, tests, res.seconds, {"candidate": name})
 
 
+def per_scan_selection(cand_rows: Sequence[dict]) -> Dict[str, object]:
+    """What each selection rule picks per test scan among the fast run's candidates, from label-free scores on that
+    scan alone (as ``segment --adapter auto`` chooses), and the true surface Dice it gets vs the source model's."""
+    from ConvLoRASegLib.selection import SOURCE, choose
+
+    out: Dict[str, object] = {}
+    scans = sorted({(r["head"], r["family"], r["seed"], r["volume"]) for r in cand_rows
+                    if r["method"].startswith("cand:fast:")})
+    for rule in ("agreement", "agreement+consistency"):
+        deltas, picks = [], {}
+        for scan in scans:
+            rs = {r["candidate"]: r for r in cand_rows if r["method"].startswith("cand:fast:")
+                  and (r["head"], r["family"], r["seed"], r["volume"]) == scan}
+            if SOURCE not in rs:
+                continue
+            if rule == "agreement":
+                pick = choose({n: r["label_free"] for n, r in rs.items()}, order=[SOURCE, "adabn"])
+            else:
+                pick = choose({n: 0.5 * (r["label_free"] + r["tta"]) for n, r in rs.items()}, order=[SOURCE, "adabn"],
+                              consistency={n: r["tta"] for n, r in rs.items()})
+            picks[pick.split()[0]] = picks.get(pick.split()[0], 0) + 1
+            deltas.append(rs[pick]["surface_dice"] - rs[SOURCE]["surface_dice"])
+        out[rule] = {"n": len(deltas), "mean_delta": float(np.mean(deltas)) if deltas else None,
+                     "worst_delta": float(min(deltas)) if deltas else None, "picks": picks}
+    return out
+
+
 def summarise(rows: Sequence[dict]) -> Dict[str, object]:
     from ConvLoRASegLib.selection import spearman
 
@@ -343,6 +370,9 @@ def summarise(rows: Sequence[dict]) -> Dict[str, object]:
               for v in sorted({r["volume"] for r in lf})]
     within = [w for w in within if np.isfinite(w)]
     out["spearman_tta_within"] = float(np.mean(within)) if within else None
+    combined = [0.5 * (r["label_free"] + r["tta"]) for r in lf]
+    out["spearman_combined_pooled"] = spearman(combined, [r["surface_dice"] for r in lf])
+    out["per_scan"] = per_scan_selection(lf)
     return out
 
 
@@ -366,6 +396,12 @@ def markdown(summary: Dict[str, object]) -> str:
                  f"{summary['n_pairs']}): pooled {summary['spearman_pooled']:.3f}, within a volume (mean) "
                  f"{summary['spearman_within_volume_mean']:.3f}; the gamma-consistency alternative: pooled "
                  f"{summary.get('spearman_tta_pooled', float('nan')):.3f}, within {summary.get('spearman_tta_within', float('nan')):.3f}")
+    lines.append("")
+    lines.append("| per-scan choice (label-free, on the scan) | scans | mean SD - source | worst SD - source | picks |")
+    lines.append("|---|---|---|---|---|")
+    for rule, v in summary.get("per_scan", {}).items():
+        if v["n"]:
+            lines.append(f"| {rule} | {v['n']} | {v['mean_delta']:+.4f} | {v['worst_delta']:+.4f} | {v['picks']} |")
     return "\n".join(lines) + "\n"
 
 
