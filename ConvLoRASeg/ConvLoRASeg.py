@@ -3,27 +3,34 @@
 Three parts, as in Slicer's scripted-module template:
 
 - :class:`ConvLoRASegWidget` is thin: it binds the .ui to :class:`ConvLoRASegParameterNode` (widgets carry a
-  ``SlicerParameterName`` property) and calls the logic. No ML code.
+  ``SlicerParameterName`` property), observes the parameter node and calls the logic. No ML code. What the GUI
+  shows is decided by the plain functions of the "GUI decisions" section, which tests drive headless.
 - :class:`ConvLoRASegLogic` is the batch-mode API (no widget references): ``segment`` a volume node into a
-  labelmap node with exactly the input's geometry, ``adapt`` to a target cohort in a background process,
-  manage ``adapters``. It works in ``Slicer --no-main-window --python-script`` and in plain Python with
-  the PyPI ``slicer-core`` MRML library.
-- :class:`ConvLoRASegTest` runs inside Slicer on SampleData MRHead.
+  labelmap node with exactly the input's geometry (in-process, or ``segmentInBackground``), ``adapt`` to a
+  target cohort and ``segmentCohort`` in a background process, manage ``adapters``. It works in
+  ``Slicer --no-main-window --python-script`` and in plain Python with the PyPI ``slicer-core`` MRML library.
+- :class:`ConvLoRASegTest` runs inside Slicer on SampleData MRHead (its heavy part only where torch is
+  installed, or when ``CONVLORASEG_SELFTEST=full`` asks for it).
 
 The ML lives in the pure-Python library ``ConvLoRASegLib`` (installed next to this file); torch is imported
-only when a model is needed, so the module loads (and the GUI shows) before PyTorch is installed.
+only when a model is needed, so the module loads (and the GUI shows) before PyTorch is installed. This must be
+the only ``*.py`` at the top of the module folder: Slicer registers every one there as a module.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
+import json
 import logging
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import vtk
 
@@ -54,43 +61,29 @@ def _ensureLibraryImportable() -> None:
 
 _ensureLibraryImportable()
 
-from ConvLoRASegProcess import CliProcess, ProcessResult, childEnvironment, libraryCommand  # noqa: E402
-
-
-def _loadErrorsModuleAlone() -> type:
-    import importlib.util
-
-    for folder in (_MODULE_DIR, _MODULE_DIR.parent):
-        path = folder / "ConvLoRASegLib" / "errors.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("ConvLoRASegLib.errors", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["ConvLoRASegLib.errors"] = module
-            spec.loader.exec_module(module)
-            return module.ConvLoRASegError
-    raise ImportError("ConvLoRASegLib is not installed next to the ConvLoRASeg module")
-
-
-try:
-    from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
-except ImportError:  # the package's __init__ needs torch, which PyTorchUtils installs later
-    ConvLoRASegError = getattr(sys.modules.get("ConvLoRASegLib.errors"), "ConvLoRASegError", None) \
-        or _loadErrorsModuleAlone()
+# Neither import needs torch: the package's __init__ is lazy, jobs.py and errors.py use the standard library only.
+from ConvLoRASegLib import TORCH_MIN  # noqa: E402
+from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
+from ConvLoRASegLib.jobs import CliProcess, ProcessResult, childEnvironment, libraryCommand  # noqa: E402
 
 # Same names as ConvLoRASegLib.cohorts (CC359 domains) and ConvLoRASegLib.selftrain.METHODS (kept literal so the
 # module loads without torch; Testing/test_slicer_logic.py checks they agree).
 CC359_SITES = ("ge15", "ge3", "philips15", "philips3", "siemens15", "siemens3")
 METHODS = ("convlora-adabn", "adabn", "udas", "udas-convlora", "self-training")
-# Installed with pip when missing; Slicer's own numpy and SimpleITK are never replaced, torch comes
-# from the PyTorch extension.
+# Installed with pip when missing (import name, requirement). None of them pulls torch; Slicer's own numpy and
+# SimpleITK are not listed, so pip never replaces them; torch comes from the PyTorch extension.
 PIP_REQUIREMENTS = (("safetensors", "safetensors>=0.4"), ("scipy", "scipy>=1.9"), ("tqdm", "tqdm>=4.60"))
-NEVER_REPLACE = ("numpy", "SimpleITK", "torch")
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_REQUIREMENT = f">={TORCH_MIN}"
+# CONVLORASEG_SELFTEST=full runs the self-test's heavy part (installs torch if needed; minutes on a CPU),
+# =light never runs it; unset: only where torch is already installed.
+SELFTEST_ENV = "CONVLORASEG_SELFTEST"
 # SNOMED CT code for Brain, in Slicer's terminology-entry format (category: Anatomical Structure).
 BRAIN_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list"
                      "~SCT^123037004^Anatomical Structure~SCT^12738006^Brain~^^"
                      "~Anatomic codes - DICOM master list~^^~^^")
 BRAIN_COLOR = (0.88, 0.63, 0.65)
+# Labelmap attributes written by the logic: which volume a mask was made from, with which adapter and model.
+SOURCE_VOLUME_ATTRIBUTE = "ConvLoRASeg.sourceVolumeID"
 
 
 #
@@ -134,14 +127,17 @@ class TargetType(enum.Enum):
                 "cc359": "CC359 site"}[self.value]
 
 
+# Paths are plain strings ("" = not chosen), not pathlib.Path: a Path parameter defaults to Path() = "." (Slicer's
+# working folder) and the path line edit shows ".". Their ctkPathLineEdits are therefore bound by the widget
+# (PATH_WIDGETS), not through SlicerParameterName (parameterNodeWrapper binds a ctkPathLineEdit to Path only).
 @parameterNodeWrapper
 class ConvLoRASegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
-    modelPath: pathlib.Path
+    modelPath: str
     device: Annotated[str, Default("auto")]
     targetType: TargetType
-    cohortFolder: pathlib.Path
-    cc359Root: pathlib.Path
+    cohortFolder: str
+    cc359Root: str
     cc359Site: Annotated[str, Choice(list(CC359_SITES)), Default("ge15")]
     newAdapterName: str
     method: Annotated[str, Choice(list(METHODS)), Default("convlora-adabn")]
@@ -151,13 +147,258 @@ class ConvLoRASegParameterNode:
     outputLabelmap: vtkMRMLLabelMapVolumeNode
     createSegmentation: bool
     show3D: Annotated[bool, Default(True)]
+    segmentInputFolder: str
+    segmentOutputFolder: str
+
+
+#: ctkPathLineEdit (in the .ui) -> str field of the parameter node, bound by the widget.
+PATH_WIDGETS = {
+    "modelPathLineEdit": "modelPath",
+    "cohortFolderPathLineEdit": "cohortFolder",
+    "cc359RootPathLineEdit": "cc359Root",
+    "segmentInputPathLineEdit": "segmentInputFolder",
+    "segmentOutputPathLineEdit": "segmentOutputFolder",
+}
 
 
 def _pathOrNone(path: Optional[Union[str, pathlib.Path]]) -> Optional[pathlib.Path]:
-    """A parameter-node path, or None when it is empty ('' or '.')."""
+    """A parameter-node path, or None when it is empty ('' or '.', which an old scene may hold)."""
     if path is None or str(path).strip() in ("", "."):
         return None
-    return pathlib.Path(path)
+    return pathlib.Path(str(path).strip())
+
+
+#
+# GUI decisions (plain functions: the widget applies them, tests drive them headless)
+#
+
+
+def targetWidgetStates(targetType: Optional[TargetType]) -> Dict[str, bool]:
+    """Which target-cohort widgets are enabled for ``targetType`` (name in the .ui -> enabled)."""
+    return {
+        "cohortFolderPathLineEdit": targetType == TargetType.FOLDER,
+        "targetVolumesCheckableComboBox": targetType == TargetType.SCENE,
+        "cc359RootPathLineEdit": targetType == TargetType.CC359,
+        "cc359SiteComboBox": targetType == TargetType.CC359,
+    }
+
+
+def targetFromParameters(targetType: Optional[TargetType], cohortFolder: str, cc359Root: str, cc359Site: str,
+                         sceneVolumes: Sequence[Any]) -> Any:
+    """What ``ConvLoRASegLogic.adapt`` gets as target; ConvLoRASegError (one line) when it is not chosen."""
+    if targetType == TargetType.FOLDER:
+        folder = _pathOrNone(cohortFolder)
+        if folder is None:
+            raise ConvLoRASegError("choose the folder with the target scanner's volumes")
+        return str(folder)
+    if targetType == TargetType.CC359:
+        root = _pathOrNone(cc359Root)
+        if root is None:
+            raise ConvLoRASegError("choose the CC359 root folder (it holds Original/)")
+        return f"cc359:{root}:{cc359Site}"
+    if targetType == TargetType.SCENE:
+        volumes = list(sceneVolumes)
+        if not volumes:
+            raise ConvLoRASegError("check at least one volume of the scene for the target cohort")
+        return volumes
+    raise ConvLoRASegError("choose where the target cohort comes from")
+
+
+#: Run button -> (the job it starts and cancels, its text when idle).
+JOB_BUTTONS = {"adaptButton": ("adapt", "Adapt"), "segmentButton": ("segment", "Segment"),
+               "segmentCohortButton": ("cohort", "Segment cohort")}
+
+
+def actionButtonStates(runningJob: Optional[str], cancelling: bool, hasInputVolume: bool) -> Dict[str, Tuple[str, bool]]:
+    """Text and enabled state of the three run buttons: each starts its job, or cancels it while it runs.
+
+    One background job at a time: while one runs, the other buttons are disabled.
+    """
+    states = {}
+    for button, (job, idleText) in JOB_BUTTONS.items():
+        if runningJob is None:
+            states[button] = (idleText, hasInputVolume if job == "segment" else True)
+        elif runningJob == job:
+            states[button] = ("Cancelling..." if cancelling else "Cancel", not cancelling)
+        else:
+            states[button] = (idleText, False)
+    return states
+
+
+def deviceChoices(saved: Optional[str], detected: Optional[Sequence[Tuple[str, str]]]) -> Tuple[List[Tuple[str, str]], int]:
+    """Items (text, device) of the device list and the index to select: the saved choice is never dropped.
+
+    ``detected`` is None while torch is not installed (nothing probed yet).
+    """
+    items = [("auto", "auto")] + [(f"{spec}: {description}", spec) for spec, description in (detected or ())]
+    saved = (saved or "auto").strip() or "auto"
+    devices = [device for _, device in items]
+    if saved not in devices:
+        items.append((f"{saved} (not detected)" if detected is not None else saved, saved))
+        devices.append(saved)
+    return items, devices.index(saved)
+
+
+def modelInfoText(modelPath: Optional[str]) -> str:
+    path = _pathOrNone(modelPath)
+    return f"Model: {path}" if path is not None else "Model: bundled default"
+
+
+def outputNodeForSegment(inputVolume, selectedOutput, autoOutputID: Optional[str]):
+    """The labelmap node *Segment* writes into, or None to create a new one.
+
+    The user's own choice is kept. The node the module itself selected after an earlier *Segment*
+    (``autoOutputID``) is reused only for the volume it was made from: a new volume gets a new mask.
+    """
+    if selectedOutput is None:
+        return None
+    if autoOutputID is not None and selectedOutput.GetID() == autoOutputID:
+        source = selectedOutput.GetAttribute(SOURCE_VOLUME_ATTRIBUTE)
+        if inputVolume is None or source != inputVolume.GetID():
+            return None
+    return selectedOutput
+
+
+def adaptationMessage(done: Dict[str, Any]) -> Tuple[str, bool]:
+    """The status line after an adaptation job and whether it is a warning: the label-free selection may have
+    kept the unadapted model (``summary.adapted`` false), and the user must see that the adapter changes nothing."""
+    adapter = done.get("adapter") or {}
+    summary = done.get("summary") or {}
+    name = adapter.get("name")
+    if summary.get("adapted") is False:
+        scores = summary.get("candidates") or {}
+        best = max((v for k, v in scores.items() if k != "source"), default=None)
+        best_text = f", best adapted candidate {best:.3f}" if isinstance(best, (int, float)) else ""
+        source = summary.get("agreement_source")
+        source_text = f"{source:.3f}" if isinstance(source, (int, float)) else "?"
+        return (f"Adapter '{name}' saved, but adaptation did not beat the unadapted model on the label-free score "
+                f"(source {source_text}{best_text}): it changes nothing; segment without it.", True)
+    selected = summary.get("selected")
+    agreement = adapter.get("agreement")
+    score = f"{agreement:.3f}" if isinstance(agreement, (int, float)) else "?"
+    return f"Adapter '{name}' saved (selected: {selected or '?'}, label-free score {score}).", False
+
+
+def heavySelfTestWanted(environ: Mapping[str, str], torchInstalled: bool) -> bool:
+    """Run the self-test's segmentation and adaptation? Only where torch is there, unless the variable says."""
+    value = environ.get(SELFTEST_ENV, "").strip().lower()
+    if value in ("full", "1", "yes", "on"):
+        return True
+    if value in ("light", "0", "no", "off"):
+        return False
+    return torchInstalled
+
+
+def _versionTuple(version: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def torchVersionProblem(installed: Optional[str], minimum: str = TORCH_MIN) -> Optional[str]:
+    """None when torch ``installed`` (a version string, None if absent) is new enough, else "missing"/"old"."""
+    if installed is None:
+        return "missing"
+    try:
+        from packaging.version import Version
+
+        old = Version(installed).release < Version(minimum).release
+    except Exception:  # packaging missing or an odd local version: compare the leading numbers
+        old = _versionTuple(installed) < _versionTuple(minimum)
+    return "old" if old else None
+
+
+def installedTorchVersion() -> Optional[str]:
+    """torch's version without importing it (None when it is not installed)."""
+    import importlib.metadata
+    import importlib.util
+
+    if "torch" in sys.modules:
+        return str(getattr(sys.modules["torch"], "__version__", "0"))
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):  # the CLI's per-adapter scores: the chosen one is the best
+        numbers = [float(v) for v in value.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return max(numbers) if numbers else None
+    return None
+
+
+def _worstFirst(entry: Dict[str, Any]) -> Tuple:
+    agreement = _number(entry.get("agreement"))
+    return (-len(entry.get("flags") or ()), agreement if agreement is not None else float("inf"))
+
+
+def manifestEntries(items: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Cases of a cohort run as dicts with at least input, output, adapter, seconds, brain_ml, agreement and
+    flags (list of str), worst first (most flags, then lowest agreement)."""
+    entries = []
+    for item in items:
+        entry = {"input": "", "output": "", "adapter": None, "seconds": None, "brain_ml": None, "agreement": None}
+        entry.update(item)
+        flags = entry.get("flags")
+        entry["flags"] = [flags] if isinstance(flags, str) else list(flags or [])
+        entries.append(entry)
+    return sorted(entries, key=_worstFirst)
+
+
+def loadManifest(outputDir: Union[str, pathlib.Path]) -> List[Dict[str, Any]]:
+    """The cases of ``convlora-seg segment ... -o OUTDIR``, worst first.
+
+    ``ConvLoRASegLib.qc.load_manifest`` where the library has it, else OUTDIR/manifest.json read here.
+    Raises ConvLoRASegError (one line) when there is no readable manifest.
+    """
+    folder = pathlib.Path(outputDir)
+    try:
+        qc = importlib.import_module("ConvLoRASegLib.qc")
+    except ImportError:
+        qc = None
+    try:
+        if qc is not None and hasattr(qc, "load_manifest"):
+            return manifestEntries(qc.load_manifest(folder))
+        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except ConvLoRASegError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConvLoRASegError(f"no readable manifest in {folder} ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(data, dict):
+        data = data.get("cases") or data.get("outputs") or []
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ConvLoRASegError(f"{folder / 'manifest.json'} does not list cases")
+    return manifestEntries(data)
+
+
+MANIFEST_COLUMNS = ("Flags", "Input", "Adapter", "Brain (ml)", "Agreement", "Seconds")
+
+
+def manifestRows(entries: Sequence[Dict[str, Any]]) -> List[Tuple[str, ...]]:
+    """The text of each manifest table row (columns: MANIFEST_COLUMNS)."""
+    rows = []
+    for entry in entries:
+        brain, agreement, seconds = (_number(entry.get(key)) for key in ("brain_ml", "agreement", "seconds"))
+        rows.append((", ".join(entry.get("flags") or []) or "ok",
+                     pathlib.Path(str(entry.get("input") or "")).name,
+                     str(entry.get("adapter") or "source model"),
+                     "" if brain is None else f"{brain:.0f}",
+                     "" if agreement is None else f"{agreement:.3f}",
+                     "" if seconds is None else f"{seconds:.1f}"))
+    return rows
 
 
 #
@@ -168,25 +409,20 @@ def _pathOrNone(path: Optional[Union[str, pathlib.Path]]) -> Optional[pathlib.Pa
 def ensureDependencies(askConfirmation: Optional[bool] = None) -> None:
     """Install what ConvLoRASegLib needs and Slicer lacks; raise ConvLoRASegError with a clear line if it fails.
 
-    torch comes from the PyTorch extension (``PyTorchUtils``), which picks the build for the GPU and asks
-    before downloading; the question is skipped when Slicer runs tests or without a main window (batch
-    mode). Other packages go through ``slicer.pydeps.pip_ensure`` (Slicer >= 5.11; ``slicer.packaging`` where
-    that is its name) or ``slicer.util.pip_install``; numpy and SimpleITK are never replaced.
+    torch comes from the PyTorch extension (``PyTorchUtils``, which picks the build for the GPU); an installed
+    torch older than ``ConvLoRASegLib.TORCH_MIN`` is upgraded through it (after asking, with a GUI). The pip
+    packages are installed after one confirmation of ours -- ``slicer.packaging.pip_ensure`` (Slicer >= 5.12.0)
+    is told not to ask again and to install in testing mode too; ``slicer.util.pip_install`` before 5.12.
+    ``askConfirmation`` defaults to False when Slicer runs tests or has no main window (batch mode).
     """
     import importlib.util
 
     if askConfirmation is None:
         askConfirmation = not _isBatchOrTesting()
-    if importlib.util.find_spec("torch") is None:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            raise ConvLoRASegError("PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager, "
-                                   "restart Slicer and try again") from None
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
-                                                             torchVersionRequirement=TORCH_REQUIREMENT)
-        if torch is None:
-            raise ConvLoRASegError("PyTorch was not installed (cancelled or failed); see the Python console")
+    installed = installedTorchVersion()
+    problem = torchVersionProblem(installed)
+    if problem is not None:
+        _installTorch(problem, installed, askConfirmation)
     missing = [req for importName, req in PIP_REQUIREMENTS if importlib.util.find_spec(importName) is None]
     if not missing:
         return
@@ -194,27 +430,51 @@ def ensureDependencies(askConfirmation: Optional[bool] = None) -> None:
             f"ConvLoRASeg needs these Python packages: {', '.join(missing)}. Install them now?"):
         raise ConvLoRASegError(f"missing Python packages: {', '.join(missing)}")
     try:
-        _pipEnsure(missing)
+        _pipInstall(missing, interactive=askConfirmation)
     except Exception as exc:  # pip's own errors are many types; users need one line
         raise ConvLoRASegError(f"installing {', '.join(missing)} failed ({exc}); check the network and the "
                                "Python console") from None
 
 
-def _pipEnsure(requirements: Sequence[str]) -> None:
-    pydeps = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
-    if pydeps is None:
-        for name in ("slicer.pydeps", "slicer.packaging"):
-            try:
-                pydeps = __import__(name, fromlist=["pip_ensure"])
-                break
-            except ImportError:
-                pass
-    if pydeps is not None and hasattr(pydeps, "pip_ensure"):
-        from packaging.requirements import Requirement
+def _installTorch(problem: str, installed: Optional[str], askConfirmation: bool) -> None:
+    try:
+        import PyTorchUtils
+    except ImportError:
+        what = "PyTorch is needed" if problem == "missing" else f"PyTorch {installed} is older than {TORCH_MIN}"
+        raise ConvLoRASegError(f"{what}: install the 'PyTorch' extension from the Extensions Manager, restart "
+                               "Slicer and try again") from None
+    wasImported = "torch" in sys.modules
+    if problem == "old":
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                f"ConvLoRASeg needs PyTorch {TORCH_REQUIREMENT}; PyTorch {installed} is installed (perhaps by "
+                "another extension). Upgrade it now through PyTorch Utils? Slicer must be restarted afterwards."):
+            raise ConvLoRASegError(f"PyTorch {installed} is older than {TORCH_MIN}; upgrade it in the PyTorch Utils "
+                                   f"module (version requirement {TORCH_REQUIREMENT}) and restart Slicer")
+        askConfirmation = False  # we just asked
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
+                                                         torchVersionRequirement=TORCH_REQUIREMENT)
+    if torch is None:
+        raise ConvLoRASegError("PyTorch was not installed (cancelled or failed); see the Python console")
+    if problem == "old" and wasImported:
+        raise ConvLoRASegError(f"PyTorch was upgraded (the old {installed} is still loaded): restart Slicer")
 
-        pydeps.pip_ensure([Requirement(r) for r in requirements], skip_packages=list(NEVER_REPLACE),
-                          requester="ConvLoRASeg")
-    else:
+
+def _slicerPackaging():
+    """``slicer.packaging`` (Slicer >= 5.12.0), or None on older Slicer."""
+    try:
+        return importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+
+
+def _pipInstall(requirements: Sequence[str], interactive: bool) -> None:
+    packaging = _slicerPackaging()
+    if packaging is not None and hasattr(packaging, "pip_ensure"):
+        # We asked once already: no second dialog (it would also stall batch mode), and install in testing mode
+        # too (the CTest self-test needs the packages; the default skip_in_testing=True installs nothing).
+        packaging.pip_ensure(list(requirements), prompt_install=False, prompt_restart=interactive,
+                             requester="ConvLoRASeg", skip_in_testing=False, show_progress=interactive)
+    else:  # Slicer < 5.12: pip_install(requirements) takes nothing else
         slicer.util.pip_install(" ".join(requirements))
 
 
@@ -226,6 +486,26 @@ def _isBatchOrTesting() -> bool:
         return bool(app.testingEnabled()) or bool(app.commandOptions().noMainWindow)
     except AttributeError:
         return True
+
+
+def _hasMainWindow() -> bool:
+    """True in the GUI application (long work then goes to a background process), False in batch mode."""
+    app = getattr(slicer, "app", None)
+    if app is None:
+        return False
+    try:
+        return not bool(app.commandOptions().noMainWindow)
+    except AttributeError:
+        return False
+
+
+@dataclass
+class SegmentOutcome:
+    """What a background *Segment* produced: the labelmap, the adapter used and the label-free scores."""
+
+    labelmap: Any
+    adapter: Any = None
+    scores: Dict[str, float] = field(default_factory=dict)
 
 
 #
@@ -259,7 +539,10 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         self._model = None
         self._modelKey: Optional[str] = None
         self._process: Optional[CliProcess] = None
+        self.runningJob: Optional[str] = None  # "adapt", "segment" or "cohort" while a background job runs
+        self._tempDir: Optional[pathlib.Path] = None
         self._timer = None
+        self._shuttingDown = False
         self.lastCleanup: List[pathlib.Path] = []
 
     def getParameterNode(self) -> ConvLoRASegParameterNode:
@@ -385,7 +668,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             return node.GetScene()
         return slicer.mrmlScene
 
-    # -- segmenting one volume (in-process; seconds) ----------------------------------------------------
+    # -- segmenting one volume in-process (batch mode; the GUI uses segmentInBackground) ------------------
 
     def segment(self, volumeNode, adapter: Any = None, outputNode=None, device: str = "auto",
                 postprocess: bool = True):
@@ -427,6 +710,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         volumeNode.GetIJKToRASMatrix(m)
         outputNode.SetIJKToRASMatrix(m)
         outputNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        outputNode.SetAttribute(SOURCE_VOLUME_ATTRIBUTE, volumeNode.GetID() or "")
         outputNode.SetAttribute("ConvLoRASeg.adapter", info.name if info is not None else "")
         outputNode.SetAttribute("ConvLoRASeg.modelSha256", self.modelSha256())
         if outputNode.GetDisplayNode() is None:
@@ -469,15 +753,44 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             logging.warning("ConvLoRASeg: could not make the 3D surface of the brain segmentation")
         return segmentationNode
 
-    # -- background process: adapt, cohort segmentation, cancel -----------------------------------------
+    # -- background process: adapt, segment, cohort segmentation, cancel, teardown --------------------------
 
     def isRunning(self) -> bool:
         return self._process is not None and self._process.isRunning()
 
+    def isCancelling(self) -> bool:
+        return self._process is not None and self._process.cancelling
+
     def cancel(self) -> None:
-        """Stop the running background process (and its children); nothing partial is left in the store."""
+        """Ask the background process to stop and return at once; the process tree is killed if it has not
+        stopped after a grace period. Nothing partial is left in the store."""
         if self._process is not None:
             self._process.cancel()
+
+    def shutdown(self, graceSeconds: float = 1.0) -> None:
+        """Teardown (module reload, Slicer quits): stop the background process tree, the timer, the temp folder.
+
+        Blocks at most about ``graceSeconds`` + 2 s; no ``finished`` callback is called.
+        """
+        self._shuttingDown = True
+        process = self._process
+        try:
+            if process is not None and process.isRunning():
+                process.cancel(graceSeconds=graceSeconds)
+                deadline = time.monotonic() + graceSeconds + 2.0
+                while process.poll() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if process.isRunning():
+                    process.kill()
+                    while process.poll() and time.monotonic() < deadline + 2.0:
+                        time.sleep(0.05)
+        finally:
+            self._stopTimer()
+            if self._tempDir is not None:
+                shutil.rmtree(self._tempDir, ignore_errors=True)
+                self._tempDir = None
+            self.runningJob = None
+            self._shuttingDown = False
 
     def _targetArguments(self, target: Any, tempDir: pathlib.Path) -> List[str]:
         """CLI arguments for a target cohort: folder, files, volume nodes, or "cc359:<root>:<site>"."""
@@ -485,7 +798,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             text = str(target)
             if text.startswith("cc359:"):
                 return [text]
-            if not os.path.exists(text):
+            if not text.strip() or not os.path.exists(text):
                 raise ConvLoRASegError(f"target cohort not found: {text}")
             return [text]
         items = list(target)
@@ -518,6 +831,9 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         root = self.adapterStore().root
         return {p for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
 
+    def _modelArguments(self) -> List[str]:
+        return ["--model", str(self.modelPath)] if self.modelPath is not None else []
+
     def adapt(self, target: Any, name: str, method: str = "convlora-adabn",
               progress: Optional[Callable[[Dict[str, Any]], None]] = None, waitForCompletion: bool = True,
               device: str = "auto", epochs: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
@@ -535,7 +851,8 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
                 False returns the running :class:`CliProcess` at once (polled by a QTimer every 100 ms in
                 Slicer; call its ``wait()`` or ``poll()`` yourself elsewhere).
             device: "auto", "cpu", "cuda:N" or "mps"; epochs: None for the library's default.
-            log: called with the process's other output lines; finished: called with the ProcessResult.
+            log: called with the process's other output lines; finished: called with the ProcessResult
+                (its ``value`` is the AdapterInfo).
             timeout: seconds before a blocking run is cancelled (None: no limit).
         Raises:
             ConvLoRASegError: bad target or name, another run in progress, or the process reported an error.
@@ -546,10 +863,10 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         arguments = ["--name", name, "--json", "--method", method, "--device", device]
         if epochs:
             arguments += ["--epochs", str(int(epochs))]
-        if self.modelPath is not None:
-            arguments += ["--model", str(self.modelPath)]
-        return self._runBackground("adapt", target, arguments + list(extraArgs), progress, log, finished,
-                                   waitForCompletion, timeout, self._adaptResult)
+        arguments += self._modelArguments() + list(extraArgs)
+        return self._runBackground("adapt", lambda tempDir: self._targetArguments(target, tempDir) + arguments,
+                                   progress, log, finished, waitForCompletion, timeout,
+                                   lambda result, tempDir: self._adaptResult(result))
 
     def _adaptResult(self, result: ProcessResult):
         from ConvLoRASegLib.store import read_adapter_info
@@ -559,50 +876,152 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             raise ConvLoRASegError("the adaptation process finished without naming its adapter file")
         return read_adapter_info(adapter["path"])
 
+    def segmentInBackground(self, volumeNode, adapter: Any = None, outputNode=None, device: str = "auto",
+                            postprocess: bool = True, progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+                            waitForCompletion: bool = False, log: Optional[Callable[[str], None]] = None,
+                            finished: Optional[Callable[[ProcessResult], None]] = None,
+                            timeout: Optional[float] = None):
+        """:meth:`segment` in a background process (the GUI stays responsive); ``adapter="auto"`` chooses the
+        best adapter for this scan there (one pass per adapter).
+
+        Returns the running CliProcess, or with ``waitForCompletion`` the :class:`SegmentOutcome` (None if
+        cancelled); ``finished`` gets the ProcessResult whose ``value`` is the SegmentOutcome.
+        """
+        if volumeNode is None:
+            raise ConvLoRASegError("select an input volume first")
+        auto = isinstance(adapter, str) and adapter.strip().lower() == "auto"
+        info = None if auto else self.resolveAdapter(adapter)
+        self.imageFromVolumeNode(volumeNode)  # bad input (no image, colour volume, ...) fails here, in one line
+
+        def arguments(tempDir: pathlib.Path) -> List[str]:
+            source = self._saveVolumeNode(volumeNode, tempDir / "input.nrrd")
+            args = [str(source), "-o", str(tempDir / "mask.nrrd"), "--json", "--device", device]
+            if auto:
+                args += ["--adapter", "auto"]
+            elif info is not None:
+                args += ["--adapter", str(info.path)]
+            if not postprocess:
+                args.append("--no-postprocess")
+            return args + self._modelArguments()
+
+        def onSuccess(result: ProcessResult, tempDir: pathlib.Path) -> SegmentOutcome:
+            import SimpleITK as sitk
+            from ConvLoRASegLib.volumes import array_from_image
+
+            if volumeNode.GetScene() is None:
+                raise ConvLoRASegError("the input volume was removed from the scene while it was segmented")
+            outputs = (result.done or {}).get("outputs") or [{}]
+            chosen = info
+            if auto and outputs[0].get("adapter"):
+                chosen = self.adapterStore().find(self.modelSha256(), str(outputs[0]["adapter"]))
+            target = outputNode if outputNode is not None and outputNode.GetScene() is not None else None
+            mask = array_from_image(sitk.ReadImage(str(tempDir / "mask.nrrd"))).astype("uint8", copy=False)
+            labelmap = self._writeLabelmap(volumeNode, mask, target, chosen)
+            scores = outputs[0].get("adapter_scores")  # the CLI's per-candidate label-free scores (--adapter auto)
+            return SegmentOutcome(labelmap, chosen, dict(scores) if isinstance(scores, dict) else {})
+
+        return self._runBackground("segment", arguments, progress, log, finished, waitForCompletion, timeout,
+                                   onSuccess)
+
     def segmentCohort(self, inputs: Any, outputDir: Union[str, pathlib.Path], adapter: Any = None,
                       device: str = "auto", progress: Optional[Callable[[Dict[str, Any]], None]] = None,
                       waitForCompletion: bool = True, log: Optional[Callable[[str], None]] = None,
                       finished: Optional[Callable[[ProcessResult], None]] = None, timeout: Optional[float] = None):
         """Segment many volumes (folder, files or volume nodes) into ``outputDir`` in a background process.
 
-        Returns the ``done`` event's dict when ``waitForCompletion`` (None if cancelled), else the CliProcess.
+        ``adapter``: None, a stored name, a file, an AdapterInfo or "auto" (best per scan). Returns the ``done``
+        event's dict when ``waitForCompletion`` (None if cancelled), else the CliProcess. The cases, worst first:
+        :func:`loadManifest` (``outputDir``).
         """
+        if _pathOrNone(outputDir) is None:
+            raise ConvLoRASegError("choose the output folder for the masks")
         outputDir = pathlib.Path(outputDir)
-        outputDir.mkdir(parents=True, exist_ok=True)
         arguments = ["-o", str(outputDir), "--json", "--device", device]
-        info = self.resolveAdapter(adapter)
-        if info is not None:
-            arguments += ["--adapter", str(info.path)]
-        if self.modelPath is not None:
-            arguments += ["--model", str(self.modelPath)]
-        return self._runBackground("segment", inputs, arguments, progress, log, finished, waitForCompletion,
-                                   timeout, lambda result: result.done)
+        if isinstance(adapter, str) and adapter.strip().lower() == "auto":
+            arguments += ["--adapter", "auto"]
+        else:
+            info = self.resolveAdapter(adapter)
+            if info is not None:
+                arguments += ["--adapter", str(info.path)]
+        arguments += self._modelArguments()
 
-    def _runBackground(self, command: str, target: Any, arguments: List[str], progress, log, finished,
-                       waitForCompletion: bool, timeout: Optional[float], onSuccess: Callable[[ProcessResult], Any]):
+        def build(tempDir: pathlib.Path) -> List[str]:
+            targets = self._targetArguments(inputs, tempDir)
+            outputDir.mkdir(parents=True, exist_ok=True)
+            return targets + arguments
+
+        return self._runBackground("segment", build, progress, log, finished, waitForCompletion, timeout,
+                                   lambda result, tempDir: result.done, job="cohort")
+
+    def loadCase(self, entry: Dict[str, Any]):
+        """Load one manifest case into the scene: (volume node of its input, labelmap node of its mask)."""
+        scene = self._sceneFor()
+        nodes = []
+        for key, className in (("input", "vtkMRMLScalarVolumeNode"), ("output", "vtkMRMLLabelMapVolumeNode")):
+            path = pathlib.Path(str(entry.get(key) or ""))
+            if not str(entry.get(key) or "").strip() or not path.is_file():
+                raise ConvLoRASegError(f"the case's {key} file is missing: {path}")
+            name = path.name.split(".")[0] + (" brain mask" if key == "output" else "")
+            node = scene.AddNewNodeByClass(className, name)
+            storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+            storage.SetFileName(str(path))
+            if key == "output":
+                storage.SetCenterImage(0)
+            if not storage.ReadData(node):
+                scene.RemoveNode(storage)
+                scene.RemoveNode(node)
+                for other in nodes:
+                    scene.RemoveNode(other)
+                raise ConvLoRASegError(f"could not read {path}")
+            node.SetAndObserveStorageNodeID(storage.GetID())
+            node.CreateDefaultDisplayNodes()
+            nodes.append(node)
+        return nodes[0], nodes[1]
+
+    def _runBackground(self, command: str, buildArguments: Callable[[pathlib.Path], List[str]], progress, log,
+                       finished, waitForCompletion: bool, timeout: Optional[float],
+                       onSuccess: Callable[[ProcessResult, pathlib.Path], Any], job: Optional[str] = None):
         if self.isRunning():
             raise ConvLoRASegError("another ConvLoRASeg process is running; wait for it or cancel it")
         tempDir = pathlib.Path(tempfile.mkdtemp(prefix="ConvLoRASeg-"))
         try:
-            targetArguments = self._targetArguments(target, tempDir)
+            arguments = buildArguments(tempDir)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
         before = self._storeFiles()
-        outcome: Dict[str, Any] = {}
 
         def onFinished(result: ProcessResult) -> None:
-            shutil.rmtree(tempDir, ignore_errors=True)
-            self._stopTimer()
-            if result.cancelled:
-                self._removeLeftovers(before)
-            if finished:
+            try:
+                self._stopTimer()
+                if result.cancelled:
+                    self._removeLeftovers(before)
+                elif result.ok:
+                    try:
+                        result.value = onSuccess(result, tempDir)
+                    except ConvLoRASegError as exc:
+                        result.errorMessage, result.done = str(exc), None
+                    except Exception as exc:  # reading the result back failed: one line for the user, log the rest
+                        logging.exception("ConvLoRASeg: reading the %s result failed", command)
+                        result.errorMessage, result.done = f"reading the result failed: {exc}", None
+            finally:
+                shutil.rmtree(tempDir, ignore_errors=True)
+                self._tempDir = None
+                self.runningJob = None
+            if finished is not None and not self._shuttingDown:
                 finished(result)
 
-        process = CliProcess(libraryCommand(command, *targetArguments, *arguments), env=self._storeEnvironment(),
+        process = CliProcess(libraryCommand(command, *arguments), env=self._storeEnvironment(),
                              onProgress=progress, onLog=log or (lambda line: logging.info("ConvLoRASeg: %s", line)),
                              onFinished=onFinished)
-        self._process = process.start()
+        self._tempDir = tempDir
+        self.runningJob = job or command
+        try:
+            self._process = process.start()
+        except OSError as exc:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            self._tempDir, self.runningJob = None, None
+            raise ConvLoRASegError(f"could not start the background process ({exc})") from None
         if not waitForCompletion:
             self._startTimer()
             return process
@@ -611,7 +1030,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             return None
         if not result.ok:
             raise ConvLoRASegError(result.errorMessage or f"{command} failed")
-        return onSuccess(result)
+        return result.value
 
     def _removeLeftovers(self, before: set) -> None:
         """After a cancel, delete files that appeared in the store during the run (partial writes)."""
@@ -625,6 +1044,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             import qt
         except ImportError:
             return  # no event loop: the caller polls the returned process
+        self._stopTimer()
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
@@ -635,9 +1055,12 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             self._process.poll()
 
     def _stopTimer(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer = None
+        """Stop the QTimer; it is deleted by Qt later (this may run inside the timer's own timeout slot, where
+        dropping the last Python reference would make PythonQt delete it at once)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.stop()
+            timer.deleteLater()
 
 
 #
@@ -654,6 +1077,11 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: Optional[ConvLoRASegLogic] = None
         self._parameterNode: Optional[ConvLoRASegParameterNode] = None
         self._parameterNodeGuiTag = None
+        self._updatingGui = False
+        self._autoOutputID: Optional[str] = None  # the labelmap the module selected after its last Segment
+        self._detectedDevices: Optional[List[Tuple[str, str]]] = None
+        self._manifestEntries: List[Dict[str, Any]] = []
+        self._quitConnected = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -663,26 +1091,56 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = ConvLoRASegLogic()
 
+        self.ui.manifestTableWidget.setColumnCount(len(MANIFEST_COLUMNS))
+        self.ui.manifestTableWidget.setHorizontalHeaderLabels(list(MANIFEST_COLUMNS))
+        # Filled before any handler is connected and before the parameter node is attached: filling it later
+        # fired onDeviceChanged and overwrote the saved device with "auto".
+        self._fillDeviceList()
+
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.segmentCohortButton.connect("clicked(bool)", self.onSegmentCohortButton)
+        self.ui.showManifestButton.connect("clicked(bool)", self.onShowManifestButton)
+        self.ui.loadCaseButton.connect("clicked(bool)", self.onLoadCaseButton)
+        self.ui.manifestTableWidget.connect("cellDoubleClicked(int,int)", self.onManifestCellDoubleClicked)
         self.ui.refreshAdaptersButton.connect("clicked(bool)", self.refreshAdapters)
         self.ui.renameAdapterButton.connect("clicked(bool)", self.onRenameAdapter)
         self.ui.deleteAdapterButton.connect("clicked(bool)", self.onDeleteAdapter)
         self.ui.importAdapterButton.connect("clicked(bool)", self.onImportAdapter)
         self.ui.exportAdapterButton.connect("clicked(bool)", self.onExportAdapter)
+        self.ui.bundledModelButton.connect("clicked(bool)", self.onBundledModelButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.adaptersTableWidget.connect("itemSelectionChanged()", self.onAdapterSelectionChanged)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
-        self.ui.targetTypeComboBox.connect("currentIndexChanged(int)", self.updateTargetWidgets)
+        for widgetName, parameter in PATH_WIDGETS.items():
+            getattr(self.ui, widgetName).connect(
+                "currentPathChanged(QString)", lambda path, parameter=parameter: self.onPathEdited(parameter, path))
+        # Target widgets follow the parameter node (ModifiedEvent, see setParameterNode), not the combo box's own
+        # signal: that ran before parameterNodeWrapper had stored the new choice and showed the previous one.
 
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        self._quitConnected = True
         self.initializeParameterNode()
-        self.ui.deviceComboBox.addItem("auto", "auto")
 
     def cleanup(self) -> None:
+        """Module reload or application exit: stop the background job and its timer, remove its temp folder."""
+        self._teardown()
         self.removeObservers()
+
+    def onAboutToQuit(self) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._quitConnected:
+            try:
+                slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+            except (AttributeError, ValueError, RuntimeError):
+                pass
+            self._quitConnected = False
+        if self.logic is not None:
+            self.logic.shutdown()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -693,11 +1151,13 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        self._autoOutputID = None
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -711,10 +1171,65 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[ConvLoRASegParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.updateTargetWidgets()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+            self.updateGuiFromParameterNode()
+
+    # -- parameter node -> GUI ---------------------------------------------------------------------------
+
+    def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
+        """Everything parameterNodeWrapper does not bind, from the parameter node's current values."""
+        p = self._parameterNode
+        if p is None or self._updatingGui:
+            return
+        self._updatingGui = True
+        try:
+            for widgetName, enabled in targetWidgetStates(p.targetType).items():
+                getattr(self.ui, widgetName).setEnabled(enabled)
+            for widgetName, parameter in PATH_WIDGETS.items():
+                widget, value = getattr(self.ui, widgetName), getattr(p, parameter) or ""
+                if widget.currentPath != value:
+                    wasBlocked = widget.blockSignals(True)
+                    widget.currentPath = value
+                    widget.blockSignals(wasBlocked)
+            self.ui.modelInfoLabel.text = modelInfoText(p.modelPath)
+            self._selectDevice(p.device)
+            if p.outputLabelmap is not None and outputNodeForSegment(p.inputVolume, p.outputLabelmap,
+                                                                     self._autoOutputID) is None:
+                p.outputLabelmap = None  # the mask the module made for the previous volume: a new one is made
+            self._updateButtons()
+        finally:
+            self._updatingGui = False
+
+    def _updateButtons(self) -> None:
+        p = self._parameterNode
+        states = actionButtonStates(self.logic.runningJob if self.logic.isRunning() else None,
+                                    self.logic.isCancelling(), bool(p is not None and p.inputVolume))
+        for buttonName, (text, enabled) in states.items():
+            button = getattr(self.ui, buttonName)
+            button.text = text
+            button.enabled = enabled
+
+    def onPathEdited(self, parameter: str, path: str) -> None:
+        if self._parameterNode is None or self._updatingGui:
+            return
+        text = str(_pathOrNone(path) or "")
+        if getattr(self._parameterNode, parameter) != text:
+            setattr(self._parameterNode, parameter, text)
+            if parameter == "modelPath":
+                self.logic.setModelPath(text)
+                self.refreshAdapters()
+
+    def onBundledModelButton(self) -> None:
+        """Back to the bundled model (a cleared ctkPathLineEdit does not report the empty path)."""
+        if self._parameterNode is not None:
+            self._parameterNode.modelPath = ""
+        self.logic.setModelPath(None)
+        self.updateGuiFromParameterNode()
+        self.refreshAdapters()
 
     # -- small GUI helpers ------------------------------------------------------------------------------
 
@@ -736,43 +1251,42 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setModelPath(self._parameterNode.modelPath)
         return self._run("Installing dependencies", lambda: ensureDependencies() or True) is True
 
-    def updateTargetWidgets(self, *args) -> None:
-        if not self._parameterNode:
-            return
-        kind = self._parameterNode.targetType
-        self.ui.cohortFolderPathLineEdit.setEnabled(kind == TargetType.FOLDER)
-        self.ui.targetVolumesCheckableComboBox.setEnabled(kind == TargetType.SCENE)
-        self.ui.cc359RootPathLineEdit.setEnabled(kind == TargetType.CC359)
-        self.ui.cc359SiteComboBox.setEnabled(kind == TargetType.CC359)
+    def _fillDeviceList(self) -> None:
+        saved = self._parameterNode.device if self._parameterNode else "auto"
+        items, index = deviceChoices(saved, self._detectedDevices)
+        combo = self.ui.deviceComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for text, device in items:
+            combo.addItem(text, device)
+        combo.setCurrentIndex(index)
+        combo.blockSignals(wasBlocked)
+
+    def _selectDevice(self, device: str) -> None:
+        combo = self.ui.deviceComboBox
+        index = combo.findData(device or "auto")
+        if index < 0:
+            self._fillDeviceList()
+        elif index != combo.currentIndex:
+            wasBlocked = combo.blockSignals(True)
+            combo.setCurrentIndex(index)
+            combo.blockSignals(wasBlocked)
 
     def refreshDevices(self) -> None:
-        """Fill the device list with what torch detects (auto first); show the detected devices."""
+        """Fill the device list with what torch detects (auto first); the saved choice stays selected."""
         try:
             from ConvLoRASegLib.segment import available_devices
 
-            devices = available_devices()
+            self._detectedDevices = list(available_devices())
         except ImportError:
             self.ui.deviceInfoLabel.text = "Detected: (PyTorch not installed yet)"
             return
-        current = self._parameterNode.device if self._parameterNode else "auto"
-        self.ui.deviceComboBox.blockSignals(True)
-        self.ui.deviceComboBox.clear()
-        self.ui.deviceComboBox.addItem("auto", "auto")
-        for spec, description in devices:
-            self.ui.deviceComboBox.addItem(f"{spec}: {description}", spec)
-        index = max(0, self.ui.deviceComboBox.findData(current))
-        self.ui.deviceComboBox.setCurrentIndex(index)
-        self.ui.deviceComboBox.blockSignals(False)
-        self.ui.deviceInfoLabel.text = "Detected: " + "; ".join(description for _, description in devices)
+        self._fillDeviceList()
+        self.ui.deviceInfoLabel.text = "Detected: " + "; ".join(d for _, d in self._detectedDevices)
 
     def onDeviceChanged(self, index: int) -> None:
-        if self._parameterNode and index >= 0:
+        if self._parameterNode and index >= 0 and not self._updatingGui:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
-
-    def onModelPathChanged(self, path: str) -> None:
-        self.logic.setModelPath(path)
-        self.ui.modelInfoLabel.text = f"Model: {path}" if _pathOrNone(path) else "Model: bundled default"
-        self.refreshAdapters()
 
     # -- adapters ---------------------------------------------------------------------------------------
 
@@ -841,93 +1355,198 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             self._run("Exporting the adapter", lambda: self.logic.exportAdapter(name, path, overwrite=True))
 
-    # -- adapt ------------------------------------------------------------------------------------------
+    # -- background jobs --------------------------------------------------------------------------------
 
-    def _target(self) -> Any:
-        p = self._parameterNode
-        if p.targetType == TargetType.FOLDER:
-            return str(p.cohortFolder)
-        if p.targetType == TargetType.CC359:
-            return f"cc359:{p.cc359Root}:{p.cc359Site}"
-        return list(self.ui.targetVolumesCheckableComboBox.checkedNodes())
-
-    def onAdaptButton(self) -> None:
-        if self.logic.isRunning():
-            self.ui.adaptButton.text = "Cancelling..."
+    def _cancelIfRunning(self, job: str) -> bool:
+        """True if the button's own job was running (it is now being cancelled)."""
+        if not self.logic.isRunning():
+            return False
+        if self.logic.runningJob == job:
             self.logic.cancel()
-            return
-        if not self._prepare():
-            return
-        p = self._parameterNode
+        self._updateButtons()
+        return True
+
+    def _startJob(self, what: str, start: Callable[[], Any]) -> None:
         self.ui.logTextEdit.clear()
-        self.ui.adaptProgressBar.value = 0
-        process = self._run("Starting the adaptation", lambda: self.logic.adapt(
-            self._target(), p.newAdapterName, method=p.method, device=p.device, epochs=p.epochs or None,
-            progress=self.onProcessEvent, log=self.ui.logTextEdit.appendPlainText,
-            finished=self.onAdaptFinished, waitForCompletion=False))
-        if process is not None:
-            self.ui.adaptButton.text = "Cancel"
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setFormat("%p%")
+        self._run(what, start)
+        self._updateButtons()
 
     def onProcessEvent(self, event: Dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "progress":
             total = int(event.get("total") or 0)
             if total > 0:
-                self.ui.adaptProgressBar.maximum = total
-                self.ui.adaptProgressBar.value = int(event.get("step") or 0)
+                self.ui.progressBar.maximum = total
+                self.ui.progressBar.value = int(event.get("step") or 0)
             details = [f"{key} {event[key]:.4g}" if isinstance(event[key], float) else f"{key} {event[key]}"
-                       for key in ("epoch", "loss", "agreement") if event.get(key) is not None]
-            self.ui.adaptProgressBar.setFormat(f"{event.get('stage', '')} %v/%m " + " ".join(details))
+                       for key in ("volume", "epoch", "loss", "agreement") if event.get(key) is not None]
+            self.ui.progressBar.setFormat(f"{event.get('stage', '')} %v/%m " + " ".join(details))
             process = self.logic._process
             self.ui.etaLabel.text = process.eta.text() if process is not None else ""
         elif kind == "error":
             self.ui.logTextEdit.appendPlainText(f"Error: {event.get('message')}")
+        self._updateButtons()
+
+    def _jobEnded(self, what: str, result: ProcessResult) -> bool:
+        """Common end of a job; True when it succeeded."""
+        self.ui.etaLabel.text = ""
+        self._updateButtons()
+        if result.cancelled:
+            self.ui.statusLabel.text = f"{what} cancelled; nothing was saved."
+            return False
+        if not result.ok:
+            logging.error("ConvLoRASeg: %s failed: %s", what, result.errorMessage)
+            slicer.util.errorDisplay(f"{what} failed: {result.errorMessage}")
+            return False
+        return True
+
+    # -- adapt ------------------------------------------------------------------------------------------
+
+    def onAdaptButton(self) -> None:
+        if self._cancelIfRunning("adapt") or not self._prepare():
+            return
+        p = self._parameterNode
+
+        def start():
+            target = targetFromParameters(p.targetType, p.cohortFolder, p.cc359Root, p.cc359Site,
+                                          self.ui.targetVolumesCheckableComboBox.checkedNodes())
+            return self.logic.adapt(target, p.newAdapterName, method=p.method, device=p.device,
+                                    epochs=p.epochs or None, progress=self.onProcessEvent,
+                                    log=self.ui.logTextEdit.appendPlainText, finished=self.onAdaptFinished,
+                                    waitForCompletion=False)
+
+        self._startJob("Starting the adaptation", start)
 
     def onAdaptFinished(self, result: ProcessResult) -> None:
-        self.ui.adaptButton.text = "Adapt"
-        self.ui.etaLabel.text = ""
-        if result.cancelled:
-            self.ui.statusLabel.text = "Adaptation cancelled; nothing was saved."
-        elif result.ok:
-            adapter = result.done.get("adapter", {})
-            self.ui.statusLabel.text = f"Adapter '{adapter.get('name')}' saved (agreement {adapter.get('agreement')})."
-        else:
-            logging.error("ConvLoRASeg: adaptation failed: %s", result.errorMessage)
-            slicer.util.errorDisplay(f"Adaptation failed: {result.errorMessage}")
+        if self._jobEnded("Adaptation", result):
+            text, warn = adaptationMessage(result.done or {})
+            self.ui.statusLabel.text = text
+            if warn:
+                slicer.util.warningDisplay(text)
         self.refreshAdapters()
 
     # -- segment ----------------------------------------------------------------------------------------
 
     def onSegmentButton(self) -> None:
-        if not self._prepare():
+        if self._cancelIfRunning("segment") or not self._prepare():
             return
         p = self._parameterNode
         volume = p.inputVolume
         if volume is None:
             slicer.util.errorDisplay("Select an input volume first.")
             return
-        adapter = p.selectedAdapter or None
-        if p.autoAdapter:
-            chosen = self._run("Choosing the adapter", lambda: self.logic.chooseAdapter(volume, device=p.device))
-            if chosen is None:
-                return
-            adapter, scores = chosen
-            self.ui.statusLabel.text = "Agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        labelmap = self._run("Segmenting", lambda: self.logic.segment(volume, adapter=adapter,
-                                                                      outputNode=p.outputLabelmap, device=p.device))
-        if labelmap is None:
+        output = outputNodeForSegment(volume, p.outputLabelmap, self._autoOutputID)
+        adapter = "auto" if p.autoAdapter else (p.selectedAdapter or None)
+        if _hasMainWindow():  # GUI: the model runs in the background process, one pass per adapter for "auto"
+            self.ui.statusLabel.text = f"Segmenting {volume.GetName()}..."
+            self._startJob("Starting the segmentation", lambda: self.logic.segmentInBackground(
+                volume, adapter=adapter, outputNode=output, device=p.device, progress=self.onProcessEvent,
+                log=self.ui.logTextEdit.appendPlainText, finished=lambda r: self.onSegmentFinished(volume, output, r)))
             return
+        outcome = self._run("Segmenting", lambda: self._segmentHere(volume, adapter, output, p.device))
+        if outcome is not None:
+            self._showSegmentation(volume, output, outcome)
+
+    def _segmentHere(self, volume, adapter, output, device) -> SegmentOutcome:
+        scores: Dict[str, float] = {}
+        if adapter == "auto":
+            adapter, scores = self.logic.chooseAdapter(volume, device=device)
+        labelmap = self.logic.segment(volume, adapter=adapter, outputNode=output, device=device)
+        return SegmentOutcome(labelmap, self.logic.resolveAdapter(adapter), scores)
+
+    def onSegmentFinished(self, volume, output, result: ProcessResult) -> None:
+        if self._jobEnded("Segmentation", result):
+            self._showSegmentation(volume, output, result.value)
+
+    def _showSegmentation(self, volume, output, outcome: SegmentOutcome) -> None:
+        p = self._parameterNode
+        labelmap = outcome.labelmap
+        if output is None:
+            self._autoOutputID = labelmap.GetID()
         p.outputLabelmap = labelmap
         slicer.util.setSliceViewerLayers(background=volume, label=labelmap)
-        volumeMl = self.logic.brainVolumeMl(labelmap)
-        adapterName = getattr(adapter, "name", adapter) or "none (source model)"
-        self.ui.statusLabel.text = (self.ui.statusLabel.text + "\n" if p.autoAdapter else "") + \
-            f"Brain volume {volumeMl:.0f} ml; adapter: {adapterName}."
+        lines = []
+        if outcome.scores:
+            lines.append("Agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in outcome.scores.items()))
+        adapterName = getattr(outcome.adapter, "name", None) or "none (source model)"
+        lines.append(f"Brain volume {self.logic.brainVolumeMl(labelmap):.0f} ml; adapter: {adapterName}.")
+        self.ui.statusLabel.text = "\n".join(lines)
         if p.createSegmentation:
-            self._run("Creating the segmentation",
-                      lambda: self.logic.createSegmentation(labelmap, show3D=p.show3D))
+            self._run("Creating the segmentation", lambda: self.logic.createSegmentation(labelmap, show3D=p.show3D))
             if p.show3D:
                 slicer.util.resetThreeDViews()
+
+    # -- segment a cohort, quality-control manifest -----------------------------------------------------
+
+    def onSegmentCohortButton(self) -> None:
+        if self._cancelIfRunning("cohort") or not self._prepare():
+            return
+        p = self._parameterNode
+
+        def start():
+            inputs = _pathOrNone(p.segmentInputFolder)
+            if inputs is None:
+                raise ConvLoRASegError("choose the folder of volumes to segment")
+            outputDir = _pathOrNone(p.segmentOutputFolder)
+            if outputDir is None:
+                raise ConvLoRASegError("choose the output folder for the masks")
+            adapter = "auto" if p.autoAdapter else (p.selectedAdapter or None)
+            return self.logic.segmentCohort(str(inputs), outputDir, adapter=adapter, device=p.device,
+                                            progress=self.onProcessEvent, log=self.ui.logTextEdit.appendPlainText,
+                                            finished=lambda r: self.onCohortFinished(outputDir, r),
+                                            waitForCompletion=False)
+
+        self._startJob("Starting the cohort segmentation", start)
+
+    def onCohortFinished(self, outputDir: pathlib.Path, result: ProcessResult) -> None:
+        if self._jobEnded("Cohort segmentation", result):
+            self.showManifest(outputDir, fallback=(result.done or {}).get("outputs"))
+
+    def onShowManifestButton(self) -> None:
+        outputDir = _pathOrNone(self._parameterNode.segmentOutputFolder if self._parameterNode else "")
+        if outputDir is None:
+            slicer.util.errorDisplay("Choose the output folder of a cohort run first.")
+            return
+        self.showManifest(outputDir)
+
+    def showManifest(self, outputDir: pathlib.Path, fallback: Optional[Sequence[Dict[str, Any]]] = None) -> None:
+        """Fill the QC table with the run's cases, worst first (the run's own list if it wrote no manifest)."""
+        import qt
+
+        try:
+            entries = loadManifest(outputDir)
+        except ConvLoRASegError as exc:
+            if fallback is None:
+                slicer.util.errorDisplay(f"Showing the manifest failed: {exc}")
+                return
+            entries = manifestEntries(fallback)
+        self._manifestEntries = entries
+        table = self.ui.manifestTableWidget
+        table.setRowCount(len(entries))
+        for row, texts in enumerate(manifestRows(entries)):
+            for column, text in enumerate(texts):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+        flagged = sum(1 for entry in entries if entry["flags"])
+        self.ui.manifestLabel.text = (f"{len(entries)} cases, {flagged} flagged (worst first); double-click a row "
+                                      "to load the case.")
+
+    def onManifestCellDoubleClicked(self, row: int, column: int) -> None:
+        self._loadCase(row)
+
+    def onLoadCaseButton(self) -> None:
+        rows = self.ui.manifestTableWidget.selectionModel().selectedRows()
+        self._loadCase(rows[0].row() if rows else 0)
+
+    def _loadCase(self, row: int) -> None:
+        if not 0 <= row < len(self._manifestEntries):
+            return
+        loaded = self._run("Loading the case", lambda: self.logic.loadCase(self._manifestEntries[row]))
+        if loaded is not None:
+            volume, labelmap = loaded
+            slicer.util.setSliceViewerLayers(background=volume, label=labelmap, fit=True)
 
 
 def _traceback() -> str:
@@ -942,12 +1561,20 @@ def _traceback() -> str:
 
 
 class ConvLoRASegTest(ScriptedLoadableModuleTest):
-    """In-Slicer test on SampleData MRHead: segment (plausible brain volume) and a short CPU adaptation."""
+    """In-Slicer test. Always: the GUI decisions and a headless logic. On SampleData MRHead (segment, plausible
+    brain volume, short CPU adaptation) only where torch is installed or ``CONVLORASEG_SELFTEST=full``: the
+    Extensions build machines have no torch, and installing it plus training takes minutes there."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        self.setUp()
+        self.test_GuiDecisions()
+        if not heavySelfTestWanted(os.environ, installedTorchVersion() is not None):
+            self.delayDisplay(f"Segmentation and adaptation tests skipped: PyTorch is not installed (set "
+                              f"{SELFTEST_ENV}=full to install it and run them)")
+            return
         self.setUp()
         self.test_SegmentMRHead()
         self.setUp()
@@ -957,6 +1584,15 @@ class ConvLoRASegTest(ScriptedLoadableModuleTest):
         import SampleData
 
         return SampleData.SampleDataLogic().downloadMRHead()
+
+    def test_GuiDecisions(self) -> None:
+        self.delayDisplay("GUI decisions")
+        self.assertEqual(targetWidgetStates(TargetType.CC359)["cc359SiteComboBox"], True)
+        self.assertEqual(deviceChoices("cuda:1", None)[0][-1][1], "cuda:1")
+        self.assertEqual(actionButtonStates("adapt", False, True)["adaptButton"], ("Cancel", True))
+        logic = ConvLoRASegLogic()
+        self.assertFalse(logic.isRunning())
+        logic.shutdown()
 
     def test_SegmentMRHead(self) -> None:
         self.delayDisplay("Segmenting MRHead")

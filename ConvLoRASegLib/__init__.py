@@ -13,6 +13,9 @@ from importlib import import_module
 from typing import Any, Dict
 
 __version__ = "0.1.0"
+#: Oldest torch the library supports; keep equal to the ``torch>=`` floor in pyproject.toml (a test checks). The
+#: Slicer module reads it to offer an upgrade of an older torch through PyTorchUtils.
+TORCH_MIN = "2.1"
 
 _EXPORTS: Dict[str, str] = {
     # errors, grid
@@ -45,7 +48,7 @@ _EXPORTS: Dict[str, str] = {
 _SUBMODULES = ("metrics", "store", "volumes", "segment", "selftrain", "convlora", "adabn", "cohorts", "sites",
                "train", "unet", "esh", "model", "errors", "grid", "cli")
 
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__", "TORCH_MIN"]
 
 
 def __getattr__(name: str) -> Any:

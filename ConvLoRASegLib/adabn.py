@@ -1,10 +1,12 @@
 """AdaBN (Li et al. 2016): replace BatchNorm statistics by the target domain's.
 
-:func:`adabn` computes them exactly: in one pass over all target slices, each BatchNorm layer's input is summed per
+:func:`adabn` computes them in one pass over all target slices: each BatchNorm layer's input is summed per
 channel in float64 and its ``running_mean``/``running_var`` become the mean and the unbiased variance of that
 input over *all* target slices (not PyTorch's average of per-batch values, which ignores the spread between
-batches). Inputs are produced as in AdaBN's original recipe: the upstream layers normalise with batch statistics.
-Weights are untouched; no gradients.
+batches). Which statistics: those of the inputs as AdaBN's original recipe produces them, i.e. with the upstream
+layers normalising each batch with its own statistics — not the inputs the eval-mode network will see, which would
+need one pass per layer (measured in issue 10: no better, and 40 passes). The layers of
+:data:`ADABN_KEEP_SOURCE` keep the source statistics. Weights are untouched; no gradients.
 
 :func:`set_bn_momentum_mode` is the paper's variant: BatchNorm layers left in train mode with momentum 0.1 while
 self-training, so the statistics drift towards the target as batches go by.
@@ -12,11 +14,17 @@ self-training, so the statistics drift towards the target as batches go by.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+#: BatchNorm layers (U-Net paths) that keep their source statistics under AdaBN: the output ``BatchNorm2d(1)``
+#: normalises the logits themselves, so target statistics there move the decision threshold with the
+#: brain/background ratio of the field of view rather than with the scanner (bench/shifts.py, BENCHMARKS.md).
+ADABN_KEEP_SOURCE: Tuple[str, ...] = ("out_path.2",)
 
 
 def batchnorm_layers(module: nn.Module) -> Dict[str, _BatchNorm]:
@@ -44,7 +52,7 @@ class _Moments:
 @torch.no_grad()
 def adabn(model: nn.Module, batches: Iterable[torch.Tensor], modules: Optional[nn.Module] = None,
           forward: Optional[Callable[[torch.Tensor], object]] = None,
-          should_stop: Optional[Callable[[], bool]] = None) -> int:
+          should_stop: Optional[Callable[[], bool]] = None, keep_source: Sequence[str] = ()) -> int:
     """Set every BatchNorm of ``modules`` (default: all of ``model``) to the target statistics.
 
     Args:
@@ -53,11 +61,13 @@ def adabn(model: nn.Module, batches: Iterable[torch.Tensor], modules: Optional[n
         modules: the part whose BatchNorm layers are re-estimated (e.g. ``model.unet`` to leave the ESH alone).
         forward: how to run a batch (default ``model(batch)``).
         should_stop: polled between batches; when it returns True the statistics are left unchanged.
+        keep_source: names (relative to ``modules``) of BatchNorm layers left at their current statistics.
 
     Returns:
         The number of slices seen. Raises ``ValueError`` when ``batches`` is empty.
     """
-    bns = batchnorm_layers(modules if modules is not None else model)
+    bns = {n: m for n, m in batchnorm_layers(modules if modules is not None else model).items()
+           if n not in keep_source}
     if not bns:
         return 0
     was_training = {m: m.training for m in model.modules()}

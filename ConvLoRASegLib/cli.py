@@ -116,6 +116,36 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iterator[None]:
+    """While active, the appearance of the file ``path`` raises KeyboardInterrupt in the main thread.
+
+    The Slicer module's way to cancel a background run that works on every OS: on Windows no signal reaches a
+    child started without a console. The path comes from ``$CONVLORASEG_CANCEL_FILE``; None or empty: no-op.
+    """
+    if not path or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import _thread
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if os.path.exists(path):
+                _thread.interrupt_main()
+                return
+            stop.wait(interval)
+
+    watcher = threading.Thread(target=watch, name="convlora-cancel-file", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -215,73 +245,192 @@ def _load_volume(path: Path, grid, first_volume: bool):
     return image, check_intensities(image)
 
 
-def _brain_ml(mask) -> float:
-    import numpy as np
+def adapter_map(path: str, inputs: Sequence[Path]) -> Dict[Path, str]:
+    """``--adapter-map CSV``: columns ``input,adapter`` (an adapter file, a store name, ``auto`` or ``none``);
+    an input is matched by its path, file name or name without extension. Returns input -> adapter spec."""
+    import csv
+
+    src = Path(path).expanduser()
+    try:
+        with src.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if "input" not in fields or "adapter" not in fields:
+                raise ConvLoRASegError(f"--adapter-map {src.name}: a CSV needs the columns input,adapter")
+            entries = [{k.strip().lower(): (v or "").strip() for k, v in line.items() if k} for line in reader]
+    except FileNotFoundError:
+        raise ConvLoRASegError(f"--adapter-map: no such file: {src}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConvLoRASegError(f"cannot read --adapter-map {src}: {exc}") from None
+    by_key: Dict[str, str] = {}
+    for e in entries:
+        if e.get("input") and e.get("adapter"):
+            spec = e["adapter"]
+            if spec.lower() not in ("auto", "none", "source") and not Path(spec).is_absolute() and (
+                    (src.parent / spec).is_file()):
+                spec = str(src.parent / spec)  # adapter files relative to the CSV
+            key = Path(e["input"]).expanduser()
+            by_key[str((key if key.is_absolute() else src.parent / key).resolve())] = spec
+            by_key[key.name] = by_key[volume_stem(key)] = spec
+    return {p: by_key.get(str(p.resolve()), by_key.get(p.name, by_key.get(volume_stem(p))))
+            for p in inputs if any(k in by_key for k in (str(p.resolve()), p.name, volume_stem(p)))}
+
+
+def _complete_output(src: Path, dest: Path) -> bool:
+    """Whether ``dest`` is a readable image on ``src``'s grid size (writes are atomic: then it is complete)."""
     import SimpleITK as sitk
 
-    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    return float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * voxel_ml
+    from .volumes import image_info
+
+    try:
+        out = sitk.ReadImage(str(dest))
+        return tuple(out.GetSize()) == tuple(image_info(src).size[:3])
+    except (RuntimeError, ConvLoRASegError):
+        return False
+
+
+def _resumed_row(src: Path, dest: Path, previous: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    import SimpleITK as sitk
+
+    from .qc import measure
+
+    old = previous.get(str(src))
+    if old is not None and old.get("status") in ("ok", "resumed"):
+        return {**old, "status": "resumed"}
+    row = {"input": str(src), "output": str(dest), "adapter": None, "status": "resumed", "seconds": 0.0,
+           "warnings": []}
+    mask = sitk.ReadImage(str(dest))
+    if mask.GetPixelID() == sitk.sitkFloat32:  # --probabilities output
+        mask = sitk.Cast(mask >= 0.5, sitk.sitkUInt8)
+    return {**row, **measure(mask, None)}
 
 
 def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
+    from .cluster import CaseJob, Segmenter, SegmentSettings, dask_client, run_in_process, run_on_dask
     from .cohorts import find_volumes
-    from .segment import choose_adapter, resolve_device, segment_image
+    from .qc import load_manifest, write_index, write_manifest
+    from .segment import resolve_device
     from .store import load_model
-    from .volumes import check_memory, image_info, to_slices, write_image
 
     inputs = find_volumes(args.inputs)
     device = resolve_device(args.device)
-    model = load_model(model_path(args.model))
+    mpath = model_path(args.model)
+    model = load_model(mpath)
     out = Path(args.output).expanduser()
     mapping, as_folder = output_paths(inputs, out, args.probabilities)
-    check_outputs(mapping, out if as_folder else None, args.overwrite)
-    adapter = resolve_adapter(args.adapter, model, args.adapters)
-    candidates = candidate_adapters(model, args.adapters) if adapter == "auto" else []
-    if adapter == "auto" and not candidates:
-        rep.warn("--adapter auto: no adapters of this model in the store; using the source model")
-    for p in inputs:  # cheap header checks for the whole cohort before the first volume is segmented
-        check_memory(image_info(p), model.grid)
+    use_cluster = bool(args.workers or args.scheduler)
+    if args.workers is not None and args.workers < 1:
+        raise ConvLoRASegError(f"--workers must be at least 1, got {args.workers}")
 
-    results: List[Dict[str, Any]] = []
-    failed: List[Dict[str, str]] = []
-    created_folder = False
-    load = lambda p: _load_volume(p, model.grid, args.first_volume)  # noqa: E731
-    for i, src, image in readable(inputs, load, rep, failed, raise_single=True):
-        t0 = time.perf_counter()
-        chosen, scores, working = adapter, {}, None
-        if adapter == "auto":
-            chosen = None
-            if candidates:  # the scan goes onto the working grid once, for the choice and the segmentation
-                working = to_slices(image, model.grid)
-                chosen, scores = choose_adapter(model, image, candidates, device, working=working)
-            if candidates:
-                name = chosen.name if chosen is not None else "source model (no adapter)"
-                score = scores["source" if chosen is None else chosen.name]
-                others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-                rep.info(f"{src.name}: chose {name}, agreement {score:.3f} (scores: {others})")
+    # --resume: complete outputs are kept (their old manifest rows too); the rest is checked as usual
+    resumed: List[Dict[str, Any]] = []
+    todo = list(inputs)
+    if args.resume:
+        previous: Dict[str, Dict[str, Any]] = {}
+        if as_folder and (out / "manifest.json").is_file():
+            with contextlib.suppress(ConvLoRASegError):
+                previous = {str(r["input"]): r for r in load_manifest(out)}
+        todo = []
+        for src in inputs:
+            if mapping[src].is_file() and _complete_output(src, mapping[src]):
+                resumed.append(_resumed_row(src, mapping[src], previous))
+            else:
+                todo.append(src)
+        if resumed:
+            rep.info(f"--resume: {len(resumed)} of {len(inputs)} outputs are complete and kept")
+    check_outputs({p: mapping[p] for p in todo}, out if as_folder and not out.is_dir() else None, args.overwrite)
 
-        def progress(event: Dict[str, Any], _i: int = i) -> None:
-            rep({**event, "volume": _i + 1, "volumes": len(inputs)})
+    # adapters: --adapter for every input, or per input from --adapter-map; each spec resolved (and checked) once
+    specs = {p: args.adapter for p in todo}
+    if args.adapter_map:
+        specs.update({p: s for p, s in adapter_map(args.adapter_map, inputs).items() if p in specs})
+    resolved: Dict[Optional[str], Any] = {}
+    for spec in dict.fromkeys(specs.values()):
+        resolved[spec] = resolve_adapter(spec, model, args.adapters)
+    candidates: Optional[Tuple[str, ...]] = None
+    if "auto" in resolved.values():
+        candidates = tuple(str(i.path) for i in candidate_adapters(model, args.adapters))
+        if not candidates:
+            rep.warn("--adapter auto: no adapters of this model in the store; using the source model")
+    jobs = []
+    for i, src in enumerate(todo):
+        a = resolved[specs[src]]
+        jobs.append(CaseJob(input=str(src), output=str(mapping[src]), index=i, total=len(todo),
+                            adapter=None if a in (None, "auto") else str(a.path),
+                            candidates=candidates if a == "auto" else None))
 
-        result = segment_image(model, image, adapter=chosen, device=device, postprocess=not args.no_postprocess,
-                               probabilities=args.probabilities, progress=progress, working=working)
-        if as_folder and not created_folder:
-            out.mkdir(parents=True, exist_ok=True)
-            created_folder = True
-        dest = write_image(result, mapping[src], overwrite=args.overwrite)
-        item = {"input": str(src), "output": str(dest), "adapter": None if chosen is None else chosen.name,
-                "seconds": round(time.perf_counter() - t0, 2)}
-        if scores:
-            item["agreement"] = scores
-        if not args.probabilities:
-            item["brain_ml"] = round(_brain_ml(result), 1)
-        results.append(item)
-        extra = f", brain {item['brain_ml']:.0f} ml" if "brain_ml" in item else ""
-        rep.info(f"{src.name} -> {dest} ({item['seconds']:.1f} s{extra})")
+    qc_dir = Path(args.qc).expanduser() if args.qc else None
+    if qc_dir is not None:
+        from .qc import have_matplotlib
+
+        if qc_dir.exists() and not qc_dir.is_dir():
+            raise ConvLoRASegError(f"--qc {qc_dir} exists and is not a folder")
+        if not have_matplotlib():
+            rep.warn("--qc: matplotlib is not installed; index.html is written without pictures "
+                     "(pip install matplotlib)")
+    settings = SegmentSettings(model=str(mpath), device=str(device) if not use_cluster else args.device,
+                               postprocess=not args.no_postprocess, probabilities=args.probabilities,
+                               first_volume=args.first_volume, overwrite=args.overwrite,
+                               qc_dir=str(qc_dir) if qc_dir is not None else None)
+
+    created = as_folder and not out.is_dir() and bool(todo)
+    if created:
+        out.mkdir(parents=True, exist_ok=True)
+    if qc_dir is not None:
+        qc_dir.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, Any]] = []
+
+    def on_row(row: Dict[str, Any]) -> None:
+        rows.append(row)
+        name = Path(row["input"]).name
+        if row["status"] == "failed":
+            if len(inputs) > 1:
+                rep.warn(f"skipped {name}: {row['flags'][0][len('failed: '):]}")
+        else:
+            for w in row.get("warnings") or []:
+                rep.warn(f"{name} {w}")
+            extra = "" if args.probabilities else f", brain {row['brain_ml']:.0f} ml"
+            score = "" if row.get("agreement") is None else f", agreement {row['agreement']:.3f}"
+            flags = f", flags: {', '.join(row['flags'])}" if row.get("flags") else ""
+            rep.info(f"{name} -> {row['output']} ({row['seconds']:.1f} s{extra}{score}{flags})")
+        if use_cluster:
+            rep({"event": "progress", "stage": "cohort", "step": len(rows), "total": len(jobs)})
+
+    def finish_reports() -> Optional[Path]:
+        every = resumed + rows
+        if qc_dir is not None and every:
+            write_index(qc_dir, every)
+        if as_folder and every and not (len(inputs) == 1 and rows and rows[0]["status"] == "failed"):
+            return write_manifest(out, every)[0]
+        return None
+
+    try:
+        if not jobs:
+            pass
+        elif use_cluster:
+            with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
+                run_on_dask(client, settings, jobs, on_row)
+        else:
+            run_in_process(Segmenter(settings, model=model), jobs, on_row, progress=rep, log=rep.info)
+    except KeyboardInterrupt:
+        finish_reports()  # the cases finished before the interrupt are complete files: say so
+        raise
+    failed = [r for r in rows if r["status"] == "failed"]
+    if len(inputs) == 1 and failed:  # a single input: its error is the command's error, nothing written
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise ConvLoRASegError(failed[0]["flags"][0][len("failed: "):])
+    manifest = finish_reports()
+    if manifest is not None:
+        rep.info(f"manifest: {manifest} ({sum(1 for r in resumed + rows if r.get('flags'))} of "
+                 f"{len(resumed) + len(rows)} cases flagged)" + (f"; QC report: {qc_dir / 'index.html'}"
+                                                                  if qc_dir is not None else ""))
     if failed:
         raise ConvLoRASegError(f"{len(failed)} of {len(inputs)} volumes failed (see the warnings above); "
-                               f"{len(results)} written")
-    rep.done({"command": "segment", "outputs": results})
+                               f"{len(rows) - len(failed) + len(resumed)} written")
+    rep.done({"command": "segment", "outputs": [r for r in rows if r["status"] != "failed"],
+              "resumed": resumed, "manifest": None if manifest is None else str(manifest)})
     return EXIT_OK
 
 
@@ -365,22 +514,102 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     rep({"event": "progress", "stage": "save", "step": 1, "total": 1})
     base_params, model_bytes = _base_parameters(model), mpath.stat().st_size
     summary = {
-        "agreement_before": result.agreement[0], "agreement_after": result.best_agreement,
+        "selected": result.selected, "adapted": result.adapted, "candidates": result.candidates,
+        "agreement_source": result.agreement_source, "agreement_selected": result.best_agreement,
         "best_epoch": result.best_epoch, "epochs": result.epochs, "trainable_params": result.trainable_params,
         "trainable_percent": 100.0 * result.trainable_params / base_params, "adapter_bytes": info.bytes,
         "model_bytes": model_bytes, "seconds": round(result.seconds, 1), "n_volumes": len(used),
         "n_skipped": len(skipped)}
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.candidates.items())
     rep.info("\n".join([
         f"adapter {info.name!r} written to {info.path}",
         f"  target: {len(used)} volumes ({result.n_slices} slices), {len(skipped)} skipped",
         f"  method {result.method} ({result.mode}), rank {result.rank}, placement {result.placement}",
-        f"  label-free agreement (ESH vs final, surface Dice 1 mm): {summary['agreement_before']:.3f} before, "
-        f"{summary['agreement_after']:.3f} after (best epoch {result.best_epoch} of {result.epochs})",
+        f"  label-free score of each candidate (ESH vs final agreement): {scores}",
+        f"  selected: {result.selected}",
         f"  trainable parameters: {result.trainable_params:,} = {summary['trainable_percent']:.2f} % of the "
         f"base model's {base_params:,}",
         f"  adapter file {_fmt_bytes(info.bytes)} vs model file {_fmt_bytes(model_bytes)}",
         f"  time {result.seconds:.1f} s"]))
+    if not result.adapted:
+        best = max((v for k, v in result.candidates.items() if k != "source"), default=float("nan"))
+        rep.warn(f"adaptation did not beat the unadapted model on the label-free score (source "
+                 f"{result.agreement_source:.3f}, best adapted candidate {best:.3f}): the adapter {info.name!r} "
+                 "changes nothing; segmenting without it gives the same masks")
     rep.done({"command": "adapt", "adapter": info.to_dict(), "summary": summary})
+    return EXIT_OK
+
+
+def cmd_adapt_dispatch(args: argparse.Namespace, rep: Reporter) -> int:
+    """``adapt``: several sites (``--sites``) -> :func:`cmd_adapt_sites`; else the single-site :func:`cmd_adapt`."""
+    if args.sites:
+        if args.targets or args.output or args.name:
+            raise ConvLoRASegError("--sites names the targets and the adapters (one per site, named after it): "
+                                   "give no TARGET, -o or --name with it")
+        return cmd_adapt_sites(args, rep)
+    if not args.targets:
+        raise ConvLoRASegError("adapt needs TARGET volumes (or --sites CSV|DIR for several sites)")
+    if not (args.output or args.name):
+        raise ConvLoRASegError("adapt needs -o ADAPTER.safetensors or --name NAME")
+    if args.workers or args.scheduler:
+        raise ConvLoRASegError("--workers/--scheduler spread several sites (--sites); one site adapts in this "
+                               "process")
+    return cmd_adapt(args, rep)
+
+
+def cmd_adapt_sites(args: argparse.Namespace, rep: Reporter) -> int:
+    """One adaptation per site (in this process one after the other, or as tasks on a Dask cluster); each adapter
+    is stored under its site's name. Progress events carry ``site``."""
+    from .atomic import check_output_path
+    from .cluster import SiteJob, adapt_site, adapt_sites_on_dask, dask_client, site_cohorts
+    from .segment import resolve_device
+    from .store import AdapterStore, check_adapter_name, read_model_metadata
+
+    mpath = model_path(args.model)
+    sha = read_model_metadata(mpath)["weights_sha256"]
+    resolve_device(args.device)
+    cohorts = site_cohorts(args.sites)
+    store = AdapterStore(args.adapters)
+    kwargs: Dict[str, Any] = {k: getattr(args, k) for k in ("method", "mode", "rank", "placement", "seed")}
+    for k in ("epochs", "steps_per_epoch", "precision"):
+        if getattr(args, k) is not None:
+            kwargs[k] = getattr(args, k)
+    jobs = []
+    for site, paths in cohorts.items():
+        dest = store.path_for(sha, check_adapter_name(site))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        check_output_path(dest, args.overwrite)  # every site checked before the first one starts
+        jobs.append(SiteJob(site=site, paths=tuple(str(p) for p in paths), dest=str(dest), model=str(mpath),
+                            device=args.device, kwargs=kwargs, overwrite=args.overwrite))
+    rep.info(f"adapting {len(jobs)} sites: " + ", ".join(f"{j.site} ({len(j.paths)} volumes)" for j in jobs))
+    results: List[Dict[str, Any]] = []
+
+    def on_result(res: Dict[str, Any]) -> None:
+        results.append(res)
+        if "failed" in res:
+            rep.warn(f"site {res['site']}: {res['failed']}")
+        else:
+            rep.info(f"site {res['site']}: adapter {res['adapter']['name']!r} written to {res['adapter']['path']} "
+                     f"({res['n_volumes']} volumes, {res['n_skipped']} skipped; agreement "
+                     f"{res['agreement_before']:.3f} -> {res['agreement_after']:.3f}, {res['seconds']:.0f} s)")
+
+    if args.workers or args.scheduler:
+        if args.workers is not None and args.workers < 1:
+            raise ConvLoRASegError(f"--workers must be at least 1, got {args.workers}")
+        with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
+            adapt_sites_on_dask(client, jobs, rep, on_result)
+    else:
+        for job in jobs:
+            try:
+                res = adapt_site(job, lambda e, _s=job.site: rep({**e, "site": _s}))
+            except ConvLoRASegError as exc:
+                res = {"site": job.site, "failed": str(exc)}
+            on_result(res)
+    failed = [r for r in results if "failed" in r]
+    if failed:
+        raise ConvLoRASegError(f"{len(failed)} of {len(jobs)} sites failed (see the warnings above); "
+                               f"{len(jobs) - len(failed)} adapters written")
+    rep.done({"command": "adapt", "sites": results})
     return EXIT_OK
 
 
@@ -638,7 +867,7 @@ def cmd_import_checkpoint(args: argparse.Namespace, rep: Reporter) -> int:
 
     out = check_output_path(Path(args.output).expanduser(), args.overwrite)
     try:
-        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size)
+        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size, normalisation=args.normalisation)
     except ValueError as exc:
         raise ConvLoRASegError(str(exc)) from None
     unet = import_reference_checkpoint(args.checkpoint, n_filters=args.n_filters)
@@ -667,6 +896,10 @@ def cmd_import_checkpoint(args: argparse.Namespace, rep: Reporter) -> int:
                  "its label-free agreement and adaptation are meaningless")
     sha = save_model(model, out, overwrite=args.overwrite)
     rep.info(f"model written to {out} (sha256 {sha[:12]}…)")
+    rep.info("note: the paper's code slices the native grid (sagittal array axis 0, rotated, edge-padded to a "
+             "square); this model resamples every scan to an isotropic "
+             f"{grid.spacing_mm:g} mm grid of {grid.slice_size} px centred on the head, so give --spacing and "
+             "--slice-size of the scans it was trained on")
     rep.done({"command": "import-checkpoint", "model": str(out), "sha256": sha})
     return EXIT_OK
 
@@ -693,6 +926,13 @@ def _common(p: argparse.ArgumentParser, device: bool = True, model: bool = True)
     p.add_argument("--json", action="store_true", help="one JSON object per line on stdout (progress, result)")
 
 
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, metavar="N", help="run on a local Dask cluster of N processes (needs "
+                                                            "the [cluster] extra); default: in this process")
+    p.add_argument("--scheduler", metavar="ADDRESS|FILE", help="run on a running Dask cluster: its scheduler "
+                                                               "address (tcp://host:8786) or scheduler file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``convlora-seg`` argument parser."""
     from .selftrain import METHODS, MODES
@@ -714,12 +954,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", action="store_true", help="write float32 probabilities, not a mask")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--first-volume", action="store_true", help="for a 4D input, segment its first volume")
+    p.add_argument("--adapter-map", metavar="CSV", help="per-input adapters: a CSV with columns input,adapter "
+                                                        "(file, store name, auto or none); others use --adapter")
+    p.add_argument("--resume", action="store_true", help="keep the outputs that exist and are complete; do the rest")
+    p.add_argument("--qc", metavar="DIR", help="write a picture per case and DIR/index.html, worst case first")
+    _cluster_options(p)
     _common(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("adapt", help="learn an adapter for a new scanner from unlabelled volumes")
-    p.add_argument("targets", nargs="+", metavar="TARGET", help="files, folders, globs or cc359:ROOT:DOMAIN")
-    dest = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("targets", nargs="*", metavar="TARGET", help="files, folders, globs or cc359:ROOT:DOMAIN")
+    p.add_argument("--sites", metavar="CSV|DIR", help="several sites at once: a CSV with columns site,path or a "
+                                                      "folder with one sub-folder per site; one adapter per site, "
+                                                      "stored under the site's name")
+    dest = p.add_mutually_exclusive_group()
     dest.add_argument("-o", "--output", metavar="ADAPTER", help="adapter file to write (.safetensors)")
     dest.add_argument("--name", help="store the adapter under this name in the user store")
     p.add_argument("--adapters", metavar="DIR", help="store folder for --name (default: the user store)")
@@ -735,8 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default="init_path", metavar="P", help="where ConvLoRA goes (default init_path)")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--overwrite", action="store_true")
+    _cluster_options(p)
     _common(p)
-    p.set_defaults(func=cmd_adapt)
+    p.set_defaults(func=cmd_adapt_dispatch)
 
     p = sub.add_parser("train", help="train a source model from images and brain masks")
     p.add_argument("--images", required=True, metavar="DIR")
@@ -802,6 +1051,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-size", type=int, required=True, metavar="N", help="slice size it expects")
     p.add_argument("--n-filters", type=int, default=16, metavar="N")
     p.add_argument("--esh-level", type=int, default=3, metavar="L")
+    p.add_argument("--normalisation", choices=("minmax", "percentile"), default="minmax",
+                   help="intensity scaling it was trained with (default minmax: the paper's code scales each "
+                        "volume to [0, 1] by its minimum and maximum)")
     p.add_argument("--overwrite", action="store_true")
     _common(p, device=False, model=False)
     p.set_defaults(func=cmd_import_checkpoint)
@@ -824,7 +1076,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USER_ERROR
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), cancel_file_as_interrupt(os.environ.get("CONVLORASEG_CANCEL_FILE")):
             return int(args.func(args, rep))
     except ConvLoRASegError as exc:
         rep.error(str(exc))

@@ -226,10 +226,11 @@ def remove_convlora(model: nn.Module) -> None:
 # place; "no adapter" restores the source model's values, which are snapshotted the first time an adapter is set.
 
 def adapter_state(model: nn.Module, bn_stats: bool = True, trained_only: bool = True) -> Dict[str, torch.Tensor]:
-    """The tensors a target adapter holds, keyed as in the U-Net state dict.
+    """The tensors a target adapter holds, keyed as in the U-Net state dict (the one place that builds them).
 
-    LoRA factors of every ConvLoRA; with ``bn_stats``, every BatchNorm's ``running_mean``/``running_var``; BN
-    ``weight``/``bias`` where they are trainable (``trained_only``) or always.
+    LoRA factors of every ConvLoRA; with ``bn_stats``, every BatchNorm's ``running_mean``/``running_var``; every
+    other parameter that is trainable (BN affine parameters, or the convolutions a method fine-tunes); with
+    ``trained_only=False`` also every BN affine parameter, trainable or not.
     """
     net = _net(model)
     out: Dict[str, torch.Tensor] = {}
@@ -241,10 +242,25 @@ def adapter_state(model: nn.Module, bn_stats: bool = True, trained_only: bool = 
             if bn_stats and m.track_running_stats:
                 out[f"{path}.running_mean"] = m.running_mean.detach().clone()
                 out[f"{path}.running_var"] = m.running_var.detach().clone()
-            if m.affine and (not trained_only or m.weight.requires_grad):
+            if m.affine and not trained_only:
                 out[f"{path}.weight"] = m.weight.detach().clone()
                 out[f"{path}.bias"] = m.bias.detach().clone()
+    for name, p in net.named_parameters():
+        if p.requires_grad and not name.endswith((".lora_A", ".lora_B")):
+            out[name] = p.detach().clone()
     return out
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Copy an :func:`adapter_state` dict into the model's live tensors (its ConvLoRA layers must exist)."""
+    net = _net(model)
+    live = dict(net.named_parameters())
+    live.update(net.named_buffers())
+    for key, value in state.items():
+        if key not in live:
+            raise KeyError(f"the adapter holds {key}, which this model does not have")
+        live[key].copy_(value.to(live[key]))
 
 
 class AdapterSet:
@@ -253,7 +269,12 @@ class AdapterSet:
     >>> adapters = AdapterSet(model)
     >>> adapters.add("siemens3", state)      # a dict from adapter_state() or an adapter file
     >>> adapters.set_adapter("siemens3")     # the model now predicts as adapted to siemens3
-    >>> adapters.disable()                   # back to the source model, exactly
+    >>> adapters.disable()                   # back to the model as it was, exactly
+
+    ``disable()`` restores only the tensors the set itself changed (snapshotted before their first change): a model
+    whose ConvLoRA layers were trained outside the set (an :func:`~ConvLoRASegLib.selftrain.adapt` result) keeps
+    them. ``info`` holds what the caller attached to each adapter (e.g. the file's
+    :class:`~ConvLoRASegLib.store.AdapterInfo`).
     """
 
     def __init__(self, model: nn.Module, alpha_over_r: float = 1.0):
@@ -263,56 +284,72 @@ class AdapterSet:
         self._adapters: Dict[str, Dict[str, torch.Tensor]] = {}
         self._scales: Dict[str, float] = {}
         self._source: Dict[str, torch.Tensor] = {}
+        self._alphas: Dict[str, float] = {}
+        self.info: Dict[str, object] = {}
         self.active: Optional[str] = None
 
     @property
     def names(self) -> List[str]:
         return list(self._adapters)
 
-    def add(self, name: str, state: Dict[str, torch.Tensor], alpha_over_r: Optional[float] = None) -> None:
+    def add(self, name: str, state: Dict[str, torch.Tensor], alpha_over_r: Optional[float] = None,
+            info: object = None) -> None:
         """Register an adapter; ``alpha_over_r`` is its LoRA scale (default: the set's ``alpha_over_r``)."""
         self._adapters[name] = {k: v.detach().clone() for k, v in state.items()}
         self._scales[name] = self.alpha_over_r if alpha_over_r is None else float(alpha_over_r)
+        self.info[name] = info
 
     def remove(self, name: str) -> None:
         if self.active == name:
             self.disable()
         del self._adapters[name]
         del self._scales[name]
+        self.info.pop(name, None)
 
     @torch.no_grad()
     def set_adapter(self, name: Optional[str]) -> None:
-        """Make ``name`` the active adapter (``None``: the source model)."""
+        """Make ``name`` the active adapter (``None``: the model as it was before any adapter of this set)."""
         self.disable()
         if name is None:
             return
         state = self._adapters[name]
         self._ensure_lora_layers(state)
         live = self._live_tensors()
+        for key, value in state.items():
+            if key not in live:
+                raise KeyError(f"adapter {name!r} holds {key}, which this model does not have")
+            if not key.endswith((".lora_A", ".lora_B")) and live[key].shape != value.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit the model's {tuple(live[key].shape)}")
         for path in sorted({k[: -len(".lora_A")] for k in state if k.endswith(".lora_A")}):
             layer = self.net.get_submodule(path)
+            layer.unmerge()
+            if path + ".lora_A" not in self._source:
+                self._source[path + ".lora_A"] = layer.lora_A.detach().clone()
+                self._source[path + ".lora_B"] = layer.lora_B.detach().clone()
+                self._alphas[path] = layer.alpha
             layer.set_lora(state[path + ".lora_A"], state[path + ".lora_B"])
             layer.alpha = layer.r * self._scales[name]
         for key, value in state.items():
             if key.endswith((".lora_A", ".lora_B")):
                 continue
-            if key not in live:
-                raise KeyError(f"adapter {name!r} holds {key}, which this model does not have")
-            if live[key].shape != value.shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit the model's {tuple(live[key].shape)}")
             self._source.setdefault(key, live[key].detach().clone())
             live[key].copy_(value.to(live[key]))
         self.active = name
 
     @torch.no_grad()
     def disable(self) -> None:
-        """Back to the source model: LoRA updates set to zero (B = 0) and every other touched tensor restored."""
-        for layer in lora_layers(self.net).values():
-            layer.unmerge()
-            layer.lora_B.zero_()
-        live = self._live_tensors()
+        """Back to the model as it was: every tensor this set changed is restored; nothing else is touched."""
+        live = None
         for key, value in self._source.items():
-            live[key].copy_(value)
+            if key.endswith(".lora_A"):
+                path = key[: -len(".lora_A")]
+                layer = self.net.get_submodule(path)
+                layer.unmerge()
+                layer.set_lora(value, self._source[path + ".lora_B"])
+                layer.alpha = self._alphas[path]
+            elif not key.endswith(".lora_B"):
+                live = live if live is not None else self._live_tensors()
+                live[key].copy_(value)
         self.active = None
 
     # internals -----------------------------------------------------------------------------------------------

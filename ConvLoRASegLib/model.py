@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -10,6 +10,9 @@ from torch import nn
 from .esh import EarlySegmentationHead
 from .grid import WorkingGrid
 from .unet import UNet2D
+
+if TYPE_CHECKING:
+    from .convlora import AdapterSet
 
 
 class ConvLoRASegModel(nn.Module):
@@ -29,6 +32,24 @@ class ConvLoRASegModel(nn.Module):
         #: SHA-256 of the weights as stored in the model file (set by store.save_model/load_model); adapters are
         #: bound to it. None for a model that was never saved.
         self.sha256: Optional[str] = None
+
+    @property
+    def adapters(self) -> "AdapterSet":
+        """The model's named site adapters (:class:`~ConvLoRASegLib.convlora.AdapterSet`), created on first use.
+        The one owner of which adapter is active; not part of the state dict."""
+        aset = self.__dict__.get("_adapters")
+        if aset is None:
+            from .convlora import AdapterSet
+
+            aset = AdapterSet(self)
+            self.__dict__["_adapters"] = aset
+        return aset
+
+    def drop_adapters(self) -> None:
+        """Switch the active adapter off and forget every registered one (the model as it was)."""
+        aset = self.__dict__.pop("_adapters", None)
+        if aset is not None:
+            aset.disable()
 
     @property
     def esh_level(self) -> int:

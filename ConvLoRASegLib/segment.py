@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from .convlora import AdapterSet, merge_convlora, unmerge_convlora
+from .convlora import merge_convlora, unmerge_convlora
 from .errors import ConvLoRASegError
 from .model import ConvLoRASegModel
 from .store import AdapterInfo, load_adapter
@@ -32,6 +32,13 @@ StopFlag = Optional[Callable[[], bool]]
 
 #: A slice whose normalised intensities are all below this is empty field of view: predicted as background.
 EMPTY_SLICE_MAX = 0.02
+
+
+def nonempty_slices(slices: np.ndarray) -> np.ndarray:
+    """Which slices of an (N, H, W) stack hold signal (any intensity >= ``EMPTY_SLICE_MAX``): bool (N,)."""
+    return np.asarray(slices).reshape(len(slices), -1).max(1) >= EMPTY_SLICE_MAX
+
+
 #: Pixels (of the working grid) kept around the non-empty part of a batch when it is cropped for inference: outside
 #: it the image is below EMPTY_SLICE_MAX, close to the network's zero padding. Measured on colin27, 1 mm / 256 px
 #: (BENCHMARKS.md, Speed): the mask's surface Dice vs the uncropped fp32 mask is 0.9999 at 16 and at 8 px, 0.9995 at
@@ -107,6 +114,20 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
     return None
 
 
+def grad_scaler(device: torch.device, dtype: Optional[torch.dtype]):
+    """A gradient scaler for training under ``dtype`` autocast: active for float16 (whose small gradients
+    underflow without it), a pass-through otherwise (bf16 and fp32 need none)."""
+    enabled = dtype == torch.float16
+    amp_scaler = getattr(torch.amp, "GradScaler", None)  # torch >= 2.3; older: the CUDA one
+    if amp_scaler is not None:
+        return amp_scaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
+
+
+#: CUDA out-of-memory: torch's top-level ``OutOfMemoryError`` appeared in 2.5; the CUDA one is older, the same class.
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
 def default_batch_size(device: torch.device, slice_size: int) -> int:
     """Slices per forward pass: about 0.5 M pixels per batch on a CPU (32 slices of 128 x 128, 8 of 256 x 256; larger
     batches gain nothing there and cost memory), 64 slices of 128 x 128 on a GPU (scaled by the slice area)."""
@@ -117,20 +138,12 @@ def default_batch_size(device: torch.device, slice_size: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # adapters on a model
 # ---------------------------------------------------------------------------------------------------------------
-def adapter_set(model: ConvLoRASegModel) -> AdapterSet:
-    """The model's :class:`~ConvLoRASegLib.convlora.AdapterSet`, created on first use."""
-    aset = getattr(model, "_adapter_set", None)
-    if aset is None:
-        aset = AdapterSet(model)
-        model._adapter_set = aset  # plain attribute: not part of the state dict
-    return aset
-
-
 def activate_adapter(model: ConvLoRASegModel, adapter: AdapterLike) -> Optional[AdapterInfo]:
-    """Make ``adapter`` (a file, an :class:`AdapterInfo`, or None for the source model) the active one.
+    """Make ``adapter`` (a file, an :class:`AdapterInfo`, or None for the model without one) the active one of
+    ``model.adapters``.
 
     A file is read (and checked against the model) once; it is read again only when it changes on disk."""
-    aset = adapter_set(model)
+    aset = model.adapters
     if adapter is None:
         aset.set_adapter(None)
         return None
@@ -141,16 +154,13 @@ def activate_adapter(model: ConvLoRASegModel, adapter: AdapterLike) -> Optional[
     except OSError:
         raise ConvLoRASegError(f"adapter file not found: {path}") from None
     key = f"{real}@{st.st_mtime_ns}:{st.st_size}"
-    infos: Dict[str, AdapterInfo] = model.__dict__.setdefault("_adapter_infos", {})
     if key not in aset.names:
         info, tensors = load_adapter(model, path)
         for stale in [k for k in aset.names if k.rpartition("@")[0] == real]:
             aset.remove(stale)  # the file was replaced: drop its old tensors
-            infos.pop(stale, None)
-        aset.add(key, tensors, alpha_over_r=info.details.get("alpha", info.rank) / max(info.rank, 1))
-        infos[key] = info
+        aset.add(key, tensors, alpha_over_r=info.details.get("alpha", info.rank) / max(info.rank, 1), info=info)
     aset.set_adapter(key)
-    return infos[key]
+    return aset.info[key]
 
 
 @torch.no_grad()
@@ -280,7 +290,7 @@ def predict_slices(model: ConvLoRASegModel, slices: np.ndarray, device: Union[st
     probs = np.zeros((n, h, w), np.float32)
     esh = np.zeros((n, h, w), np.float32) if with_esh else None
     nonempty = slices >= EMPTY_SLICE_MAX
-    busy = np.flatnonzero(nonempty.reshape(n, -1).any(1))
+    busy = np.flatnonzero(nonempty_slices(slices))
     bs = batch_size or default_batch_size(dev, h)
     dtype = autocast_dtype(dev, precision)
     done = 0
@@ -296,7 +306,7 @@ def predict_slices(model: ConvLoRASegModel, slices: np.ndarray, device: Union[st
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
                 final, early = _run_batch(net, x, dtype, with_esh)
-            except torch.OutOfMemoryError:
+            except OutOfMemoryError:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 if bs > 1:
@@ -316,11 +326,13 @@ def predict_slices(model: ConvLoRASegModel, slices: np.ndarray, device: Union[st
     return (probs, esh) if with_esh else probs
 
 
-def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float, tolerance_mm: float = 1.0) -> float:
-    """Label-free quality score: surface Dice between the ESH's mask and the final mask (1 mm tolerance)."""
-    from .metrics import surface_dice
+def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
+              tolerance_mm: Optional[float] = None) -> float:
+    """Label-free agreement of the ESH's mask with the final mask (:func:`~ConvLoRASegLib.selection.agreement`:
+    surface Dice at one working-grid voxel, 0 when a mask is empty)."""
+    from .selection import agreement as _agreement
 
-    return float(surface_dice(esh_probs >= 0.5, final_probs >= 0.5, (spacing_mm,) * 3, tolerance_mm))
+    return _agreement(final_probs, esh_probs, spacing_mm, tolerance_mm)
 
 
 def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike = None,
@@ -346,22 +358,28 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
 def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
                    device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
                    ) -> Tuple[Optional[AdapterInfo], Dict[str, float]]:
-    """Pick, label-free, the adapter whose ESH agrees best with its final prediction on this scan.
+    """Pick, label-free, the adapter that scores best on this scan (:mod:`~ConvLoRASegLib.selection`: the ESH's
+    agreement with the final mask, implausible brains refused; an adapter must beat no adapter).
 
-    Returns the winner (None if the source model scores best) and every score, keyed by adapter name
+    Returns the winner (None if the model without adapter is chosen) and every score, keyed by adapter name
     (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
+    The model's active adapter is the same afterwards as before.
     """
+    from .selection import SOURCE, choose, score_model
     from .volumes import to_slices
 
     vs = working if working is not None else to_slices(image, model.grid)
+    was_active = model.adapters.active
     scores: Dict[str, float] = {}
-    best: Tuple[float, Optional[AdapterInfo]] = (-1.0, None)
-    for candidate in [None, *adapters]:
-        info = activate_adapter(model, candidate)
-        final, early = predict_slices(model, vs.slices, device, with_esh=True)
-        score = agreement(final, early, model.grid.spacing_mm)
-        scores["source" if info is None else info.name] = score
-        if score > best[0]:
-            best = (score, info)
-    activate_adapter(model, None)
-    return best[1], scores
+    consistency: Dict[str, float] = {}
+    infos: Dict[str, Optional[AdapterInfo]] = {}
+    try:
+        for candidate in [None, *adapters]:
+            info = activate_adapter(model, candidate)
+            name = SOURCE if info is None else info.name
+            got = score_model(model, vs.slices, device)
+            scores[name], consistency[name] = got.value, got.consistency if got.plausible else 0.0
+            infos[name] = info
+    finally:
+        model.adapters.set_adapter(was_active)
+    return infos[choose(scores, order=[SOURCE], consistency=consistency)], scores

@@ -1,25 +1,27 @@
 """Adaptation to a target site without labels: UDAS self-training with ConvLoRA and AdaBN (the paper's stage 3).
 
 The early segmentation head (ESH, frozen) reads the early U-Net features; the adapted early layers are trained so
-that the ESH's prediction matches the full network's prediction used as a soft pseudo-label
-(BCE-with-logits(ESH logits, sigmoid(final logits))). After every epoch (and before the first) the label-free
-agreement — surface Dice at 1 mm between the ESH's mask and the final mask on target volumes — is scored, and the
-best epoch is kept.
+that the ESH's prediction matches the full network's prediction (BCE-with-logits(ESH logits, sigmoid(final
+logits)), the paper's UDAS loss). Every state the adaptation passes through is a *candidate* — the unadapted
+source model, the model after AdaBN, the model after each epoch — and the label-free criterion of
+:mod:`~ConvLoRASegLib.selection` picks one; an adapted candidate must beat the source model, so the result can be
+"no adaptation" (:attr:`AdaptResult.selected` = ``"source"``, an empty adapter state), and says so.
 
-Methods (the columns of the paper's Table 1):
+Methods (the columns of the paper's Table 1), each a :class:`Method`: what trains, which BatchNorm statistics,
+where the pseudo-labels come from and which output learns them:
 
 =================  ======================================================================================
 ``adabn``          AdaBN only: target BatchNorm statistics, no training.
-``self-training``  every U-Net weight fine-tuned on the frozen source model's pseudo-labels (final output).
+``self-training``  every U-Net weight, on the frozen source model's hard (thresholded) pseudo-labels.
 ``udas``           every ``init_path`` weight trainable (no LoRA), ESH consistency, source BN statistics.
 ``udas-convlora``  ConvLoRA in the placement, ESH consistency, source BN statistics.
 ``convlora-adabn`` ConvLoRA + AdaBN + the BN affine parameters of the adapted stages (default).
 =================  ======================================================================================
 
-Modes: ``paper`` does what the paper's code does (pseudo-labels recomputed at every step and not detached;
-BatchNorm in train mode, momentum 0.1, for ``convlora-adabn``; fp32 throughout). ``fast`` runs exact AdaBN first,
-computes the pseudo-labels once without gradients and caches them (in the same pass that scores the post-AdaBN
-agreement), back-propagates only through the layers up to the ESH, caps the optimiser steps per epoch
+Modes: ``paper`` does what the paper's code does (UDAS pseudo-labels recomputed at every step and not detached;
+BatchNorm in train mode, momentum 0.1, for ``convlora-adabn``; fp32; every slice each epoch). ``fast`` runs AdaBN
+first, computes the pseudo-labels once without gradients (in the pass that scores the AdaBN candidate),
+back-propagates only through the layers up to the ESH, caps the optimiser steps per epoch
 (:data:`FAST_STEPS_PER_EPOCH`) and runs its forward passes in bf16 where the hardware has it.
 """
 
@@ -34,26 +36,59 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adabn import adabn, batchnorm_layers, set_bn_momentum_mode
-from .convlora import PLACEMENTS, ConvLoRA, inject_convlora, remove_convlora
+from .adabn import ADABN_KEEP_SOURCE, adabn, batchnorm_layers, set_bn_momentum_mode
+from .convlora import PLACEMENTS, adapter_state, inject_convlora, load_adapter_state, remove_convlora
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
-from .segment import EMPTY_SLICE_MAX, agreement, autocast_dtype, predict_slices, resolve_device
+from .segment import autocast_dtype, grad_scaler, nonempty_slices, predict_slices, resolve_device
+from .selection import SOURCE, CandidateScore, VolumeScore, choose, per_volume_table, score_model
+from .unet import LEVELS
 
-METHODS = ("convlora-adabn", "adabn", "udas", "udas-convlora", "self-training")
 MODES = ("paper", "fast")
 #: Fast mode's default cap on optimiser steps per epoch (256 slices per epoch at batch 32; a new random subset each
 #: epoch). Measured on a 10-volume cohort (BENCHMARKS.md, Speed): within 0.01 surface Dice of paper mode.
 FAST_STEPS_PER_EPOCH = 8
+#: Self-training ignores pixels whose teacher probability is within this distance of 0.5 (not confident).
+SELF_TRAINING_CONFIDENCE = 0.3
 Progress = Optional[Callable[[dict], None]]
 StopFlag = Optional[Callable[[], bool]]
 
 
+@dataclass(frozen=True)
+class Method:
+    """One adaptation method of the paper's Table 1."""
+
+    name: str
+    #: target BatchNorm statistics (AdaBN)
+    adabn: bool
+    #: what trains: ``"nothing"``, ``"lora"``, ``"lora+bn"`` (LoRA + BN affine of the placement), ``"init_path"``
+    #: (every weight of the first stage), ``"unet"`` (every U-Net weight)
+    trains: str
+    #: ``"esh"``: the ESH learns the model's own final prediction (UDAS); ``"final"``: the final output learns the
+    #: frozen source model's hard pseudo-labels (self-training)
+    learner: str
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.trains.startswith("lora")
+
+
+METHOD_SPECS: Dict[str, Method] = {m.name: m for m in (
+    Method("convlora-adabn", adabn=True, trains="lora+bn", learner="esh"),
+    Method("adabn", adabn=True, trains="nothing", learner="esh"),
+    Method("udas", adabn=False, trains="init_path", learner="esh"),
+    Method("udas-convlora", adabn=False, trains="lora", learner="esh"),
+    Method("self-training", adabn=False, trains="unet", learner="final"),
+)}
+METHODS = tuple(METHOD_SPECS)
+
+
 @dataclass
 class AdaptResult:
-    """An adapted copy of the model and what a target adapter file stores."""
+    """The selected candidate as an adapted copy of the model, what its adapter file stores, and every score."""
 
     model: ConvLoRASegModel
+    #: the selected candidate's adapter tensors (empty when the source model was selected)
     state: Dict[str, torch.Tensor]
     method: str
     mode: str
@@ -61,9 +96,12 @@ class AdaptResult:
     rank: int
     alpha: float
     epochs: int
-    best_epoch: int
-    #: label-free agreement before the first epoch (index 0: after AdaBN where the method runs it first) and
-    #: after each epoch; ``details["agreement_source"]`` is the untouched source model's
+    #: the selected candidate: ``"source"``, ``"adabn"`` or ``"epoch N"``
+    selected: str
+    #: label-free score of every candidate, in the order they were made
+    candidates: Dict[str, float]
+    #: the score of the model the training started from (after AdaBN in fast mode, else the source model), then
+    #: after each epoch
     agreement: List[float]
     losses: List[float]
     trainable_params: int
@@ -71,29 +109,41 @@ class AdaptResult:
     n_volumes: int
     n_slices: int
     seed: int
+    #: every candidate's adapter tensors (a few tens of kB each), for benchmarks that score them all
+    candidate_states: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     details: Dict[str, object] = field(default_factory=dict)
 
     @property
+    def adapted(self) -> bool:
+        """False when no adapted candidate beat the unadapted model: the adapter changes nothing."""
+        return self.selected != SOURCE
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.selected.split()[1]) if self.selected.startswith("epoch ") else 0
+
+    @property
     def best_agreement(self) -> float:
-        return self.agreement[self.best_epoch]
+        return self.candidates[self.selected]
+
+    @property
+    def agreement_source(self) -> float:
+        return self.candidates[SOURCE]
 
     def summary(self) -> Dict[str, object]:
         return {"method": self.method, "mode": self.mode, "placement": self.placement, "rank": self.rank,
-                "alpha": self.alpha, "epochs": self.epochs, "best_epoch": self.best_epoch,
-                "agreement": self.best_agreement, "agreement_per_epoch": self.agreement,
-                "loss_per_epoch": self.losses, "trainable_params": self.trainable_params,
-                "seconds": round(self.seconds, 2), "n_volumes": self.n_volumes, "n_slices": self.n_slices,
-                "seed": self.seed, **self.details}
+                "alpha": self.alpha, "epochs": self.epochs, "selected": self.selected, "adapted": self.adapted,
+                "best_epoch": self.best_epoch, "agreement": self.best_agreement,
+                "agreement_source": self.agreement_source, "candidates": self.candidates,
+                "agreement_per_epoch": self.agreement, "loss_per_epoch": self.losses,
+                "trainable_params": self.trainable_params, "seconds": round(self.seconds, 2),
+                "n_volumes": self.n_volumes, "n_slices": self.n_slices, "seed": self.seed, **self.details}
 
 
 def source_copy(model: ConvLoRASegModel) -> ConvLoRASegModel:
     """A deep copy of ``model`` as the source model: any active adapter switched off, ConvLoRA layers removed."""
     m = copy.deepcopy(model)
-    aset = getattr(m, "_adapter_set", None)
-    if aset is not None:
-        aset.disable()
-        del m._adapter_set
-    m.__dict__.pop("_adapter_infos", None)
+    m.drop_adapters()
     remove_convlora(m)
     m.sha256 = model.sha256
     return m
@@ -104,54 +154,74 @@ def _check_stop(should_stop: StopFlag) -> None:
         raise Cancelled("adaptation cancelled")
 
 
-def _prepare(model: ConvLoRASegModel, method: str, placement: str, rank: int, alpha: float) -> List[str]:
-    """Freeze everything, then open what ``method`` trains. Returns the names of the trainable parameters."""
+def _open_trainable(model: ConvLoRASegModel, method: Method, placement: str, rank: int, alpha: float) -> int:
+    """Freeze everything, then open what ``method`` trains; returns the number of trainable parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
     net = model.unet
-    if method in ("convlora-adabn", "udas-convlora"):
+    if method.uses_lora:
         inject_convlora(net, placement, r=rank, alpha=alpha)
-        if method == "convlora-adabn":
-            for stage in PLACEMENTS.get(placement, ()):
+        if method.trains == "lora+bn":
+            for stage in PLACEMENTS[placement]:
                 for bn in batchnorm_layers(net.get_submodule(stage)).values():
                     bn.weight.requires_grad_(True)
                     bn.bias.requires_grad_(True)
-    elif method == "udas":
+    elif method.trains == "init_path":
         for p in net.init_path.parameters():
             p.requires_grad_(True)
-    elif method == "self-training":
+    elif method.trains == "unet":
         for p in net.parameters():
             p.requires_grad_(True)
-    return [n for n, p in net.named_parameters() if p.requires_grad]
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def _changed_state(model: ConvLoRASegModel, trainable: Sequence[str], bn_stats: bool) -> Dict[str, torch.Tensor]:
-    net = model.unet
-    params = dict(net.named_parameters())
-    state = {n: params[n].detach().cpu().clone() for n in trainable}
-    for path, m in net.named_modules():
-        if isinstance(m, ConvLoRA):
-            state[f"{path}.lora_A"] = m.lora_A.detach().cpu().clone()
-            state[f"{path}.lora_B"] = m.lora_B.detach().cpu().clone()
-    if bn_stats:
-        for path, bn in batchnorm_layers(net).items():
-            state[f"{path}.running_mean"] = bn.running_mean.detach().cpu().clone()
-            state[f"{path}.running_var"] = bn.running_var.detach().cpu().clone()
-    return state
+def _check_fast_placement(model: ConvLoRASegModel, method: Method, mode: str, placement: str) -> None:
+    """Fast mode back-propagates through the encoder up to the ESH only: layers after it would get no gradient."""
+    if mode != "fast" or method.learner != "esh" or not method.uses_lora:
+        return
+    reached = set(LEVELS[:model.esh_level + 1])
+    beyond = [s for s in PLACEMENTS[placement] if s not in reached]
+    if beyond:
+        raise ConvLoRASegError(f"placement {placement!r} puts ConvLoRA in {', '.join(beyond)}, after the ESH "
+                               f"(level {model.esh_level}); fast mode trains only up to the ESH, so those layers "
+                               "would never learn: use --mode paper or a placement within the encoder")
 
 
-@torch.no_grad()
-def _load_state(model: ConvLoRASegModel, state: Dict[str, torch.Tensor]) -> None:
-    live = dict(model.unet.named_parameters())
-    live.update(model.unet.named_buffers())
-    for k, v in state.items():
-        live[k].copy_(v.to(live[k]))
+class _Scorer:
+    """Scores candidates on the selection volumes with the label-free criterion; emits progress."""
 
+    def __init__(self, volumes: Sequence[np.ndarray], dev: torch.device, precision: str, spacing: float,
+                 emit: Callable[[dict], None], total_epochs: int, should_stop: StopFlag):
+        self.volumes, self.dev, self.precision, self.spacing = volumes, dev, precision, spacing
+        self.emit, self.total, self.should_stop = emit, total_epochs, should_stop
+        self.scores: Dict[str, CandidateScore] = {}
+        self.per_volume: Dict[str, List[VolumeScore]] = {}
 
-def _set_modes(model: ConvLoRASegModel, method: str, mode: str) -> None:
-    model.eval()  # ESH and frozen parts: eval; source statistics unless said otherwise
-    if method == "convlora-adabn" and mode == "paper":
-        set_bn_momentum_mode(model.unet, momentum=0.1)
+    @property
+    def table(self) -> Dict[str, float]:
+        return {n: c.value for n, c in self.scores.items()}
+
+    @property
+    def consistency(self) -> Dict[str, float]:
+        return {n: c.consistency for n, c in self.scores.items()}
+
+    def record(self, name: str, scores: List[VolumeScore], epoch: int) -> float:
+        self.per_volume[name] = scores
+        self.scores[name] = CandidateScore.of(scores)
+        self.emit({"event": "progress", "stage": "select", "step": epoch, "total": self.total, "epoch": epoch,
+                   "candidate": name, "agreement": self.scores[name].value})
+        return self.scores[name].value
+
+    def predict(self, model: ConvLoRASegModel, v: np.ndarray, with_esh: bool):
+        _check_stop(self.should_stop)
+        return predict_slices(model, v, self.dev, precision=self.precision, with_esh=with_esh)
+
+    def score_volume(self, model: ConvLoRASegModel, v: np.ndarray, predicted=None) -> VolumeScore:
+        _check_stop(self.should_stop)
+        return score_model(model, v, self.dev, self.precision, predicted=predicted)
+
+    def score(self, name: str, model: ConvLoRASegModel, epoch: int) -> float:
+        return self.record(name, [self.score_volume(model, v) for v in self.volumes], epoch)
 
 
 def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
@@ -168,16 +238,17 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         lr, batch_size: Adam learning rate and slices per step (the paper: 1e-4, 32).
         rank, alpha, placement: ConvLoRA settings (the paper: 2, 2, ``init_path``).
         seed: fixes initialisation and batch order: the same seed gives the same adapter.
-        selection_volumes: how many target volumes score the label-free agreement after each epoch.
+        selection_volumes: how many target volumes score the candidates (label-free).
         steps_per_epoch: cap on optimiser steps per epoch (a random subset of slices each epoch); 0 = all.
             None = the mode's default: all in paper mode, :data:`FAST_STEPS_PER_EPOCH` in fast mode.
         precision: ``fp32``, or ``auto``/``bf16``/``fp16``: autocast for the training forward passes (fp32 master
-            weights and loss) and, in fast mode, for the pseudo-label and agreement passes. None = the mode's
-            default: ``fp32`` in paper mode, ``auto`` (bf16 where the CPU/GPU has it natively) in fast mode.
+            weights and loss; fp16 with a gradient scaler) and, in fast mode, for the pseudo-label and scoring
+            passes. None = the mode's default: ``fp32`` in paper mode, ``auto`` (bf16 where the CPU/GPU has it
+            natively, else fp16 on GPUs) in fast mode.
         progress: called with dicts ``{"event": "progress", "stage": ..., "step": ..., "total": ..., ...}``.
         should_stop: polled between steps; when True, :class:`~ConvLoRASegLib.errors.Cancelled` is raised.
     """
-    if method not in METHODS:
+    if method not in METHOD_SPECS:
         raise ConvLoRASegError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if mode not in MODES:
         raise ConvLoRASegError(f"unknown mode {mode!r}; choose paper or fast")
@@ -188,6 +259,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
                                f"(got {epochs}, {steps_per_epoch}, {batch_size})")
     if precision not in (None, "auto", "fp32", "bf16", "fp16"):
         raise ConvLoRASegError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    spec = METHOD_SPECS[method]
+    _check_fast_placement(model, spec, mode, placement)
     volumes = [np.asarray(v, np.float32) for v in target if v is not None and len(v)]
     if not volumes:
         raise ConvLoRASegError("the target cohort has no readable volumes")
@@ -196,139 +269,139 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     dev = resolve_device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    fast = mode == "fast"
+    precision = precision or ("auto" if fast else "fp32")
+    steps_cap = (FAST_STEPS_PER_EPOCH if fast else 0) if steps_per_epoch is None else steps_per_epoch
+    if spec.trains == "nothing":
+        epochs = 0
 
     m = source_copy(model).to(dev)
-    source = source_copy(model).to(dev).eval() if method == "self-training" else None
-    trainable = _prepare(m, method, placement, rank, alpha)
-    params = [p for p in m.unet.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-
+    n_trainable = _open_trainable(m, spec, placement, rank, alpha)
     stack = np.concatenate(volumes)
-    keep = stack.reshape(len(stack), -1).max(1) >= EMPTY_SLICE_MAX
+    keep = nonempty_slices(stack)
     train_x = torch.from_numpy(stack[keep][:, None])
     if len(train_x) == 0:
         raise ConvLoRASegError("every target slice is empty (no signal above background)")
     select = volumes[:max(1, selection_volumes)]
-    spacing = m.grid.spacing_mm
-    fast = mode == "fast"
-    if precision is None:
-        precision = "auto" if fast else "fp32"
-    if steps_per_epoch is None:
-        steps_per_epoch = FAST_STEPS_PER_EPOCH if fast else 0
-    # fast mode: the no-gradient passes (agreement, pseudo-labels) run like segmentation, in the training precision
-    infer_precision = precision if fast else "fp32"
+    # fast mode: the no-gradient passes (scores, pseudo-labels) run like segmentation, in the training precision
+    scorer = _Scorer(select, dev, precision if fast else "fp32", m.grid.spacing_mm, emit, epochs, should_stop)
+    states: Dict[str, Dict[str, torch.Tensor]] = {SOURCE: {}}
 
-    def batches(x: torch.Tensor, bs: int):
-        for i in range(0, len(x), bs):
-            _check_stop(should_stop)
-            yield x[i:i + bs].to(dev)
-
-    def infer(net: ConvLoRASegModel, v: np.ndarray, with_esh: bool):
-        _check_stop(should_stop)
-        return predict_slices(net, v, dev, precision=infer_precision, with_esh=with_esh)
-
-    def report(epoch: int, vals: List[float]) -> float:
-        a = float(np.mean(vals))
-        emit({"event": "progress", "stage": "select", "step": epoch, "total": epochs, "epoch": epoch,
-              "agreement": a})
-        return a
-
-    def score(epoch: int) -> float:
-        return report(epoch, [agreement(*infer(m, v, True), spacing) for v in select])
-
-    uses_adabn = method in ("adabn", "convlora-adabn")
-    ran_adabn = uses_adabn and (fast or method == "adabn")
-    agreement_source = score(0)  # the source model, before anything is adapted
-    if ran_adabn:
-        emit({"event": "progress", "stage": "adabn", "step": 0, "total": len(train_x)})
-        adabn(m, batches(train_x, 64), modules=m.unet, forward=m.unet)
-        emit({"event": "progress", "stage": "adabn", "step": len(train_x), "total": len(train_x)})
-    if method == "adabn":
-        epochs = 0
-
-    # pseudo-labels computed once (fast mode, and always for self-training, whose teacher is frozen)
+    scorer.score(SOURCE, m, 0)
+    source_stats = adapter_state(m, bn_stats=True, trained_only=True) if spec.adabn else {}
     cached: Optional[torch.Tensor] = None
-    first_score: Optional[float] = None if ran_adabn else agreement_source
-    if epochs and fast:
-        # one segmentation-style pass over every target volume gives the pseudo-labels and, for the selection
-        # volumes, the post-AdaBN agreement (the teacher is the model being adapted, before its first step)
-        teacher = source if source is not None else m
-        outs, vals = [], []
-        for i, v in enumerate(volumes):
-            emit({"event": "progress", "stage": "pseudo-labels", "step": i, "total": len(volumes)})
-            with_esh = first_score is None and teacher is m and i < len(select)
-            got = infer(teacher, v, with_esh)
-            probs = got[0] if with_esh else got
-            if with_esh:
-                vals.append(agreement(probs, got[1], spacing))
-            outs.append(probs.astype(np.float16))
-        # the slices of train_x (``keep``), in numpy: no autocast a caller may have around
-        cached = torch.from_numpy(np.concatenate(outs)[keep][:, None])
-        emit({"event": "progress", "stage": "pseudo-labels", "step": len(volumes), "total": len(volumes)})
-        if vals:
-            first_score = report(0, vals)
-    elif epochs and method == "self-training":
-        source.eval()
-        outs = []
-        # fp32 teacher, whatever autocast a caller wraps adapt() in (CPU autocast cannot cat float16 tensors)
-        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-            for xb in batches(train_x, 64):
-                outs.append(torch.sigmoid(source(xb)).to(torch.float16).cpu())
-            cached = torch.cat(outs)
-    del source
+    if spec.adabn:
+        emit({"event": "progress", "stage": "adabn", "step": 0, "total": len(train_x)})
+        adabn(m, (train_x[i:i + 64].to(dev) for i in range(0, len(train_x), 64)), modules=m.unet,
+              forward=m.unet, keep_source=ADABN_KEEP_SOURCE, should_stop=should_stop)
+        _check_stop(should_stop)
+        emit({"event": "progress", "stage": "adabn", "step": len(train_x), "total": len(train_x)})
+        states["adabn"] = adapter_state(m, bn_stats=True, trained_only=True)
+        if fast and epochs and spec.learner == "esh":
+            # one pass gives the pseudo-labels of every volume and the AdaBN candidate's score
+            cached = _pseudo_labels(m, volumes, keep, scorer, emit, score_as="adabn")
+        else:
+            scorer.score("adabn", m, 0)
+        if not fast:  # the paper's variant starts from source statistics and lets them drift (momentum)
+            load_adapter_state(m, {k: v for k, v in source_stats.items() if "running_" in k})
+    if epochs and cached is None:
+        if spec.learner == "final":  # self-training: the frozen source model is the teacher
+            cached = _pseudo_labels(source_copy(model).to(dev).eval(), volumes, keep, scorer, emit)
+        elif fast:
+            cached = _pseudo_labels(m, volumes, keep, scorer, emit)
+    start_name = "adabn" if spec.adabn and fast else SOURCE  # paper mode trains from the source statistics
+    trajectory = [scorer.table[start_name]]
 
-    bn_stats = uses_adabn
-    scores = [score(0) if first_score is None else first_score]
-    best_state = _changed_state(m, trainable, bn_stats)
-    best_epoch = 0
     losses: List[float] = []
-
-    opt = torch.optim.Adam(params, lr=lr) if epochs else None
     full_steps = (len(train_x) + batch_size - 1) // batch_size
-    steps_per_epoch = min(full_steps, steps_per_epoch) if steps_per_epoch else full_steps
-    amp = autocast_dtype(dev, precision)
-    for epoch in range(1, epochs + 1):
-        _set_modes(m, method, mode)
-        order = torch.randperm(len(train_x), generator=gen)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            _check_stop(should_stop)
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x = train_x[idx].to(dev)
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                if method == "self-training":
-                    logits = m(x)
-                    target_p = cached[idx].to(dev, torch.float32)
-                elif mode == "fast":
-                    logits = m.forward_esh(x)
-                    target_p = cached[idx].to(dev, torch.float32)
-                else:
-                    final, logits = m.forward_both(x)
-                    target_p = torch.sigmoid(final.float())  # the paper's code: not detached
-            loss = F.binary_cross_entropy_with_logits(logits.float(), target_p)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            emit({"event": "progress", "stage": "train", "step": step + 1, "total": steps_per_epoch,
-                  "epoch": epoch, "epochs": epochs, "loss": loss.item()})
-        losses.append(total / steps_per_epoch)
-        m.eval()
-        scores.append(score(epoch))
-        if scores[-1] > scores[best_epoch]:
-            best_epoch = epoch
-            best_state = _changed_state(m, trainable, bn_stats)
+    n_steps = min(full_steps, steps_cap) if steps_cap else full_steps
+    if epochs:
+        params = [p for p in m.unet.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
+        amp = autocast_dtype(dev, precision)
+        scaler = grad_scaler(dev, amp)
+        for epoch in range(1, epochs + 1):
+            m.eval()  # frozen parts and the ESH: eval; the paper's convlora-adabn: BN in momentum mode
+            if spec.adabn and not fast:
+                set_bn_momentum_mode(m.unet, momentum=0.1)
+            order = torch.randperm(len(train_x), generator=gen)
+            total = 0.0
+            for step in range(n_steps):
+                _check_stop(should_stop)
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                loss = _loss(m, spec, fast, train_x[idx].to(dev), None if cached is None else cached[idx], amp)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                total += loss.item()
+                emit({"event": "progress", "stage": "train", "step": step + 1, "total": n_steps, "epoch": epoch,
+                      "epochs": epochs, "loss": loss.item()})
+            losses.append(total / n_steps)
+            m.eval()
+            name = f"epoch {epoch}"
+            trajectory.append(scorer.score(name, m, epoch))
+            states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
 
-    _load_state(m, best_state)
-    m.eval()
+    selected = choose(scorer.table, order=[SOURCE, "adabn"], consistency=scorer.consistency)
+    result_model = source_copy(model).to(dev)
+    if selected != SOURCE:
+        _open_trainable(result_model, spec, placement, rank, alpha)
+        load_adapter_state(result_model, states[selected])
+    for p in result_model.parameters():
+        p.requires_grad_(False)
+    result_model.eval()
     result = AdaptResult(
-        model=m, state=best_state, method=method, mode=mode,
-        placement=placement if method in ("convlora-adabn", "udas-convlora") else "-",
-        rank=rank, alpha=alpha, epochs=epochs, best_epoch=best_epoch, agreement=scores, losses=losses,
-        trainable_params=n_trainable, seconds=time.perf_counter() - t0, n_volumes=len(volumes),
-        n_slices=int(len(train_x)), seed=seed,
-        details={"agreement_source": agreement_source, "steps_per_epoch": steps_per_epoch,
-                 "precision": str(amp or "fp32").replace("torch.", "")})
-    emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": best_epoch,
-          "agreement": result.best_agreement})
+        model=result_model, state=states[selected], method=method, mode=mode,
+        placement=placement if spec.uses_lora else "-", rank=rank, alpha=alpha, epochs=epochs, selected=selected,
+        candidates=scorer.table, agreement=trajectory, losses=losses, trainable_params=n_trainable,
+        seconds=time.perf_counter() - t0, n_volumes=len(volumes), n_slices=int(len(train_x)), seed=seed,
+        candidate_states=states,
+        details={"steps_per_epoch": n_steps,
+                 "precision": str(autocast_dtype(dev, precision) or "fp32").replace("torch.", ""),
+                 "candidate_scores": {n: vars(c) for n, c in scorer.scores.items()},
+                 "candidate_volumes": per_volume_table(scorer.per_volume)})
+    emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": result.best_epoch,
+          "candidate": selected, "agreement": result.best_agreement})
     return result
+
+
+def _pseudo_labels(teacher: ConvLoRASegModel, volumes: Sequence[np.ndarray], keep: np.ndarray, scorer: _Scorer,
+                   emit: Callable[[dict], None], score_as: Optional[str] = None) -> torch.Tensor:
+    """The teacher's final probabilities on every slice of ``train_x`` (float16, N x 1 x H x W); with ``score_as``
+    the same pass scores the teacher as that candidate on the selection volumes."""
+    outs, scores = [], []
+    for i, v in enumerate(volumes):
+        emit({"event": "progress", "stage": "pseudo-labels", "step": i, "total": len(volumes)})
+        with_esh = score_as is not None and i < len(scorer.volumes)
+        got = scorer.predict(teacher, v, with_esh)
+        probs = got[0] if with_esh else got
+        if with_esh:
+            scores.append(scorer.score_volume(teacher, v, predicted=got))
+        outs.append(probs.astype(np.float16))
+    emit({"event": "progress", "stage": "pseudo-labels", "step": len(volumes), "total": len(volumes)})
+    if score_as is not None:
+        scorer.record(score_as, scores, 0)
+    p = np.concatenate(outs)[keep][:, None]  # numpy: no autocast a caller may have around
+    return torch.from_numpy(p)
+
+
+def _loss(m: ConvLoRASegModel, spec: Method, fast: bool, x: torch.Tensor, cached: Optional[torch.Tensor],
+          amp: Optional[torch.dtype]) -> torch.Tensor:
+    """The method's loss on one batch: UDAS (the ESH learns the final prediction) or self-training (the final
+    output learns the frozen source model's confident hard labels)."""
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        if spec.learner == "final":
+            logits = m(x)
+        elif fast:
+            logits = m.forward_esh(x)
+        else:
+            final, logits = m.forward_both(x)
+    if spec.learner == "final":
+        p = cached.to(x.device, torch.float32)
+        weight = ((p - 0.5).abs() >= SELF_TRAINING_CONFIDENCE).float()
+        return F.binary_cross_entropy_with_logits(logits.float(), (p >= 0.5).float(), weight=weight,
+                                                  reduction="sum") / weight.sum().clamp_min(1.0)
+    if fast:
+        return F.binary_cross_entropy_with_logits(logits.float(), cached.to(x.device, torch.float32))
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.sigmoid(final.float()))  # the paper: not detached

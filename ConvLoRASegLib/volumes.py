@@ -301,8 +301,11 @@ def head_centre(image: sitk.Image) -> np.ndarray:
     front-back, the middle of the head's box within ``HEAD_SLAB_MM`` below the vertex (so that neck and shoulders
     do not pull it). Falls back to :func:`physical_centre` when no head is found (e.g. a constant image).
     """
+    # float32 in the canonical voxel order, whatever the pixel type and the file's axis order: the same bins below
+    image = canonical(sitk.Cast(image, sitk.sitkFloat32))
     spacing = np.array(image.GetSpacing(), dtype=float)
-    factors = [int(f) for f in np.maximum(1, np.floor(HEAD_BOX_VOXEL_MM / spacing))]
+    # rounded: spacings that differ in the 16th digit (a file round trip) must give the same bins
+    factors = [int(f) for f in np.maximum(1, np.floor(np.round(HEAD_BOX_VOXEL_MM / spacing, 6)))]
     small = sitk.BinShrink(image, factors) if max(factors) > 1 else image
     try:
         fg = sitk.OtsuThreshold(small, 0, 1)

@@ -38,14 +38,22 @@ def simulated_oom(monkeypatch):
 
     from ConvLoRASegLib.model import ConvLoRASegModel
 
-    real_forward = ConvLoRASegModel.forward
+    real_forward, real_both = ConvLoRASegModel.forward, ConvLoRASegModel.forward_both
     seen = []
 
-    def forward(self, x):
+    def check(x):
         seen.append(x.shape[0])
         if x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def forward(self, x):
+        check(x)
         return real_forward(self, x)
 
+    def forward_both(self, x):  # the CLI's pass that also gives the ESH (for the label-free score)
+        check(x)
+        return real_both(self, x)
+
     monkeypatch.setattr(ConvLoRASegModel, "forward", forward)
+    monkeypatch.setattr(ConvLoRASegModel, "forward_both", forward_both)
     return seen

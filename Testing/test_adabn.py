@@ -80,3 +80,18 @@ def test_paper_variant_momentum_mode():
     net(x)
     assert float(bn.running_mean.abs().max()) > 0  # statistics drift towards the target
     assert isinstance(bn, nn.BatchNorm2d)
+
+
+def test_keep_source_leaves_the_named_layers_alone():
+    from ConvLoRASegLib.adabn import ADABN_KEEP_SOURCE
+    from ConvLoRASegLib.unet import UNet2D
+
+    torch.manual_seed(0)
+    net = UNet2D(8).eval()
+    out_bn = net.get_submodule("out_path.2")
+    before = out_bn.running_mean.clone(), out_bn.running_var.clone()
+    adabn(net, [torch.rand(4, 1, 32, 32) * 3 + 1], keep_source=ADABN_KEEP_SOURCE)
+    assert ADABN_KEEP_SOURCE == ("out_path.2",)
+    assert torch.equal(out_bn.running_mean, before[0]) and torch.equal(out_bn.running_var, before[1])
+    others = [m for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and n != "out_path.2"]
+    assert all(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in others)

@@ -148,7 +148,8 @@ def test_segment_several_into_a_folder_with_json(capsys, tiny_model, head_files,
     events = json_lines(stdout)
     assert events[-1]["event"] == "done" and len(events[-1]["outputs"]) == 2
     assert any(e["event"] == "progress" and e["stage"] == "segment" for e in events)
-    assert sorted(p.name for p in out.iterdir()) == ["head0_brainprob.nii.gz", "head1_brainprob.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["head0_brainprob.nii.gz", "head1_brainprob.nii.gz",
+                                                     "manifest.csv", "manifest.json"]
     prob = sitk.ReadImage(str(out / "head0_brainprob.nii.gz"))
     assert prob.GetPixelID() == sitk.sitkFloat32
 
@@ -184,7 +185,7 @@ def test_segment_with_adapter_file_name_and_auto(capsys, tiny_model, tiny_adapte
     assert code == 0, err
     assert calls["to_slices"] == 3  # auto: one working grid for the choice and the segmentation
     done = json_lines(stdout)[-1]
-    scores = done["outputs"][0]["agreement"]
+    scores = done["outputs"][0]["adapter_scores"]
     assert set(scores) == {"source", "siteA"} and all(0.0 <= v <= 1.0 for v in scores.values())
     assert "chose" in err  # the choice and its score are printed (stderr with --json)
 
@@ -214,6 +215,12 @@ def test_adapt_to_file_and_to_store(capsys, tiny_model, head_files, tmp_path):
     summary = done["summary"]
     assert 0 < summary["trainable_percent"] < 5 and summary["adapter_bytes"] < summary["model_bytes"]
     assert [sha(p) for p in head_files] == hashes
+    # the selection's verdict is in the JSON and, when no candidate beat the unadapted model, a warning says so
+    assert set(summary["candidates"]) == {"source", "adabn", "epoch 1"}
+    assert summary["selected"] in summary["candidates"] and summary["adapted"] == (summary["selected"] != "source")
+    assert summary["agreement_source"] == summary["candidates"]["source"]
+    assert ("did not beat the unadapted model" in err) == (not summary["adapted"])
+    assert info.details["selected"] == summary["selected"]
 
     code, stdout, err = run_cli(capsys, "adapt", *head_files, "--name", "ge-site", "--model", tiny_model,
                                 "--method", "adabn")
@@ -330,6 +337,11 @@ def test_import_checkpoint_without_pickle(capsys, tmp_path):
     model = load_model(out)
     assert torch.equal(model.unet.init_path[0].weight, unet.init_path[0].weight)
     assert torch.equal(model.esh.conv1.weight, esh.conv1.weight) and model.grid.slice_size == 256
+    assert model.grid.normalisation == "minmax"  # the paper's code min-max scales each volume
+    code, _, err = run_cli(capsys, "import-checkpoint", tmp_path / "unet.pth", "-o", tmp_path / "p.safetensors",
+                           "--spacing", "1", "--slice-size", "256", "--normalisation", "percentile")
+    assert code == 0, err
+    assert load_model(tmp_path / "p.safetensors").grid.normalisation == "percentile"
 
 
 # ---------------------------------------------------------------------------------------------------------------

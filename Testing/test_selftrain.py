@@ -27,6 +27,16 @@ def _volumes(n=2, slices=10, size=32, seed=0):
     return vols
 
 
+@pytest.fixture
+def force_adapted(monkeypatch):
+    """The tiny random test model's masks are not brains: let the selection take the best *adapted* candidate,
+    so that tests can see what each method trains."""
+    from ConvLoRASegLib import selftrain
+
+    monkeypatch.setattr(selftrain, "choose", lambda table, order=(), consistency=None: max(
+        (n for n in table if n != "source"), key=lambda n: (n.startswith("epoch"), table[n], n)))
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     torch.manual_seed(0)
@@ -39,7 +49,7 @@ def model(tmp_path_factory):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("mode", ["fast", "paper"])
-def test_methods_run_and_train_what_they_should(model, method, mode):
+def test_methods_run_and_train_what_they_should(model, method, mode, force_adapted):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     events = []
     r = adapt(model, _volumes(), method=method, mode=mode, epochs=1, batch_size=8, device="cpu",
@@ -47,7 +57,9 @@ def test_methods_run_and_train_what_they_should(model, method, mode):
     for k, v in model.state_dict().items():  # the source model is left alone
         assert torch.equal(v, before[k]), k
     assert len(r.agreement) == (1 if method == "adabn" else 2)
-    assert r.best_epoch == int(np.argmax(r.agreement))
+    expected = {"source"} | ({"adabn"} if method in ("adabn", "convlora-adabn") else set()) | (
+        set() if method == "adabn" else {"epoch 1"})
+    assert set(r.candidates) == expected and r.selected in expected - {"source"}
     assert all(0.0 <= a <= 1.0 for a in r.agreement)
     keys = set(r.state)
     if method == "convlora-adabn":
@@ -64,12 +76,13 @@ def test_methods_run_and_train_what_they_should(model, method, mode):
         assert r.trainable_params == sum(p.numel() for p in model.unet.parameters())
     stages = {e["stage"] for e in events}
     assert "select" in stages and (method == "adabn" or "train" in stages)
-    assert ("pseudo-labels" in stages) == (mode == "fast" and method != "adabn")
+    # computed once: in fast mode, and for self-training (its teacher is the frozen source model)
+    assert ("pseudo-labels" in stages) == ((mode == "fast" and method != "adabn") or method == "self-training")
     for e in events:
         assert e["event"] == "progress" and {"stage", "step", "total"} <= set(e)
 
 
-def test_adapter_under_one_percent_and_applies_exactly(model, tmp_path):
+def test_adapter_under_one_percent_and_applies_exactly(model, tmp_path, force_adapted):
     r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
     n_base = sum(p.numel() for p in model.parameters())
     n_adapter = sum(v.numel() for k, v in r.state.items() if not k.endswith(("running_mean", "running_var")))
@@ -106,7 +119,7 @@ def test_adapt_starts_from_the_source_model_even_with_an_active_adapter(model, t
         assert torch.equal(a.state[k], b.state[k]), k
 
 
-def test_same_seed_same_adapter_and_seed_matters(model):
+def test_same_seed_same_adapter_and_seed_matters(model, force_adapted):
     a = adapt(model, _volumes(), epochs=2, batch_size=8, seed=3, device="cpu")
     b = adapt(model, _volumes(), epochs=2, batch_size=8, seed=3, device="cpu")
     c = adapt(model, _volumes(), epochs=2, batch_size=8, seed=4, device="cpu")
@@ -155,7 +168,7 @@ def test_fast_mode_backpropagates_only_up_to_the_esh(model, monkeypatch):
     assert calls["decode"] > 0
 
 
-def test_adapt_inside_an_outer_autocast(model):
+def test_adapt_inside_an_outer_autocast(model, force_adapted):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
     assert r.state["init_path.0.lora_A"].dtype == torch.float32
@@ -174,7 +187,7 @@ def test_mode_defaults_for_steps_and_precision(model):
     auto = autocast_dtype(torch.device("cpu"), "auto")
     assert fast.details["steps_per_epoch"] == FAST_STEPS_PER_EPOCH < 40
     assert fast.details["precision"] == (str(auto).replace("torch.", "") if auto else "fp32")
-    assert paper.details == {**paper.details, "steps_per_epoch": 40, "precision": "fp32"}
+    assert paper.details["steps_per_epoch"] == 40 and paper.details["precision"] == "fp32"
     assert every.details["steps_per_epoch"] == 40 and every.details["precision"] == "fp32"
 
 
@@ -185,5 +198,97 @@ def test_fast_mode_scores_the_adabn_model_in_its_pseudo_label_pass(model, precis
                    selection_volumes=2)
     alone = adapt(model, _volumes(n=3), mode="fast", epochs=0, batch_size=8, device="cpu", precision=precision,
                   selection_volumes=2)
-    assert merged.agreement[0] == alone.agreement[0]
-    assert merged.details["agreement_source"] == alone.details["agreement_source"]
+    assert merged.agreement[0] == alone.agreement[0] == alone.candidates["adabn"]
+    assert merged.agreement_source == alone.agreement_source
+
+
+# ------------------------------------------------------------------------------------ a selector that can say no
+
+def test_source_is_a_candidate_and_wins_when_nothing_beats_it(model, tmp_path):
+    """The random test model's masks are no brains: every candidate is refused, so the source model is kept, the
+    adapter is empty and applying it changes nothing."""
+    from ConvLoRASegLib.segment import activate_adapter, predict_slices
+
+    r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
+    assert set(r.candidates) == {"source", "adabn", "epoch 1"}
+    assert r.selected == "source" and not r.adapted and r.state == {}
+    info = store.save_adapter(model, r.state, tmp_path / "a.safetensors", name="t", method=r.method, mode=r.mode,
+                              rank=r.rank, alpha=r.alpha, placement=r.placement, details=r.summary())
+    assert info.details["adapted"] is False and info.details["candidates"] == r.candidates
+    m = store.load_model(model.info["path"])
+    v = _volumes(1)[0]
+    plain = predict_slices(m, v, "cpu", precision="fp32")
+    activate_adapter(m, info)
+    assert np.array_equal(predict_slices(m, v, "cpu", precision="fp32"), plain)
+
+
+def test_the_selection_takes_the_best_candidate_and_prefers_no_adapter_on_ties(model, monkeypatch):
+    from ConvLoRASegLib import selection
+
+    monkeypatch.setattr(selection, "PLAUSIBLE_BRAIN_ML", (0.0, 1e9))
+    r = adapt(model, _volumes(), epochs=2, batch_size=8, device="cpu")
+    best = max(r.candidates.values())
+    winners = [n for n, v in r.candidates.items() if v == best]
+    assert r.selected == ("source" if r.candidates["source"] == best else winners[0])
+    assert selection.choose({"source": 0.5, "adabn": 0.5, "epoch 1": 0.4}, ["source", "adabn"]) == "source"
+    assert selection.choose({"source": 0.5, "adabn": 0.6, "epoch 1": 0.7}, ["source", "adabn"]) == "epoch 1"
+
+
+def test_the_adapted_model_keeps_its_lora_when_segmented(model, force_adapted):
+    """segment_image(result.model) used to zero every lora_B (AdapterSet.disable on a model it never adapted)."""
+    from ConvLoRASegLib.convlora import lora_layers
+    from ConvLoRASegLib.segment import activate_adapter, predict_slices
+
+    r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu", precision="fp32")
+    assert r.selected == "epoch 1"
+    v = _volumes(1)[0]
+    before = predict_slices(r.model, v, "cpu", precision="fp32")
+    activate_adapter(r.model, None)
+    assert any(layer.lora_B.abs().sum() > 0 for layer in lora_layers(r.model).values())
+    assert np.array_equal(predict_slices(r.model, v, "cpu", precision="fp32"), before)
+
+
+def test_self_training_learns_hard_pseudo_labels(model, monkeypatch, force_adapted):
+    """Soft targets equal to the student's own output at the start give a zero gradient: a no-op."""
+    import torch.nn.functional as F
+
+    targets = []
+    orig = F.binary_cross_entropy_with_logits
+
+    def spy(logits, target, *a, **k):
+        targets.append(target.detach())
+        return orig(logits, target, *a, **k)
+
+    monkeypatch.setattr(F, "binary_cross_entropy_with_logits", spy)
+    adapt(model, _volumes(), method="self-training", mode="paper", epochs=1, batch_size=8, device="cpu")
+    assert targets and all(set(torch.unique(t).tolist()) <= {0.0, 1.0} for t in targets)
+
+
+def test_fp16_training_uses_a_gradient_scaler(model, monkeypatch, force_adapted):
+    scaled = []
+    orig = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):
+        scaled.append(self.is_enabled())
+        return orig(self, outputs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu", precision="fp16", steps_per_epoch=1)
+    assert scaled == [True]
+
+
+def test_fast_mode_refuses_layers_after_the_esh(model):
+    with pytest.raises(ConvLoRASegError, match="after the ESH"):
+        adapt(model, _volumes(), placement="all", mode="fast", epochs=1, device="cpu")
+    r = adapt(model, _volumes(), placement="all", mode="paper", epochs=1, batch_size=8, steps_per_epoch=1,
+              device="cpu")
+    assert r.trainable_params > 3762
+
+
+def test_no_reference_to_torch_out_of_memory_error_that_older_torch_lacks():
+    import ConvLoRASegLib
+    from ConvLoRASegLib import segment
+
+    root = Path(ConvLoRASegLib.__file__).parent
+    assert not [p.name for p in root.rglob("*.py") if "torch.OutOfMemoryError" in p.read_text()]
+    assert issubclass(segment.OutOfMemoryError, torch.cuda.OutOfMemoryError)

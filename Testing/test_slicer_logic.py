@@ -30,7 +30,7 @@ import slicer  # noqa: E402
 import vtk  # noqa: E402
 
 import ConvLoRASeg as module  # noqa: E402
-from ConvLoRASegProcess import CliProcess, EtaEstimator, parseEventLine  # noqa: E402
+from ConvLoRASegLib.jobs import CliProcess, EtaEstimator, parseEventLine  # noqa: E402
 from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
 
 HEAD = Path("/work/shared/data/heads/itk_kmeans")

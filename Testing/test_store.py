@@ -164,7 +164,7 @@ def test_activate_adapter_reads_a_file_once_until_it_changes(tmp_path, monkeypat
         new = segment.activate_adapter(m, path)
         out_new = m(x)
         assert len(reads) == 2 and new.name == "site2" and not torch.equal(out_new, out_a)
-        assert len(segment.adapter_set(m).names) == 1
+        assert len(m.adapters.names) == 1
         segment.activate_adapter(m, tmp_path / "old.safetensors")  # the first adapter, under its new name
         assert torch.equal(m(x), out_a)
         segment.activate_adapter(m, path)  # each adapter keeps its own alpha / r (2 for site2, 1 for the other)

@@ -390,3 +390,14 @@ def test_working_slices_do_not_move_with_the_field_of_view():
     for extra, shift in ((80.0, 0.0), (0.0, 40.0), (120.0, -30.0)):
         lo, hi = brain_box(_head_phantom(extra, shift))
         assert np.abs(lo - ref[0]).max() <= 1 and np.abs(hi - ref[1]).max() <= 1, (extra, shift)
+
+
+def test_head_centre_is_the_same_for_a_file_round_trip_and_any_axis_order():
+    """Spacing noise in the 16th digit, another pixel type or flipped axes (a Slicer node vs its saved file) must
+    not move the centre: the working grid, and so the mask, would differ."""
+    img = _head_phantom(40.0, 10.0)
+    ref = V.head_centre(img)
+    noisy = sitk.Cast(img, sitk.sitkInt16)
+    noisy.SetSpacing([s * (1 + 2e-16) for s in img.GetSpacing()])
+    for variant in (noisy, sitk.DICOMOrient(img, "RAI"), sitk.DICOMOrient(noisy, "PIL")):
+        assert np.allclose(V.head_centre(variant), ref, atol=1e-6)

@@ -1,8 +1,8 @@
 """Run the ConvLoRASegLib command line in a background process and follow its JSON progress lines.
 
-Long work (adaptation, cohort segmentation) must not freeze Slicer, and a crash in torch must not take
-Slicer down, so the module starts ``PythonSlicer -m ConvLoRASegLib <command> ... --json`` as a child process.
-The CLI prints one JSON object per line on stdout::
+Long work (adaptation, segmentation) must not freeze Slicer, and a crash in torch must not take Slicer down, so
+the Slicer module starts ``PythonSlicer -m ConvLoRASegLib <command> ... --json`` as a child process. The CLI
+prints one JSON object per line on stdout::
 
     {"event": "progress", "stage": "train", "step": 3, "total": 40, "epoch": 1, "loss": 0.21, "agreement": 0.93}
     {"event": "done", "adapter": {...}}      or      {"event": "error", "message": "one line"}
@@ -12,7 +12,11 @@ and exits with 0 (ok), 2 (user error) or 130 (cancelled, nothing written).
 :class:`CliProcess` owns one such child. It never blocks the caller: two reader threads move the lines of
 stdout and stderr into a queue, and :meth:`CliProcess.poll` (called by a ``qt.QTimer`` every 100 ms inside
 Slicer, or in a loop by :meth:`CliProcess.wait` in batch mode and tests) drains the queue and calls the
-callbacks in the caller's thread. Nothing here imports Qt or Slicer, so it is tested with plain Python.
+callbacks in the caller's thread. :meth:`CliProcess.cancel` does not wait either: it asks the child to stop
+(a cancel file the CLI watches -- the one request that reaches a windowless child on Windows too -- and
+SIGTERM to its process group on POSIX), and :meth:`poll` kills the whole process tree once the grace period
+is over. Nothing here imports Qt or Slicer (this file lives in the library, not beside the module: Slicer
+registers every ``*.py`` in a module folder as a module), so it is tested with plain Python.
 """
 
 from __future__ import annotations
@@ -24,14 +28,20 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
+#: Environment variable naming the file whose appearance makes the CLI stop as on Ctrl-C (see ``cli.main``).
+CANCEL_FILE_ENV = "CONVLORASEG_CANCEL_FILE"
+#: Seconds between a cancel request and killing the process tree, by default.
+CANCEL_GRACE_SECONDS = 5.0
 
 ProgressCallback = Callable[[Dict[str, Any]], None]
 LogCallback = Callable[[str], None]
@@ -91,34 +101,42 @@ def parseEventLine(line: str) -> Optional[Dict[str, Any]]:
     return event
 
 
-def killProcessTree(proc: "subprocess.Popen", graceSeconds: float = 5.0) -> bool:
-    """Stop ``proc`` and every process it started; return True if it had to be killed hard.
+def requestStop(proc: "subprocess.Popen") -> None:
+    """Ask ``proc`` to stop without waiting: SIGTERM to its process group on POSIX.
 
-    First a polite request (SIGTERM to the process group on POSIX, CTRL_BREAK on Windows) so the CLI can
-    delete its temporary files and exit with 130; after ``graceSeconds`` the whole tree is killed
-    (SIGKILL to the group, ``taskkill /T /F`` on Windows).
+    On Windows there is no such signal for a ``CREATE_NO_WINDOW`` child (CTRL_BREAK needs a shared console);
+    there the cancel file of :class:`CliProcess` is the polite request, and :func:`killTree` the hard stop.
     """
-    if proc.poll() is not None:
-        return False
+    if proc.poll() is not None or os.name == "nt":
+        return
     try:
-        if os.name == "nt":
-            proc.send_signal(signal.CTRL_BREAK_EVENT)
-        else:
-            os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, OSError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, OSError):
         pass
-    try:
-        proc.wait(timeout=graceSeconds)
-        return False
-    except subprocess.TimeoutExpired:
-        pass
+
+
+def killTree(proc: "subprocess.Popen") -> None:
+    """Kill ``proc`` and every process it started (SIGKILL to the group, ``taskkill /T /F`` on Windows)."""
     if os.name == "nt":
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
     else:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, OSError):
+        except (ProcessLookupError, PermissionError, OSError):
             pass
+
+
+def killProcessTree(proc: "subprocess.Popen", graceSeconds: float = CANCEL_GRACE_SECONDS) -> bool:
+    """Blocking stop for scripts: ask politely, wait ``graceSeconds``, then kill the tree; True if killed hard."""
+    if proc.poll() is not None:
+        return False
+    requestStop(proc)
+    try:
+        proc.wait(timeout=graceSeconds)
+        return False
+    except subprocess.TimeoutExpired:
+        pass
+    killTree(proc)
     proc.wait()
     return True
 
@@ -133,6 +151,8 @@ class ProcessResult:
     cancelled: bool = False
     killedHard: bool = False
     log: List[str] = field(default_factory=list)
+    #: what the caller made of a successful run (e.g. the Slicer module's labelmap node); None otherwise
+    value: Any = None
 
     @property
     def ok(self) -> bool:
@@ -151,13 +171,21 @@ class CliProcess:
         onLog: called with every other line of stdout and every line of stderr.
         onFinished: called once with the :class:`ProcessResult` after the process has exited and all of
             its output has been handled.
+        clock: seconds, monotonic (default ``time.monotonic``); tests pass their own to drive the grace period.
+
+    The child's environment gets :data:`CANCEL_FILE_ENV` = :attr:`cancelFile`, a path that does not exist yet;
+    :meth:`cancel` creates it.
     """
 
     def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
                  onProgress: Optional[ProgressCallback] = None, onLog: Optional[LogCallback] = None,
-                 onFinished: Optional[Callable[[ProcessResult], None]] = None):
+                 onFinished: Optional[Callable[[ProcessResult], None]] = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.args = [str(a) for a in args]
-        self.env = env
+        self.cancelFile = os.path.join(tempfile.gettempdir(), f"convlora-cancel-{os.getpid()}-{uuid.uuid4().hex}")
+        self.env = dict(os.environ if env is None else env)
+        self.env[CANCEL_FILE_ENV] = self.cancelFile
+        self.clock = clock
         self.cwd = cwd
         self.onProgress = onProgress
         self.onLog = onLog
@@ -173,6 +201,7 @@ class CliProcess:
         self._log: List[str] = []
         self._cancelled = False
         self._killedHard = False
+        self._killDeadline: Optional[float] = None
 
     # -- starting ---------------------------------------------------------------------------------------
 
@@ -224,7 +253,13 @@ class CliProcess:
             except queue.Empty:
                 break
             self._handleLine(streamName, line)
-        if self._proc.poll() is None or any(reader.is_alive() for reader in self._readers):
+        if self._proc.poll() is None:
+            if self._killDeadline is not None and self.clock() >= self._killDeadline:
+                self._killedHard = True
+                self._killDeadline = None
+                killTree(self._proc)
+            return True
+        if any(reader.is_alive() for reader in self._readers):
             return True
         while not self._lines.empty():  # lines queued between the drain and the exit check
             self._handleLine(*self._lines.get_nowait())
@@ -252,6 +287,7 @@ class CliProcess:
             self.onProgress(event)
 
     def _finish(self) -> None:
+        self._removeCancelFile()
         returnCode = self._proc.returncode
         cancelled = self._cancelled or returnCode == EXIT_CANCELLED
         errorMessage = self._errorMessage
@@ -275,15 +311,48 @@ class CliProcess:
 
     # -- cancelling -------------------------------------------------------------------------------------
 
-    def cancel(self, graceSeconds: float = 5.0) -> None:
-        """Stop the run and all of its child processes (see :func:`killProcessTree`); safe to call twice.
+    def cancel(self, graceSeconds: float = CANCEL_GRACE_SECONDS) -> None:
+        """Ask the run to stop and return at once; safe to call twice.
 
-        Returns once the process has exited; the next :meth:`poll` reports the result as cancelled.
+        Creates :attr:`cancelFile` (the CLI stops as on Ctrl-C, also on Windows) and sends SIGTERM to the
+        process group on POSIX. If the process is still alive ``graceSeconds`` later, the next :meth:`poll`
+        kills it and everything it started. The result then reports ``cancelled``.
         """
-        if self._proc is None or self._proc.poll() is not None:
-            return  # not started, or already ended by itself: nothing to cancel
+        if self._proc is None or self._proc.poll() is not None or self._cancelled:
+            return  # not started, already ended by itself, or already cancelling
         self._cancelled = True
-        self._killedHard = killProcessTree(self._proc, graceSeconds)
+        try:
+            with open(self.cancelFile, "w", encoding="utf-8") as stream:
+                stream.write("cancel\n")
+        except OSError:
+            logging.warning("ConvLoRASeg: could not write the cancel file %s", self.cancelFile)
+        requestStop(self._proc)
+        self._killDeadline = self.clock() + max(0.0, graceSeconds)
+
+    @property
+    def cancelling(self) -> bool:
+        """True after :meth:`cancel` until the run has finished."""
+        return self._cancelled and self.result is None
+
+    def kill(self) -> None:
+        """Kill the process tree now (teardown: Slicer quits or the module is reloaded) and reap it."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._removeCancelFile()
+            return
+        self._cancelled = True
+        self._killedHard = True
+        killTree(self._proc)
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - the OS did not kill it
+            logging.warning("ConvLoRASeg: process %s did not exit after being killed", self._proc.pid)
+        self._removeCancelFile()
+
+    def _removeCancelFile(self) -> None:
+        try:
+            os.remove(self.cancelFile)
+        except OSError:
+            pass
 
 
 def libraryCommand(command: str, *arguments: str, python: Optional[str] = None) -> List[str]:

@@ -1,0 +1,159 @@
+"""The label-free criterion: how good is a model (or an adapted candidate) on a target scan, without labels?
+
+One owner for the score that picks the adaptation epoch, decides whether an adapter beats no adapter at all, and
+chooses among a user's adapters for a scan (``segment --adapter auto``):
+
+* **agreement** — surface Dice between the early segmentation head's mask and the final mask (the paper's
+  self-training signal turned into a score), at a tolerance of one working-grid voxel: on the 2 mm grid a 1 mm
+  tolerance would count only coinciding surfels (a degenerate score);
+* **consistency** — surface Dice between the final mask and the final masks of the same scan with darker and
+  brighter mid-tones (:data:`CONSISTENCY_GAMMAS`): self-training pushes the ESH towards the final output, so the
+  agreement alone rises with every epoch whether the mask improves or not; the consistency is not trained for;
+* **plausibility** — a candidate whose brain is empty or outside :data:`PLAUSIBLE_BRAIN_ML` is refused (scores 0):
+  two empty masks agree perfectly, and a collapsed model must never win.
+
+A candidate must beat the unadapted model by more than :data:`SELECT_MARGIN` to be chosen: in doubt, no adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+#: Brain volumes (ml, brain + cerebellum + brainstem as in the reference masks) a mask may have. Adult brains are
+#: 900-1900 ml; the project's heads' silver masks are 1100-1930 ml. Outside this range a candidate is refused.
+PLAUSIBLE_BRAIN_ML = (700.0, 2600.0)
+#: The agreement's surface tolerance in working-grid voxels (1 voxel = 2 mm on the default grid).
+AGREEMENT_TOLERANCE_VOXELS = 1.0
+#: How much an adapted candidate's mean score must exceed the unadapted model's to be selected.
+SELECT_MARGIN = 0.0
+#: Gammas applied to the input for the consistency half of the score (darker and brighter mid-tones).
+CONSISTENCY_GAMMAS = (0.7, 1.4)
+#: An adapted candidate whose consistency is lower than the unadapted model's by more than this is refused.
+CONSISTENCY_DROP_MAX = 0.0
+#: Name of the unadapted candidate in every score table.
+SOURCE = "source"
+
+
+@dataclass(frozen=True)
+class VolumeScore:
+    """The label-free score of one candidate on one volume."""
+
+    agreement: float  #: ESH vs final surface Dice at one working voxel
+    consistency: float  #: final mask vs the final masks of gamma-perturbed inputs (:data:`CONSISTENCY_GAMMAS`)
+    brain_ml: float  #: volume of the final mask
+    plausible: bool  #: a brain of plausible size (not empty, not the whole head)
+
+    @property
+    def value(self) -> float:
+        """The mean of agreement and consistency; 0 for an implausible brain."""
+        return 0.5 * (self.agreement + self.consistency) if self.plausible else 0.0
+
+    def to_dict(self) -> Dict[str, float]:
+        return {**asdict(self), "value": self.value}
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """A candidate's label-free score: means over the scoring volumes."""
+
+    value: float
+    agreement: float
+    consistency: float
+
+    @classmethod
+    def of(cls, scores: Sequence[VolumeScore]) -> "CandidateScore":
+        if not scores:
+            return cls(0.0, 0.0, 0.0)
+        ok = [s.plausible for s in scores]
+        return cls(float(np.mean([s.value for s in scores])),
+                   float(np.mean([s.agreement if p else 0.0 for s, p in zip(scores, ok)])),
+                   float(np.mean([s.consistency if p else 0.0 for s, p in zip(scores, ok)])))
+
+
+def brain_ml(probs: np.ndarray, spacing_mm: float) -> float:
+    """Volume (ml) of ``probs >= 0.5`` on an isotropic grid of ``spacing_mm``."""
+    return float(np.count_nonzero(probs >= 0.5)) * spacing_mm ** 3 / 1000.0
+
+
+def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
+              tolerance_mm: Optional[float] = None) -> float:
+    """Surface Dice between the ESH's mask and the final mask at ``tolerance_mm`` (default: one grid voxel);
+    0 when either mask is empty (nothing to agree on)."""
+    from .metrics import surface_dice
+
+    final, early = final_probs >= 0.5, esh_probs >= 0.5
+    if not final.any() or not early.any():
+        return 0.0
+    tol = spacing_mm * AGREEMENT_TOLERANCE_VOXELS if tolerance_mm is None else tolerance_mm
+    return float(surface_dice(early, final, (spacing_mm,) * 3, tol))
+
+
+def score_volume(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
+                 perturbed: Sequence[np.ndarray] = ()) -> VolumeScore:
+    """The score of one volume from the candidate's final and ESH probabilities and its final probabilities on
+    perturbed copies of the input (:func:`perturbed_inputs`); without them, consistency counts as agreement."""
+    ml = brain_ml(final_probs, spacing_mm)
+    lo, hi = PLAUSIBLE_BRAIN_ML
+    a = agreement(final_probs, esh_probs, spacing_mm)
+    c = float(np.mean([agreement(final_probs, p, spacing_mm) for p in perturbed])) if len(perturbed) else a
+    return VolumeScore(a, c, ml, bool(lo <= ml <= hi))
+
+
+def perturbed_inputs(slices: np.ndarray) -> List[np.ndarray]:
+    """The input under each gamma of :data:`CONSISTENCY_GAMMAS` (working-grid intensities are in [0, 1])."""
+    x = np.clip(slices, 0.0, 1.0)
+    return [np.ascontiguousarray(x ** g, dtype=np.float32) for g in CONSISTENCY_GAMMAS]
+
+
+def score_model(model, slices: np.ndarray, device, precision: str = "auto",
+                predicted: Optional[tuple] = None) -> VolumeScore:
+    """Score ``model`` on one volume of working-grid slices: one pass with the ESH (or ``predicted`` = its
+    (final, esh) probabilities if the caller has them) and one pass per perturbed input."""
+    from .segment import predict_slices
+
+    final, early = predicted if predicted is not None else predict_slices(model, slices, device,
+                                                                          precision=precision, with_esh=True)
+    perturbed = [predict_slices(model, x, device, precision=precision) for x in perturbed_inputs(slices)]
+    return score_volume(final, early, model.grid.spacing_mm, perturbed)
+
+
+def mean_score(scores: Sequence[VolumeScore]) -> float:
+    return CandidateScore.of(scores).value
+
+
+def choose(table: Dict[str, float], order: Sequence[str] = (),
+           consistency: Optional[Dict[str, float]] = None) -> str:
+    """The selected candidate of ``{name: mean score}``: the best, unless it does not beat :data:`SOURCE` by more
+    than :data:`SELECT_MARGIN` or (with ``consistency``, ``{name: mean consistency}``) its consistency falls more
+    than :data:`CONSISTENCY_DROP_MAX` below the source's; ties go to the earlier name in ``order``."""
+    names = list(order) + [n for n in table if n not in order]
+    names = [n for n in names if n in table]
+    if SOURCE in table and consistency is not None:
+        floor = consistency[SOURCE] - CONSISTENCY_DROP_MAX
+        names = [n for n in names if n == SOURCE or consistency.get(n, 0.0) >= floor]
+    best = max(names, key=lambda n: (table[n], -names.index(n)))
+    if SOURCE in table and best != SOURCE and table[best] <= table[SOURCE] + SELECT_MARGIN:
+        return SOURCE
+    return best
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a constant input."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dict[str, float]]]:
+    return {name: [s.to_dict() for s in vs] for name, vs in scores.items()}
+
+
+__all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
+           "CONSISTENCY_DROP_MAX", "SOURCE", "VolumeScore", "CandidateScore", "brain_ml", "agreement",
+           "score_volume", "perturbed_inputs", "score_model", "mean_score", "choose", "spearman", "per_volume_table"]
+

@@ -1,0 +1,35 @@
+"""bench/shifts.py plumbing: the summary's goal check (selected vs source per task) and the Spearman tables."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+shifts = pytest.importorskip("shifts")
+
+
+def _rows():
+    rows = []
+    for fam, (src, sel) in {"fov": (0.60, 0.59), "bias": (0.50, 0.58)}.items():
+        for k, bump in ((0, 0.0), (1, 0.02)):
+            base = {"head": "h", "family": fam, "seed": 0, "volume": f"h_{fam}_sub{k}", "dice": 0.95}
+            rows.append({**base, "method": "source", "surface_dice": src + bump})
+            rows.append({**base, "method": "convlora-adabn-fast", "surface_dice": sel + bump})
+            for i, (name, sd) in enumerate((("source", src), ("adabn", src - 0.05), ("epoch 1", sel))):
+                rows.append({**base, "method": f"cand:fast:{name}", "surface_dice": sd + bump,
+                             "label_free": 0.3 + sd, "tta": 0.9 - i * 0.1})
+    return rows
+
+
+def test_summary_checks_every_task_and_ranks():
+    s = shifts.summarise(_rows())
+    deltas = {t["task"]: round(t["delta"], 3) for t in s["tasks"]}
+    assert deltas == {"h/bias/0": 0.08, "h/fov/0": -0.01}
+    assert s["worst_delta"] == pytest.approx(-0.01)
+    assert s["spearman_within_volume_mean"] == pytest.approx(1.0)  # the label-free score is the truth + 0.3
+    assert s["n_pairs"] == 12
+    md = shifts.markdown(s)
+    assert "| h/fov/0 | 0.610 | 0.600 | -0.010 |" in md and "Spearman" in md
+    assert np.isfinite(s["spearman_tta_pooled"])

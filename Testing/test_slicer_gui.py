@@ -1,0 +1,458 @@
+"""The Slicer module's GUI decisions, dependency handling, cancel and teardown, headless (issue 12; issue 13's QC UI).
+
+The widget only applies what the plain functions of ConvLoRASeg.py decide (which target widgets are enabled,
+what each run button does, which device stays selected, which labelmap Segment writes into, what the QC table
+shows); those functions are driven here with real MRML nodes from PyPI slicer-core. Background jobs run the real
+CLI or a small fake one; the grace period of a cancel is driven by a fake clock, so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "Testing"), str(ROOT / "ConvLoRASeg"), str(ROOT)]
+
+import slicer_stubs  # noqa: E402
+
+slicer_stubs.install()
+
+import slicer  # noqa: E402
+
+import ConvLoRASeg as module  # noqa: E402
+from ConvLoRASegLib import TORCH_MIN  # noqa: E402
+from ConvLoRASegLib import jobs  # noqa: E402
+from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
+from test_slicer_logic import HEAD, _alive, adapter_file, load_volume, oblique_flipped_ijk_to_ras, set_matrix, \
+    tiny_model_file  # noqa: E402
+
+T = module.TargetType
+
+
+@pytest.fixture()
+def scene():
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return tiny_model_file(tmp_path_factory.mktemp("models"), 0, "model_a")
+
+
+@pytest.fixture()
+def logic(tmp_path, model_file, scene):
+    lg = module.ConvLoRASegLogic(scene=scene, storeRoot=tmp_path / "store")
+    lg.setModelPath(model_file)
+    yield lg
+    lg.shutdown()
+
+
+@pytest.fixture()
+def head(scene):
+    node = load_volume(scene, HEAD / "image.nii.gz")
+    set_matrix(node, oblique_flipped_ijk_to_ras())
+    return node
+
+
+# ------------------------------------------------------------------------------------------- GUI decisions
+
+@pytest.mark.parametrize("kind,enabled", [
+    (T.FOLDER, {"cohortFolderPathLineEdit"}),
+    (T.SCENE, {"targetVolumesCheckableComboBox"}),
+    (T.CC359, {"cc359RootPathLineEdit", "cc359SiteComboBox"}),
+])
+def test_target_widgets_follow_the_target_type(kind, enabled):
+    states = module.targetWidgetStates(kind)
+    assert {name for name, on in states.items() if on} == enabled
+
+
+def test_target_needs_a_chosen_path_and_never_means_the_working_folder(tmp_path):
+    for empty in ("", ".", "  "):
+        with pytest.raises(ConvLoRASegError, match="choose the folder"):
+            module.targetFromParameters(T.FOLDER, empty, "", "ge15", [])
+        with pytest.raises(ConvLoRASegError, match="CC359 root"):
+            module.targetFromParameters(T.CC359, "", empty, "ge15", [])
+    with pytest.raises(ConvLoRASegError, match="at least one volume"):
+        module.targetFromParameters(T.SCENE, "", "", "ge15", [])
+    assert module.targetFromParameters(T.FOLDER, str(tmp_path), "", "ge15", []) == str(tmp_path)
+    assert module.targetFromParameters(T.CC359, "", "/data/cc359", "siemens3", []) == "cc359:/data/cc359:siemens3"
+    assert module.targetFromParameters(T.SCENE, "", "", "ge15", ["a", "b"]) == ["a", "b"]
+
+
+def test_optional_paths_are_empty_not_dot():
+    assert module._pathOrNone("") is None and module._pathOrNone(".") is None
+    assert module.modelInfoText("") == "Model: bundled default" == module.modelInfoText(".")
+    assert module.modelInfoText("/m/model.safetensors") == "Model: /m/model.safetensors"
+
+
+def test_run_buttons_start_or_cancel_their_job_one_job_at_a_time():
+    idle = module.actionButtonStates(None, False, hasInputVolume=False)
+    assert idle == {"adaptButton": ("Adapt", True), "segmentButton": ("Segment", False),
+                    "segmentCohortButton": ("Segment cohort", True)}
+    running = module.actionButtonStates("segment", False, True)
+    assert running["segmentButton"] == ("Cancel", True)
+    assert running["adaptButton"] == ("Adapt", False) and running["segmentCohortButton"][1] is False
+    assert module.actionButtonStates("segment", True, True)["segmentButton"] == ("Cancelling...", False)
+    assert module.actionButtonStates("cohort", False, True)["segmentCohortButton"] == ("Cancel", True)
+
+
+def test_saved_device_stays_selected_whatever_is_detected():
+    items, index = module.deviceChoices("cuda:1", None)  # torch not installed yet: nothing probed
+    assert items[index][1] == "cuda:1" and items[0] == ("auto", "auto")
+    items, index = module.deviceChoices("cuda:0", [("cuda:0", "NVIDIA X"), ("cpu", "CPU")])
+    assert items[index] == ("cuda:0: NVIDIA X", "cuda:0") and len(items) == 3
+    items, index = module.deviceChoices("cuda:3", [("cpu", "CPU")])
+    assert items[index] == ("cuda:3 (not detected)", "cuda:3")
+    assert module.deviceChoices("", [])[1] == 0
+
+
+def test_a_new_volume_gets_a_new_mask_unless_the_user_picked_one(scene):
+    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
+    mask_a = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "a brain mask")
+    mask_a.SetAttribute(module.SOURCE_VOLUME_ATTRIBUTE, a.GetID())
+    picked = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mine")
+    auto = mask_a.GetID()  # the module selected it after segmenting a
+    assert module.outputNodeForSegment(a, None, auto) is None
+    assert module.outputNodeForSegment(a, mask_a, auto) is mask_a  # same volume again: overwrite its mask
+    assert module.outputNodeForSegment(b, mask_a, auto) is None  # another volume: a new mask
+    assert module.outputNodeForSegment(b, picked, auto) is picked  # the user's own choice
+    assert module.outputNodeForSegment(b, mask_a, None) is mask_a  # picked by the user (not auto-selected)
+
+
+def test_segment_writes_which_volume_a_mask_belongs_to(logic, head):
+    labelmap = logic.segment(head, device="cpu")
+    assert labelmap.GetAttribute(module.SOURCE_VOLUME_ATTRIBUTE) == head.GetID()
+    assert module.outputNodeForSegment(head, labelmap, labelmap.GetID()) is labelmap
+
+
+# ----------------------------------------------------------------------------------- self-test and torch
+
+def test_an_adapter_that_changes_nothing_is_a_warning():
+    """The label-free selection kept the unadapted model: the user is told, not just shown a saved adapter."""
+    kept = {"adapter": {"name": "siteB", "agreement": 0.61},
+            "summary": {"adapted": False, "selected": "source", "agreement_source": 0.61,
+                        "candidates": {"source": 0.61, "adabn": 0.58, "epoch 1": 0.6}}}
+    text, warn = module.adaptationMessage(kept)
+    assert warn and "did not beat the unadapted model" in text and "0.610" in text and "0.600" in text
+    adapted = {"adapter": {"name": "siteB", "agreement": 0.7}, "summary": {"adapted": True, "selected": "epoch 2"}}
+    text, warn = module.adaptationMessage(adapted)
+    assert not warn and "epoch 2" in text and "0.700" in text
+
+
+def test_heavy_self_test_runs_only_with_torch_or_when_asked():
+    assert module.heavySelfTestWanted({}, torchInstalled=True)
+    assert not module.heavySelfTestWanted({}, torchInstalled=False)
+    assert module.heavySelfTestWanted({module.SELFTEST_ENV: "full"}, torchInstalled=False)
+    assert not module.heavySelfTestWanted({module.SELFTEST_ENV: "light"}, torchInstalled=True)
+
+
+def test_torch_floor_is_one_constant_equal_to_pyproject():
+    floor = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert TORCH_MIN == floor
+    assert module.TORCH_REQUIREMENT == f">={TORCH_MIN}"
+
+
+def test_torch_version_check():
+    assert module.torchVersionProblem(None, "2.1") == "missing"
+    assert module.torchVersionProblem("2.0.1", "2.1") == "old"
+    assert module.torchVersionProblem("1.13.1+cu117", "2.2") == "old"
+    assert module.torchVersionProblem("2.13.0+cpu", "2.1") is None
+    assert module.torchVersionProblem("2.2.0", "2.2") is None
+    assert module.torchVersionProblem(module.installedTorchVersion()) is None  # the test venv's torch
+
+
+class _FakePyTorchUtils:
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class PyTorchUtilsLogic:
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None,
+                             torchVersionRequirement=None, torchvisionVersionRequirement=None):
+                outer.calls.append({"askConfirmation": askConfirmation,
+                                    "torchVersionRequirement": torchVersionRequirement})
+                return types.SimpleNamespace(__version__="2.13.0")
+
+        self.module = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
+
+
+def test_an_old_torch_is_upgraded_through_pytorchutils_and_asks_for_a_restart(monkeypatch):
+    fake = _FakePyTorchUtils()
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", fake.module)
+    monkeypatch.setattr(module, "installedTorchVersion", lambda: "1.13.1")
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="1.13.1"))  # already imported
+    with pytest.raises(ConvLoRASegError, match="restart Slicer"):
+        module.ensureDependencies(askConfirmation=False)
+    assert fake.calls == [{"askConfirmation": False, "torchVersionRequirement": f">={TORCH_MIN}"}]
+
+
+def test_an_old_torch_without_pytorchutils_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails
+    monkeypatch.setattr(module, "installedTorchVersion", lambda: "1.13.1")
+    with pytest.raises(ConvLoRASegError, match=r"PyTorch 1\.13\.1 is older than .*Extensions Manager"):
+        module.ensureDependencies(askConfirmation=False)
+
+
+def test_pip_packages_use_slicer_packaging_without_a_second_prompt(monkeypatch):
+    seen = []
+    fake = types.SimpleNamespace(pip_ensure=lambda reqs, **kw: seen.append((reqs, kw)))
+    monkeypatch.setattr(module, "_slicerPackaging", lambda: fake)
+    module._pipInstall(["safetensors>=0.4"], interactive=False)
+    reqs, kw = seen[0]
+    assert reqs == ["safetensors>=0.4"]
+    assert kw["prompt_install"] is False and kw["skip_in_testing"] is False and "skip_packages" not in kw
+    assert kw["prompt_restart"] is False and kw["show_progress"] is False  # batch mode: no dialog at all
+
+
+def test_pip_packages_fall_back_to_util_pip_install_before_slicer_5_12(monkeypatch):
+    seen = []
+    monkeypatch.setattr(module, "_slicerPackaging", lambda: None)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: seen.append(requirements), raising=False)
+    module._pipInstall(["safetensors>=0.4", "tqdm>=4.60"], interactive=True)
+    assert seen == ["safetensors>=0.4 tqdm>=4.60"]
+
+
+# ---------------------------------------------------------------------------------- QC manifest (issue 13)
+
+CASES = [
+    {"input": "/d/ok.nii.gz", "output": "/o/ok_mask.nii.gz", "adapter": "siteB", "seconds": 2.0, "brain_ml": 1200.4,
+     "agreement": 0.97, "flags": []},
+    {"input": "/d/small.nii.gz", "output": "/o/small_mask.nii.gz", "adapter": None, "seconds": 2.5, "brain_ml": 310.0,
+     "agreement": 0.71, "flags": ["brain volume 310 ml outside 800-2000 ml", "low agreement"]},
+    {"input": "/d/low.nii.gz", "output": "/o/low_mask.nii.gz", "adapter": "siteB", "seconds": 1.5, "brain_ml": 1100.0,
+     "agreement": 0.80, "flags": ["low agreement"]},
+]
+
+
+def test_manifest_from_the_library_when_it_has_qc(monkeypatch, tmp_path):
+    seen = []
+
+    def load_manifest(outdir):
+        seen.append(Path(outdir))
+        return [dict(c) for c in CASES]
+
+    monkeypatch.setitem(sys.modules, "ConvLoRASegLib.qc", types.SimpleNamespace(load_manifest=load_manifest))
+    entries = module.loadManifest(tmp_path)
+    assert seen == [tmp_path]
+    assert [Path(e["input"]).name for e in entries] == ["small.nii.gz", "low.nii.gz", "ok.nii.gz"]
+
+
+def test_manifest_json_read_directly_without_qc_worst_first(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ConvLoRASegLib.qc", None)  # not importable on this branch
+    (tmp_path / "manifest.json").write_text(json.dumps(CASES))
+    entries = module.loadManifest(tmp_path)
+    assert [len(e["flags"]) for e in entries] == [2, 1, 0]
+    rows = module.manifestRows(entries)
+    assert len(rows[0]) == len(module.MANIFEST_COLUMNS)
+    assert rows[0] == ("brain volume 310 ml outside 800-2000 ml, low agreement", "small.nii.gz", "source model",
+                       "310", "0.710", "2.5")
+    assert rows[-1][0] == "ok" and rows[-1][3] == "1200"
+
+
+def test_missing_manifest_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ConvLoRASegLib.qc", None)
+    with pytest.raises(ConvLoRASegError) as info:
+        module.loadManifest(tmp_path / "nowhere")
+    assert "\n" not in str(info.value) and "no readable manifest" in str(info.value)
+
+
+def test_the_cli_done_list_is_a_manifest_too():
+    """Without a manifest the module shows the run's own "outputs" (agreement: per-adapter scores)."""
+    entries = module.manifestEntries([{"input": "/d/a.nii.gz", "output": "/o/a.nii.gz", "adapter": "x",
+                                       "seconds": 1.0, "brain_ml": 1000.0, "agreement": {"source": 0.8, "x": 0.9}}])
+    assert entries[0]["flags"] == [] and module.manifestRows(entries)[0][4] == "0.900"
+
+
+def test_a_flagged_case_loads_into_the_scene(logic, scene, tmp_path):
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(HEAD / "image.nii.gz"))
+    mask = sitk.Cast(image > float(np.percentile(sitk.GetArrayViewFromImage(image), 70)), sitk.sitkUInt8)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    entry = {"input": str(HEAD / "image.nii.gz"), "output": str(tmp_path / "mask.nii.gz"), "flags": ["low agreement"]}
+    volume, labelmap = logic.loadCase(entry)
+    assert volume.IsA("vtkMRMLScalarVolumeNode") and labelmap.IsA("vtkMRMLLabelMapVolumeNode")
+    assert volume.GetScene() is scene and labelmap.GetImageData().GetDimensions() == image.GetSize()
+    with pytest.raises(ConvLoRASegError, match="output file is missing"):
+        logic.loadCase({"input": str(HEAD / "image.nii.gz"), "output": str(tmp_path / "gone.nii.gz")})
+
+
+# ------------------------------------------------------------------------------ background segmentation
+
+def test_segment_in_the_background_equals_segment_in_process(logic, head):
+    labelmap_here = logic.segment(head, device="cpu")
+    finished = []
+    outcome = logic.segmentInBackground(head, device="cpu", waitForCompletion=True, finished=finished.append)
+    assert not logic.isRunning() and logic.runningJob is None
+    assert finished and finished[0].value is outcome
+    here = slicer.util.arrayFromVolume(labelmap_here)
+    there = slicer.util.arrayFromVolume(outcome.labelmap)
+    assert np.array_equal(here, there) and there.any()
+    assert outcome.labelmap is not labelmap_here and outcome.adapter is None
+    assert outcome.labelmap.GetAttribute(module.SOURCE_VOLUME_ATTRIBUTE) == head.GetID()
+
+
+def test_automatic_adapter_choice_runs_in_the_background_too(logic, model_file, head, tmp_path):
+    logic.importAdapter(adapter_file(model_file, tmp_path / "b.safetensors", "site_b", seed=3))
+    outcome = logic.segmentInBackground(head, adapter="auto", device="cpu", waitForCompletion=True)
+    assert set(outcome.scores) == {"source", "site_b"}
+    best = max(outcome.scores, key=outcome.scores.get)
+    assert (outcome.adapter.name if outcome.adapter else "source") == best
+
+
+def test_background_segment_refuses_bad_input_in_one_line(logic, scene):
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(ConvLoRASegError, match="no image data"):
+        logic.segmentInBackground(empty, waitForCompletion=True)
+    with pytest.raises(ConvLoRASegError, match="select an input volume"):
+        logic.segmentInBackground(None)
+    assert not logic.isRunning()
+
+
+# ----------------------------------------------------------------------------- cancel without blocking
+
+FAKE = textwrap.dedent("""
+    import os, signal, subprocess, sys, time, json
+    mode = sys.argv[1]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    open(sys.argv[2], "w").write(str(child.pid))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # like a Windows child: no signal gets through
+    print(json.dumps({"event": "progress", "stage": "adabn", "step": 0, "total": 10}), flush=True)
+    cancel = os.environ.get("CONVLORASEG_CANCEL_FILE")
+    for _ in range(1200):
+        if mode == "watch" and cancel and os.path.exists(cancel):
+            child.kill()
+            print(json.dumps({"event": "cancelled"}), flush=True)
+            sys.exit(130)
+        time.sleep(0.1)
+""")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _started(proc, events):
+    for _ in range(400):
+        proc.poll()
+        if events:
+            return True
+        import time
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture()
+def fake(tmp_path):
+    path = tmp_path / "fake.py"
+    path.write_text(FAKE)
+    return path
+
+
+def test_cancel_returns_at_once_and_poll_kills_the_tree_after_the_grace_period(fake, tmp_path):
+    clock, events = Clock(), []
+    pid_file = tmp_path / "grandchild.pid"
+    proc = jobs.CliProcess([sys.executable, str(fake), "stubborn", str(pid_file)], onProgress=events.append,
+                           clock=clock).start()
+    assert _started(proc, events)
+    proc.cancel(graceSeconds=5.0)  # returns without waiting: the child ignores the request
+    assert proc.isRunning() and proc.cancelling and os.path.exists(proc.cancelFile)
+    clock.now += 4.9
+    assert proc.poll() is True  # still inside the grace period: not killed
+    clock.now += 0.2
+    result = proc.wait(timeout=60)
+    assert result.cancelled and result.killedHard
+    assert not os.path.exists(proc.cancelFile)
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):
+        if not _alive(grandchild):
+            break
+        import time
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_the_cancel_file_stops_a_child_that_no_signal_reaches(fake, tmp_path):
+    clock, events = Clock(), []
+    proc = jobs.CliProcess([sys.executable, str(fake), "watch", str(tmp_path / "pid")], onProgress=events.append,
+                           clock=clock).start()
+    assert proc.env[jobs.CANCEL_FILE_ENV] == proc.cancelFile and not os.path.exists(proc.cancelFile)
+    assert _started(proc, events)
+    proc.cancel(graceSeconds=3600)
+    result = proc.wait(timeout=60)  # the fake clock never reaches the deadline: the child stopped by itself
+    assert result.cancelled and not result.killedHard and result.returnCode == 130
+
+
+def test_the_real_cli_stops_when_its_cancel_file_appears(model_file, tmp_path):
+    cancel = tmp_path / "cancel"
+    cancel.write_text("cancel\n")  # already there: the watcher fires at once, no timing involved
+    env = dict(os.environ, CONVLORASEG_CANCEL_FILE=str(cancel), CONVLORASEG_HOME=str(tmp_path / "store"),
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "ConvLoRASegLib", "adapt", str(HEAD / "image.nii.gz"),
+                           "--name", "never", "--json", "--device", "cpu", "--epochs", "50",
+                           "--model", str(model_file)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"event": "cancelled"}
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+
+
+def test_cancel_file_watch_is_off_without_a_path():
+    from ConvLoRASegLib.cli import cancel_file_as_interrupt
+
+    with cancel_file_as_interrupt(None):
+        pass
+    with cancel_file_as_interrupt(""):
+        pass
+
+
+# --------------------------------------------------------------------------------------------- teardown
+
+def test_shutdown_stops_the_job_its_children_and_removes_the_temp_folder(logic, fake, tmp_path):
+    events = []
+    pid_file = tmp_path / "grandchild.pid"
+    temp = tmp_path / "ConvLoRASeg-job"
+    temp.mkdir()
+    finished = []
+    proc = jobs.CliProcess([sys.executable, str(fake), "stubborn", str(pid_file)], onProgress=events.append,
+                           onFinished=finished.append).start()
+    logic._process, logic._tempDir, logic.runningJob = proc, temp, "adapt"
+    assert _started(proc, events)
+    logic.shutdown(graceSeconds=0.2)
+    assert not proc.isRunning() and proc.result.cancelled
+    assert not temp.exists() and logic.runningJob is None
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):
+        if not _alive(grandchild):
+            break
+        import time
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_timer_is_stopped_and_left_to_qt_to_delete(logic):
+    calls = []
+    logic._timer = types.SimpleNamespace(stop=lambda: calls.append("stop"), deleteLater=lambda: calls.append("later"))
+    logic._stopTimer()
+    assert calls == ["stop", "later"] and logic._timer is None
+
+
+def test_shutdown_without_a_job_is_harmless(logic):
+    logic.shutdown()
+    assert not logic.isRunning()

@@ -1,0 +1,197 @@
+"""The Slicer module read against its .ui and against Slicer's own APIs, without Slicer (issue 12).
+
+The headless stubs make ``parameterNodeWrapper`` a no-op, so a binding Slicer would refuse, a widget missing from
+the .ui or a keyword that Slicer's pip helpers do not take would pass every other test and fail on the user's
+first day. These checks read the module's source (AST), the .ui (XML) and the parameter node's type hints.
+
+Facts about Slicer used here come from its sources (github.com/Slicer/Slicer):
+- Base/Python/slicer/parameterNodeWrapper/guiConnectors.py: which widget class binds which type (the
+  connectors compare ``type(widget)`` exactly, so a subclass such as qMRMLCheckableNodeComboBox does not bind);
+- Base/Python/slicer/packaging.py (new in v5.12.0): the parameters of ``pip_ensure`` and ``pip_install``;
+- Base/Python/slicer/util.py up to v5.10: ``pip_install(requirements)`` takes nothing else;
+- the scripted-module factory registers every ``*.py`` at the top of a module folder as a module.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import pathlib
+import re
+import sys
+import typing
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "ConvLoRASeg"
+MODULE_FILE = MODULE_DIR / "ConvLoRASeg.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "ConvLoRASeg.ui"
+sys.path[:0] = [str(ROOT / "Testing"), str(MODULE_DIR), str(ROOT)]
+
+import slicer_stubs  # noqa: E402
+
+slicer_stubs.install()
+
+import ConvLoRASeg as module  # noqa: E402
+
+# Parameters of Slicer's pip helpers (slicer/packaging.py at v5.12.0 and on main; util.pip_install <= v5.10).
+PIP_ENSURE_PARAMETERS = {"requirements", "constraints", "skip_packages", "prompt_install", "prompt_restart",
+                         "requester", "skip_in_testing", "show_progress"}
+PACKAGING_PIP_INSTALL_PARAMETERS = {"requirements", "constraints", "no_deps_requirements", "skip_packages", "blocking",
+                                    "show_progress", "requester", "logCallback", "completedCallback"}
+OLD_UTIL_PIP_INSTALL_PARAMETERS = {"requirements"}
+
+# Widget class -> what guiConnectors.py can bind it to ("node": an MRML node class or a union of them).
+PATHS = (pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath, pathlib.PurePosixPath,
+         pathlib.PureWindowsPath)
+BINDABLE = {
+    "QCheckBox": (bool,), "ctkCheckBox": (bool,), "QPushButton": (bool,), "ctkCheckablePushButton": (bool,),
+    "QSlider": (int,), "QSpinBox": (int,),
+    "QDoubleSpinBox": (float, int), "ctkSliderWidget": (float, int), "qMRMLSliderWidget": (float, int),
+    "ctkDoubleSlider": (float, int), "ctkDoubleSpinBox": (float, int), "qMRMLSpinBox": (float, int),
+    "QComboBox": ("choice", "enum"), "ctkComboBox": ("choice", "enum"),
+    "QLineEdit": (str,), "QLabel": (str,), "QTextEdit": (str,),
+    "ctkPathLineEdit": PATHS, "ctkDirectoryButton": PATHS,
+    "qMRMLNodeComboBox": ("node",),
+}
+
+
+def ui_widgets():
+    return {w.get("name"): w for w in ET.parse(UI_FILE).iter("widget")}
+
+
+def parameter_names():
+    names = {}
+    for widget in ET.parse(UI_FILE).iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                names[widget.get("name")] = (widget.get("class"), prop.find("string").text)
+    return names
+
+
+def field_types():
+    return typing.get_type_hints(module.ConvLoRASegParameterNode, include_extras=True)
+
+
+def split(annotation):
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        return base, extras
+    return annotation, []
+
+
+def is_node_type(datatype) -> bool:
+    members = typing.get_args(datatype) if typing.get_origin(datatype) is typing.Union else (datatype,)
+    return all(isinstance(m, type) and m.__name__.startswith("vtkMRML") for m in members if m is not type(None))
+
+
+def binds(widget_class: str, annotation) -> bool:
+    base, extras = split(annotation)
+    for kind in BINDABLE.get(widget_class, ()):
+        if kind == "choice" and base in (int, float, str, bool) and any(
+                type(e).__name__ == "Choice" for e in extras):
+            return True
+        if kind == "enum" and isinstance(base, type) and issubclass(base, enum.Enum):
+            return True
+        if kind == "node" and is_node_type(base):
+            return True
+        if isinstance(kind, type) and base is kind:
+            return True
+    return False
+
+
+def test_only_the_module_file_sits_at_the_top_of_the_module_folder():
+    """Slicer registers every top-level *.py of a module folder as a module ("Fail to instantiate module")."""
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["ConvLoRASeg.py"]
+
+
+def test_every_slicer_parameter_name_is_a_field_of_a_type_its_widget_binds():
+    fields = field_types()
+    names = parameter_names()
+    assert names, "the .ui binds nothing"
+    for widget, (widget_class, name) in names.items():
+        assert name in fields, f"{widget}: SlicerParameterName {name!r} is not a parameter node field"
+        assert binds(widget_class, fields[name]), \
+            f"{widget} ({widget_class}) cannot bind {name}: {fields[name]!r} (see parameterNodeWrapper/guiConnectors.py)"
+
+
+def test_no_parameter_is_a_path_that_defaults_to_the_working_folder():
+    """A pathlib.Path parameter defaults to Path() == '.', shown as '.' and used as Slicer's working folder."""
+    for name, annotation in field_types().items():
+        base, _ = split(annotation)
+        assert base not in PATHS, f"{name} is a Path parameter; optional paths are str ('' = not chosen)"
+
+
+def test_path_widgets_bound_by_the_widget_exist_and_hold_str_fields():
+    widgets, fields = ui_widgets(), field_types()
+    for widget, name in module.PATH_WIDGETS.items():
+        assert widgets[widget].get("class") == "ctkPathLineEdit", widget
+        assert split(fields[name])[0] is str, name
+        assert widget not in parameter_names(), f"{widget} is bound twice (SlicerParameterName and PATH_WIDGETS)"
+
+
+def test_every_widget_the_module_names_exists_in_the_ui():
+    source = MODULE_FILE.read_text()
+    used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", source))
+    # names the module reaches through tables: getattr(self.ui, name)
+    used |= set(module.PATH_WIDGETS) | set(module.JOB_BUTTONS) | set(module.targetWidgetStates(None))
+    missing = sorted(used - set(ui_widgets()))
+    assert not missing, f"used by ConvLoRASeg.py but absent from the .ui: {missing}"
+
+
+def _calls(name: str):
+    tree = ast.parse(MODULE_FILE.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called == name:
+                yield node
+
+
+def test_pip_ensure_gets_only_its_real_keywords_and_neither_prompts_nor_skips_in_testing():
+    calls = list(_calls("pip_ensure"))
+    assert calls, "the module no longer calls pip_ensure"
+    for call in calls:
+        keywords = {k.arg: k.value for k in call.keywords}
+        assert set(keywords) <= PIP_ENSURE_PARAMETERS, set(keywords) - PIP_ENSURE_PARAMETERS
+        assert "skip_packages" not in keywords, "skip_packages is discouraged and not needed here"
+        # our own confirmation came first; pip_ensure's own modal dialog stalls batch mode
+        assert isinstance(keywords.get("prompt_install"), ast.Constant) and keywords["prompt_install"].value is False
+        # CTest passes --testing: the default skip_in_testing=True would install nothing
+        assert isinstance(keywords.get("skip_in_testing"), ast.Constant) and keywords["skip_in_testing"].value is False
+
+
+def test_pip_install_calls_fit_every_slicer_version_they_run_on():
+    calls = list(_calls("pip_install"))
+    assert calls
+    for call in calls:
+        keywords = {k.arg for k in call.keywords}
+        func = call.func
+        owner = func.value.attr if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute) else None
+        if owner == "util":  # slicer.util.pip_install: the path for Slicer < 5.12, where it takes one argument
+            assert not keywords and len(call.args) == 1
+        else:
+            assert keywords <= PACKAGING_PIP_INSTALL_PARAMETERS
+
+
+def test_packaging_is_looked_up_by_its_real_name():
+    source = MODULE_FILE.read_text()
+    assert "slicer.pydeps" not in source, "slicer.pydeps never existed; slicer.packaging appeared in 5.12.0"
+    assert '"slicer.packaging"' in source
+
+
+def test_the_module_needs_no_torch_at_import():
+    assert "torch" not in {n.split(".")[0] for n in _top_level_imports()}
+
+
+def _top_level_imports():
+    tree = ast.parse(MODULE_FILE.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
