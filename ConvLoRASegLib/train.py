@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .errors import Cancelled, ConvLoRASegError
 from .grid import WorkingGrid
 from .model import ConvLoRASegModel
-from .segment import EMPTY_SLICE_MAX, autocast_dtype, predict_slices, resolve_device
+from .segment import autocast_dtype, grad_scaler, nonempty_slices, predict_slices, resolve_device
 
 #: Initial weight of the final BatchNorm2d(1) (the logits' scale) for new trainings (PyTorch's default: 1).
 OUT_SCALE = 6.0
@@ -51,7 +51,7 @@ def _stack(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], empty_frac
     for img, msk in zip(images, masks):
         if img.shape != msk.shape:
             raise ConvLoRASegError(f"image slices {img.shape} and mask slices {msk.shape} differ")
-        busy = img.reshape(len(img), -1).max(1) >= EMPTY_SLICE_MAX
+        busy = nonempty_slices(img)
         empty = np.flatnonzero(~busy)
         take = np.concatenate([np.flatnonzero(busy),
                                rng.choice(empty, int(len(empty) * empty_fraction), replace=False)]).astype(int)
@@ -172,6 +172,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     else:
         set_output_scale(model, out_scale)
     dtype = autocast_dtype(dev, precision)
+    scaler = grad_scaler(dev, dtype)
     if steps_per_epoch is not None and steps_per_epoch <= 0:
         steps_per_epoch = None
     steps = steps_per_epoch or (len(x_all) * (1 + augment_3d) + batch_size - 1) // batch_size
@@ -271,8 +272,9 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                 logits = model.unet(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # fp16 autocast: scaled, so that small gradients do not underflow
+            scaler.step(opt)
+            scaler.update()
             total += loss.item()
             emit({"event": "progress", "stage": "train", "step": step + 1, "total": steps, "epoch": epoch,
                   "epochs": epochs, "loss": loss.item()})

@@ -18,7 +18,7 @@ def _rows():
             rows.append({**base, "method": "source", "surface_dice": src + bump})
             rows.append({**base, "method": "convlora-adabn-fast", "surface_dice": sel + bump})
             for i, (name, sd) in enumerate((("source", src), ("adabn", src - 0.05), ("epoch 1", sel))):
-                rows.append({**base, "method": f"cand:fast:{name}", "surface_dice": sd + bump,
+                rows.append({**base, "method": f"cand:fast:{name}", "candidate": name, "surface_dice": sd + bump,
                              "label_free": 0.3 + sd, "tta": 0.9 - i * 0.1})
     return rows
 
@@ -33,3 +33,11 @@ def test_summary_checks_every_task_and_ranks():
     md = shifts.markdown(s)
     assert "| h/fov/0 | 0.610 | 0.600 | -0.010 |" in md and "Spearman" in md
     assert np.isfinite(s["spearman_tta_pooled"])
+
+
+def test_per_scan_choice_by_each_rule():
+    s = shifts.summarise(_rows())["per_scan"]
+    # agreement (= truth + 0.3 here) takes the best candidate of each scan; the consistency rule refuses every
+    # candidate less consistent than the source (tta falls by 0.1 per candidate), so it keeps the source
+    assert s["agreement"]["n"] == 4 and s["agreement"]["mean_delta"] == pytest.approx(0.04)
+    assert s["agreement+consistency"]["picks"] == {"source": 4}

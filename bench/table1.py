@@ -318,7 +318,7 @@ def finetune_oracle(model, images: Sequence[np.ndarray], masks: Sequence[np.ndar
     """
     from ConvLoRASegLib.adabn import adabn
 
-    from ConvLoRASegLib.segment import EMPTY_SLICE_MAX
+    from ConvLoRASegLib.segment import nonempty_slices
     from ConvLoRASegLib.selftrain import source_copy
 
     t0 = time.perf_counter()
@@ -326,7 +326,7 @@ def finetune_oracle(model, images: Sequence[np.ndarray], masks: Sequence[np.ndar
     gen = torch.Generator().manual_seed(seed)
     x = np.concatenate([np.asarray(v, np.float32) for v in images])
     y = np.concatenate([np.asarray(m, np.float32) for m in masks])
-    keep = x.reshape(len(x), -1).max(1) >= EMPTY_SLICE_MAX
+    keep = nonempty_slices(x)
     x_t, y_t = torch.from_numpy(x[keep][:, None]), torch.from_numpy(y[keep][:, None])
     m = source_copy(model).to(device)
     for p in m.parameters():
