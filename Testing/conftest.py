@@ -57,3 +57,19 @@ def simulated_oom(monkeypatch):
     monkeypatch.setattr(ConvLoRASegModel, "forward", forward)
     monkeypatch.setattr(ConvLoRASegModel, "forward_both", forward_both)
     return seen
+
+
+@pytest.fixture
+def scaled_steps(monkeypatch):
+    """Records, for every backward pass through ``torch.amp.GradScaler.scale``, whether the scaler was enabled."""
+    import torch
+
+    seen = []
+    orig = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):
+        seen.append(self.is_enabled())
+        return orig(self, outputs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    return seen
