@@ -64,6 +64,9 @@ class CaseJob:
     candidates: Optional[Tuple[str, ...]] = None
     index: int = 0
     total: int = 1
+    #: when the run that submitted it started (epoch seconds): an output newer than this was written by this run
+    #: (a worker that died after its write, before its answer), so a retry may replace it
+    run_started: float = 0.0
 
     @property
     def adapter_label(self) -> Optional[str]:
@@ -127,7 +130,9 @@ class Segmenter:
         prob_img = volumes.to_native(final, vs)
         mask = volumes.to_mask(prob_img, 0.5, postprocess=s.postprocess)
         result = prob_img if s.probabilities else mask
-        dest = volumes.write_image(result, job.output, overwrite=s.overwrite)
+        out = Path(job.output)
+        ours = bool(job.run_started) and out.is_file() and out.stat().st_mtime >= job.run_started
+        dest = volumes.write_image(result, job.output, overwrite=s.overwrite or ours)
         row: Row = {"input": job.input, "output": str(dest), "adapter": None if info is None else info.name,
                     "status": "ok", "seconds": 0.0, "warnings": list(warnings), **measure(mask, score)}
         if scores:
@@ -361,9 +366,11 @@ def run_on_dask(client, settings: SegmentSettings, jobs: Sequence[CaseJob], on_r
         client.register_plugin(plugin_cls(settings), name=PLUGIN_NAME)
         load_seconds = client.run(_worker_load_seconds)
         token = f"{os.getpid()}-{time.time_ns()}"
+        started = time.time() - 1.0  # file times may be rounded to the second
         futures = {}
         for i, job in enumerate(jobs):
-            fut = client.submit(_segment_task, job, key=f"convloraseg-segment-{token}-{i}", pure=False,
+            fut = client.submit(_segment_task, replace(job, run_started=started),
+                                key=f"convloraseg-segment-{token}-{i}", pure=False,
                                 priority=len(jobs) - i)
             futures[fut] = i
         for fut in distributed.as_completed(list(futures)):
