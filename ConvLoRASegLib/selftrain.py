@@ -149,6 +149,13 @@ def source_copy(model: ConvLoRASegModel) -> ConvLoRASegModel:
     return m
 
 
+def selection_indices(n_volumes: int, n_selected: int) -> List[int]:
+    """Which of ``n_volumes`` target volumes score the candidates: ``n_selected`` (at least 1) spread evenly from
+    the first to the last, in order."""
+    k = min(n_volumes, max(1, n_selected))
+    return sorted({int(round(x)) for x in np.linspace(0, n_volumes - 1, k)})
+
+
 def _check_stop(should_stop: StopFlag) -> None:
     if should_stop is not None and should_stop():
         raise Cancelled("adaptation cancelled")
@@ -238,7 +245,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         lr, batch_size: Adam learning rate and slices per step (the paper: 1e-4, 32).
         rank, alpha, placement: ConvLoRA settings (the paper: 2, 2, ``init_path``).
         seed: fixes initialisation and batch order: the same seed gives the same adapter.
-        selection_volumes: how many target volumes score the candidates (label-free).
+        selection_volumes: how many target volumes score the candidates (label-free), spread evenly over the
+            cohort's order (:func:`selection_indices`: files sorted by name often come grouped by subject).
         steps_per_epoch: cap on optimiser steps per epoch (a random subset of slices each epoch); 0 = all.
             None = the mode's default: all in paper mode, :data:`FAST_STEPS_PER_EPOCH` in fast mode.
         precision: ``fp32``, or ``auto``/``bf16``/``fp16``: autocast for the training forward passes (fp32 master
@@ -282,9 +290,9 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     train_x = torch.from_numpy(stack[keep][:, None])
     if len(train_x) == 0:
         raise ConvLoRASegError("every target slice is empty (no signal above background)")
-    select = volumes[:max(1, selection_volumes)]
+    chosen = selection_indices(len(volumes), selection_volumes)
     # fast mode: the no-gradient passes (scores, pseudo-labels) run like segmentation, in the training precision
-    scorer = _Scorer(select, dev, precision if fast else "fp32", m.grid.spacing_mm, emit, epochs, should_stop)
+    scorer = _Scorer([volumes[i] for i in chosen], dev, precision if fast else "fp32", m.grid.spacing_mm, emit, epochs, should_stop)
     states: Dict[str, Dict[str, torch.Tensor]] = {SOURCE: {}}
 
     scorer.score(SOURCE, m, 0)
@@ -299,7 +307,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         states["adabn"] = adapter_state(m, bn_stats=True, trained_only=True)
         if fast and epochs and spec.learner == "esh":
             # one pass gives the pseudo-labels of every volume and the AdaBN candidate's score
-            cached = _pseudo_labels(m, volumes, keep, scorer, emit, score_as="adabn")
+            cached = _pseudo_labels(m, volumes, keep, scorer, emit, score_as="adabn", scored=chosen)
         else:
             scorer.score("adabn", m, 0)
         if not fast:  # the paper's variant starts from source statistics and lets them drift (momentum)
@@ -367,13 +375,14 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
 
 
 def _pseudo_labels(teacher: ConvLoRASegModel, volumes: Sequence[np.ndarray], keep: np.ndarray, scorer: _Scorer,
-                   emit: Callable[[dict], None], score_as: Optional[str] = None) -> torch.Tensor:
+                   emit: Callable[[dict], None], score_as: Optional[str] = None,
+                   scored: Sequence[int] = ()) -> torch.Tensor:
     """The teacher's final probabilities on every slice of ``train_x`` (float16, N x 1 x H x W); with ``score_as``
-    the same pass scores the teacher as that candidate on the selection volumes."""
+    the same pass scores the teacher as that candidate on the selection volumes (indices ``scored``, in order)."""
     outs, scores = [], []
     for i, v in enumerate(volumes):
         emit({"event": "progress", "stage": "pseudo-labels", "step": i, "total": len(volumes)})
-        with_esh = score_as is not None and i < len(scorer.volumes)
+        with_esh = score_as is not None and i in scored
         got = scorer.predict(teacher, v, with_esh)
         probs = got[0] if with_esh else got
         if with_esh:

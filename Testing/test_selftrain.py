@@ -284,3 +284,12 @@ def test_no_reference_to_torch_out_of_memory_error_that_older_torch_lacks():
     root = Path(ConvLoRASegLib.__file__).parent
     assert not [p.name for p in root.rglob("*.py") if "torch.OutOfMemoryError" in p.read_text()]
     assert issubclass(segment.OutOfMemoryError, torch.cuda.OutOfMemoryError)
+
+
+def test_scoring_volumes_are_spread_over_the_cohort():
+    """Files sorted by name come grouped by subject or session: the first N would score one subject only."""
+    from ConvLoRASegLib.selftrain import selection_indices
+
+    assert selection_indices(10, 4) == [0, 3, 6, 9]
+    assert selection_indices(12, 4) == [0, 4, 7, 11]
+    assert selection_indices(3, 4) == [0, 1, 2] and selection_indices(5, 1) == [0] and selection_indices(1, 0) == [0]
