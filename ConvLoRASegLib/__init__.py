@@ -36,7 +36,8 @@ _EXPORTS: Dict[str, str] = {
     "resolve_device": "segment", "available_devices": "segment",
     # volumes, cohorts, sites, metrics
     "read_image": "volumes", "write_image": "volumes", "to_slices": "volumes", "mask_to_slices": "volumes",
-    "to_native": "volumes", "to_mask": "volumes", "VolumeSlices": "volumes", "check_intensities": "volumes",
+    "to_native": "volumes", "to_mask": "volumes", "brain_mask": "volumes", "VolumeSlices": "volumes",
+    "check_intensities": "volumes",
     "check_memory": "volumes", "image_info": "volumes", "canonical": "volumes", "ijk_to_ras": "volumes",
     "image_from_array": "volumes", "array_from_image": "volumes",
     "Case": "cohorts", "find_volumes": "cohorts", "folder_cohort": "cohorts", "cc359_cases": "cohorts",

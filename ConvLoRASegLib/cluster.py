@@ -127,9 +127,8 @@ class Segmenter:
         # one pass gives the final and the ESH probabilities: the mask and its label-free score
         final, early = predict_slices(model, vs.slices, self.device, with_esh=True, progress=progress)
         score = agreement(final, early, model.grid.spacing_mm)
-        prob_img = volumes.to_native(final, vs)
-        mask = volumes.to_mask(prob_img, 0.5, postprocess=s.postprocess)
-        result = prob_img if s.probabilities else mask
+        mask = volumes.brain_mask(final, vs, 0.5, postprocess=s.postprocess)
+        result = volumes.to_native(final, vs) if s.probabilities else mask
         out = Path(job.output)
         ours = bool(job.run_started) and out.is_file() and out.stat().st_mtime >= job.run_started
         dest = volumes.write_image(result, job.output, overwrite=s.overwrite or ours)

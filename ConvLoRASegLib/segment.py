@@ -343,16 +343,15 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
     """Brain mask (uint8 {0, 1}) of ``image`` on exactly its grid; or the float32 probabilities with
     ``probabilities=True``. ``adapter``: an adapter file / :class:`AdapterInfo` for the scan's site, or None.
     ``working``: ``to_slices(image, model.grid)`` if the caller already has it (e.g. from :func:`choose_adapter`)."""
-    from .volumes import to_mask, to_native, to_slices
+    from .volumes import brain_mask, to_native, to_slices
 
     activate_adapter(model, adapter)
     vs = working if working is not None else to_slices(image, model.grid)
     probs = predict_slices(model, vs.slices, device, batch_size, precision, progress=progress,
                            should_stop=should_stop)
-    prob_img = to_native(probs, vs)
     if probabilities:
-        return prob_img
-    return to_mask(prob_img, 0.5, postprocess=postprocess)
+        return to_native(probs, vs)
+    return brain_mask(probs, vs, 0.5, postprocess=postprocess)
 
 
 def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],

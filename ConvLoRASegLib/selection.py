@@ -8,7 +8,10 @@ chooses among a user's adapters for a scan (``segment --adapter auto``):
   tolerance would count only coinciding surfels (a degenerate score);
 * **consistency** — surface Dice between the final mask and the final masks of the same scan with darker and
   brighter mid-tones (:data:`CONSISTENCY_GAMMAS`): self-training pushes the ESH towards the final output, so the
-  agreement alone rises with every epoch whether the mask improves or not; the consistency is not trained for;
+  agreement alone rises with every epoch whether the mask improves or not; the consistency is not trained for.
+  The network is 2D, so each gamma runs on an interleaved share of the slices (gamma *j* on slices *j*, *j + k*,
+  ... of *k* gammas) and is compared with the same slices of the final mask: the perturbations together cost one
+  pass over the volume, not one each (the adaptation scores every candidate on every scoring volume);
 * **plausibility** — a candidate whose brain is empty or outside :data:`PLAUSIBLE_BRAIN_ML` is refused (scores 0):
   two empty masks agree perfectly, and a collapsed model must never win.
 
@@ -78,40 +81,53 @@ def brain_ml(probs: np.ndarray, spacing_mm: float) -> float:
     return float(np.count_nonzero(probs >= 0.5)) * spacing_mm ** 3 / 1000.0
 
 
-def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
+def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm,
               tolerance_mm: Optional[float] = None) -> float:
     """Surface Dice between the ESH's mask and the final mask at ``tolerance_mm`` (default: one grid voxel);
-    0 when either mask is empty (nothing to agree on)."""
+    0 when either mask is empty (nothing to agree on). ``spacing_mm``: the grid spacing, or one per axis (the grid
+    spacing is then the smallest)."""
     from .metrics import surface_dice
 
     final, early = final_probs >= 0.5, esh_probs >= 0.5
     if not final.any() or not early.any():
         return 0.0
-    tol = spacing_mm * AGREEMENT_TOLERANCE_VOXELS if tolerance_mm is None else tolerance_mm
-    return float(surface_dice(early, final, (spacing_mm,) * 3, tol))
+    spacing = tuple(float(v) for v in np.broadcast_to(np.asarray(spacing_mm, float), (final.ndim,)))
+    tol = min(spacing) * AGREEMENT_TOLERANCE_VOXELS if tolerance_mm is None else tolerance_mm
+    return float(surface_dice(early, final, spacing, tol))
+
+
+def _share(j: int) -> slice:
+    """The slices of the stack that gamma ``j`` of :data:`CONSISTENCY_GAMMAS` is applied to."""
+    return slice(j, None, len(CONSISTENCY_GAMMAS))
 
 
 def score_volume(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
                  perturbed: Sequence[np.ndarray] = ()) -> VolumeScore:
-    """The score of one volume from the candidate's final and ESH probabilities and its final probabilities on
-    perturbed copies of the input (:func:`perturbed_inputs`); without them, consistency counts as agreement."""
+    """The score of one volume from the candidate's final and ESH probabilities and its final probabilities on the
+    perturbed shares of the input (:func:`perturbed_inputs`, in that order); without them, consistency counts as
+    agreement."""
     ml = brain_ml(final_probs, spacing_mm)
     lo, hi = PLAUSIBLE_BRAIN_ML
     a = agreement(final_probs, esh_probs, spacing_mm)
-    c = float(np.mean([agreement(final_probs, p, spacing_mm) for p in perturbed])) if len(perturbed) else a
+    k = len(perturbed)
+    # a share holds every k-th slice: its slice axis is k times coarser
+    spacing = (spacing_mm * k, spacing_mm, spacing_mm)
+    c = float(np.mean([agreement(final_probs[slice(j, None, k)], p, spacing, tolerance_mm=spacing_mm)
+                       for j, p in enumerate(perturbed)])) if k else a
     return VolumeScore(a, c, ml, bool(lo <= ml <= hi))
 
 
 def perturbed_inputs(slices: np.ndarray) -> List[np.ndarray]:
-    """The input under each gamma of :data:`CONSISTENCY_GAMMAS` (working-grid intensities are in [0, 1])."""
+    """The input's interleaved shares (:func:`_share`: every k-th slice), each under its gamma of
+    :data:`CONSISTENCY_GAMMAS` (working-grid intensities are in [0, 1])."""
     x = np.clip(slices, 0.0, 1.0)
-    return [np.ascontiguousarray(x ** g, dtype=np.float32) for g in CONSISTENCY_GAMMAS]
+    return [np.ascontiguousarray(x[_share(j)] ** g, dtype=np.float32) for j, g in enumerate(CONSISTENCY_GAMMAS)]
 
 
 def score_model(model, slices: np.ndarray, device, precision: str = "auto",
                 predicted: Optional[tuple] = None) -> VolumeScore:
     """Score ``model`` on one volume of working-grid slices: one pass with the ESH (or ``predicted`` = its
-    (final, esh) probabilities if the caller has them) and one pass per perturbed input."""
+    (final, esh) probabilities if the caller has them) and one pass over the perturbed shares of the slices."""
     from .segment import predict_slices
 
     final, early = predicted if predicted is not None else predict_slices(model, slices, device,

@@ -352,13 +352,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
 
     selected = choose(scorer.table, order=[SOURCE, "adabn"], consistency=scorer.consistency)
-    result_model = source_copy(model).to(dev)
-    if selected != SOURCE:
-        _open_trainable(result_model, spec, placement, rank, alpha)
-        load_adapter_state(result_model, states[selected])
-    for p in result_model.parameters():
-        p.requires_grad_(False)
-    result_model.eval()
+    result_model = _with_state(model, spec, placement, rank, alpha, states[selected]).to(dev)
     result = AdaptResult(
         model=result_model, state=states[selected], method=method, mode=mode,
         placement=placement if spec.uses_lora else "-", rank=rank, alpha=alpha, epochs=epochs, selected=selected,
@@ -372,6 +366,27 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": result.best_epoch,
           "candidate": selected, "agreement": result.best_agreement})
     return result
+
+
+def _with_state(model: ConvLoRASegModel, spec: Method, placement: str, rank: int, alpha: float,
+                state: Dict[str, torch.Tensor]) -> ConvLoRASegModel:
+    """A frozen eval-mode copy of the source ``model`` with one candidate's adapter tensors (none: the source)."""
+    m = source_copy(model)
+    if state:
+        _open_trainable(m, spec, placement, rank, alpha)
+        load_adapter_state(m, state)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.eval()
+
+
+def candidate_model(model: ConvLoRASegModel, result: AdaptResult, name: str) -> ConvLoRASegModel:
+    """Candidate ``name`` of ``result`` (``"source"``, ``"adabn"``, ``"epoch N"``) applied to a copy of the source
+    ``model`` the adaptation started from: for benchmarks that score every candidate against labels."""
+    if name not in result.candidate_states:
+        raise ConvLoRASegError(f"no candidate {name!r}; the adaptation made {', '.join(result.candidate_states)}")
+    return _with_state(model, METHOD_SPECS[result.method], result.placement if result.placement != "-" else "init_path",
+                       result.rank, result.alpha, result.candidate_states[name])
 
 
 def _pseudo_labels(teacher: ConvLoRASegModel, volumes: Sequence[np.ndarray], keep: np.ndarray, scorer: _Scorer,

@@ -5,7 +5,7 @@ One module does the geometry for everybody (CLI, Slicer module, training, adapta
     image = read_image(path)                      # any 3D scalar image SimpleITK reads, float32
     vs = to_slices(image, grid)                   # canonical orientation -> working grid -> (N, H, W) in [0, 1]
     probs = network(vs.slices)                    # (N, H, W) probabilities, done elsewhere
-    mask = to_mask(to_native(probs, vs))          # uint8 {0, 1} with exactly the input's geometry
+    mask = brain_mask(probs, vs)                  # uint8 {0, 1} with exactly the input's geometry
 
 Coordinates are SimpleITK's: physical points in millimetres in the LPS patient frame (x grows towards the
 patient's Left, y towards Posterior, z towards Superior).
@@ -466,6 +466,42 @@ def postprocess(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Radius (mm) of the erosion that cuts leaks off the brain (:func:`detach_leaks`); 0 turns it off. Chosen in
+#: bench/leak_removal.py on the leave-one-head-out models' held-out heads (BENCHMARKS.md).
+LEAK_RADIUS_MM = 8.0
+
+
+def detach_leaks(probs: np.ndarray, spacing_mm: float, radius_mm: float) -> np.ndarray:
+    """Working-grid probabilities with what hangs on the brain by a thin bridge set to 0.
+
+    A leak into scalp, temporal muscle or neck tissue touches the brain mask through a narrow neck, so the largest
+    connected component keeps it. Eroding the mask (``probs >= 0.5``) by a ball of ``radius_mm`` cuts every bridge
+    thinner than twice the radius; the largest piece left is the brain's core. Everything farther than the radius
+    plus one voxel from that core is set to 0 (the brain's own boundary lies within the radius of its core, so it
+    is kept as predicted). Erosion and growth are distance transforms (exactly a ball's, faster than a structuring
+    element) on the mask's bounding box. ``spacing_mm``: the isotropic grid spacing. An empty mask, or one that
+    the erosion removes entirely, is returned unchanged.
+    """
+    m = np.asarray(probs) >= 0.5
+    r = radius_mm / spacing_mm
+    if r <= 0 or not m.any():
+        return probs
+    idx = np.argwhere(m)
+    lo = np.maximum(idx.min(0) - int(r) - 3, 0)
+    hi = np.minimum(idx.max(0) + int(r) + 4, m.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    inner = (slice(1, -1),) * m.ndim
+    core = ndimage.distance_transform_edt(np.pad(m[box], 1))[inner] > r  # outside the array is background
+    labels, n = ndimage.label(core)
+    if n == 0:
+        return probs
+    core = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    keep = ndimage.distance_transform_edt(~core) <= r + 1.0
+    out = np.zeros_like(np.asarray(probs))
+    out[box] = np.where(keep, np.asarray(probs)[box], 0)
+    return out
+
+
 def _fill_holes(m: np.ndarray) -> np.ndarray:
     """Fill background regions not connected (6-neighbourhood) to the array's border."""
     bg, n = ndimage.label(~m)
@@ -480,6 +516,17 @@ def _fill_holes(m: np.ndarray) -> np.ndarray:
 
 
 _postprocess = postprocess
+
+
+def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: float = 0.5, postprocess: bool = True) -> sitk.Image:
+    """The product's brain mask from working-grid probabilities, on the input's exact grid (uint8 {0, 1}).
+
+    With ``postprocess``: leaks hanging on a bridge thinner than 2 x :data:`LEAK_RADIUS_MM` are cut on the working
+    grid (:func:`detach_leaks`), then the native-grid mask keeps its largest component with its holes filled
+    (:func:`postprocess`). Without it: the probabilities resampled and thresholded, nothing else."""
+    if postprocess:
+        probs = detach_leaks(probs, float(vs.working.GetSpacing()[0]), LEAK_RADIUS_MM)
+    return to_mask(to_native(probs, vs), threshold, postprocess=postprocess)
 
 
 def to_mask(prob_image: sitk.Image, threshold: float = 0.5, postprocess: bool = True) -> sitk.Image:

@@ -63,8 +63,36 @@ def test_a_candidate_less_consistent_than_the_source_is_refused():
 def test_consistency_comes_from_perturbed_passes():
     brain = _ball(40, 14)
     shifted = _ball(40, 14, shift=3)
-    s = selection.score_volume(brain, brain, 2.0, perturbed=[shifted, brain])
+    k = len(selection.CONSISTENCY_GAMMAS)
+    # each perturbed pass covers its share of the slices: every k-th one, starting at its index
+    s = selection.score_volume(brain, brain, 2.0, perturbed=[shifted[j::k] for j in range(k)])
     assert s.agreement == pytest.approx(1.0) and s.consistency < 1.0
     assert s.value == pytest.approx(0.5 * (s.agreement + s.consistency)) or not s.plausible
-    xs = selection.perturbed_inputs(np.full((2, 4, 4), 0.5, np.float32))
-    assert [float(x.max()) for x in xs] == pytest.approx([0.5 ** g for g in selection.CONSISTENCY_GAMMAS])
+    same = selection.score_volume(brain, brain, 2.0, perturbed=[brain[j::k] for j in range(k)])
+    assert same.consistency == pytest.approx(1.0)
+
+
+def test_each_gamma_runs_on_its_own_interleaved_share_of_the_slices():
+    """Together the perturbed inputs are one pass over the volume: every slice once, each under one gamma."""
+    x = np.linspace(0.1, 0.9, 7, dtype=np.float32)[:, None, None] * np.ones((7, 3, 3), np.float32)
+    xs = selection.perturbed_inputs(x)
+    k = len(selection.CONSISTENCY_GAMMAS)
+    assert len(xs) == k and sum(len(p) for p in xs) == len(x)
+    for j, (p, g) in enumerate(zip(xs, selection.CONSISTENCY_GAMMAS)):
+        np.testing.assert_allclose(p, x[j::k] ** g, rtol=1e-6)
+
+
+def test_a_share_of_the_slices_measures_the_same_disagreement_as_the_whole_stack():
+    """A mask that moved scores about the same on every k-th slice (slice axis k times coarser) as on all of them
+    (within 0.08 on this toy ball), and ranks the moves the same way: the share estimates the whole."""
+    k = len(selection.CONSISTENCY_GAMMAS)
+    brain = _ball(60, 22)
+    for axis in (0, 2):
+        whole, shares = [], []
+        for shift in (1, 2, 3):
+            moved = np.roll(brain, shift, axis=axis)
+            whole.append(selection.agreement(brain, moved, 2.0))
+            shares.append(selection.score_volume(brain, brain, 2.0,
+                                                 perturbed=[moved[j::k] for j in range(k)]).consistency)
+        assert shares == pytest.approx(whole, abs=0.08)
+        assert shares == sorted(shares, reverse=True) and shares[-1] < 0.7

@@ -108,6 +108,17 @@ def test_cc359_plumbing_end_to_end_and_resume(tmp_path):
     md = (out / "table1.md").read_text()
     assert "Surface Dice at 1 mm" in md and "| convlora-adabn-fast |" in md
     assert meta["tasks"][0]["site"] == "philips3"
+    # every candidate of every adaptation is scored against the labels beside its label-free score
+    rank = meta["label_free_ranking"]
+    assert rank["runs"] == 2 * len(test) and rank["pairs"] == 3 * rank["runs"]  # source, adabn, epoch 1
+    assert "label-free score vs true surface Dice" in md
+    cached_rows = [json.loads(line) for line in (work / "table1" / "rows.jsonl").read_text().splitlines()]
+    adapted = [r for r in cached_rows if r["method"] == "convlora-adabn-fast"]
+    for r in adapted:
+        assert set(r["candidates"]) == {"source", "adabn", "epoch 1"}
+        assert r["candidates"][r["selected"]]["surface_dice"] == pytest.approx(r["surface_dice"], abs=1e-4)
+        src = [x for x in cached_rows if x["method"] == "source" and x["volume"] == r["volume"]][0]
+        assert r["candidates"]["source"]["surface_dice"] == pytest.approx(src["surface_dice"], abs=1e-4)
 
     # a rerun with the same settings reads every row from the cache and adapts nothing
     cache = work / "table1" / "rows.jsonl"
@@ -128,6 +139,18 @@ def test_aggregate_means_over_rotations_and_repeats_seedless_methods():
     s = table1.summarise(table, "surface_dice")
     assert s["udas"]["ge15"] == pytest.approx((0.85, 0.05))
     assert s["source"]["mean"] == pytest.approx((0.7, 0.0))
+
+
+def test_ranking_of_the_label_free_score():
+    def row(sel, lf, sd):
+        return {"selected": sel, "candidates": {n: {"label_free": a, "surface_dice": b}
+                                                for n, a, b in zip(("source", "adabn", "epoch 1"), lf, sd)}}
+
+    rank = table1.ranking([row("epoch 1", (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)),
+                           row("adabn", (0.3, 0.2, 0.1), (0.6, 0.5, 0.4)), {"method": "source"}])
+    assert rank["runs"] == 2 and rank["pairs"] == 6
+    assert rank["spearman_within_run_mean"] == pytest.approx(1.0)
+    assert rank["selected_worse_than_source"] == 1  # the second run chose 0.5 over the source's 0.6
 
 
 def test_synthetic_smoke_on_one_real_head(tmp_path, heads_dir):

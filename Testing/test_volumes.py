@@ -284,6 +284,26 @@ def test_postprocess_keeps_largest_component_and_fills_holes():
     assert V.postprocess(np.zeros((4, 4, 4))).sum() == 0
 
 
+
+def test_detach_leaks_cuts_what_hangs_on_a_thin_bridge_and_keeps_the_brain():
+    """A 'brain' ball with a 'scalp' blob joined by a 2-voxel bridge: the largest component keeps the blob;
+    detach_leaks removes blob and bridge and leaves every voxel of the ball as predicted."""
+    z, y, x = np.mgrid[:48, :48, :64]
+    brain = ((z - 24) ** 2 + (y - 24) ** 2 + (x - 22) ** 2) <= 14 ** 2
+    blob = ((z - 24) ** 2 + (y - 24) ** 2 + (x - 54) ** 2) <= 6 ** 2
+    bridge = (abs(z - 24) <= 1) & (abs(y - 24) <= 1) & (x >= 30) & (x <= 54)
+    probs = np.where(brain | blob | bridge, 0.9, 0.05).astype(np.float32)
+    assert V.postprocess(probs >= 0.5)[24, 24, 54] == 1  # today's step keeps the leak
+    out = V.detach_leaks(probs, 2.0, 4.0)
+    assert out.dtype == np.float32 and out.shape == probs.shape
+    kept = out >= 0.5
+    assert not kept[blob].any() and kept[brain].all()
+    assert not kept[bridge & (x >= 40)].any()
+    np.testing.assert_array_equal(out[brain], probs[brain])
+    assert V.detach_leaks(probs, 2.0, 0.0) is probs
+    empty = np.zeros((8, 8, 8), np.float32)
+    assert V.detach_leaks(empty, 2.0, 4.0) is empty
+
 # --------------------------------------------------------------------------------------------------- memory
 
 def test_check_memory_refuses_huge_header_before_reading(tmp_path):

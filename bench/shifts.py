@@ -214,7 +214,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
     from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.selection import agreement, score_volume
     from ConvLoRASegLib.selftrain import adapt, source_copy
-    from ConvLoRASegLib.volumes import read_image, to_mask, to_native, to_slices
+    from ConvLoRASegLib.volumes import brain_mask, read_image, to_slices
 
     d = cohort_dir(work, head, family, seed)
     base = store.load_model(models / f"loho_{head}.safetensors")
@@ -241,7 +241,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
     def evaluate(method: str, model, tests, seconds: float, extra: dict) -> None:
         for k, img, truth, sp, vs in tests:
             final, early = predict_slices(model, vs.slices, "cpu", with_esh=True)
-            pred = sitk.GetArrayFromImage(to_mask(to_native(final, vs))) > 0
+            pred = sitk.GetArrayFromImage(brain_mask(final, vs)) > 0
             dsc, sd1, sd2 = _score(pred, truth, sp)
             lf = score_volume(final, early, base.grid.spacing_mm)
             # an alternative label-free score, recorded for the comparison: the final mask's consistency under an

@@ -409,7 +409,7 @@ def w_default_e2e(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     from ConvLoRASegLib.metrics import surface_dice
     from ConvLoRASegLib.segment import predict_slices, resolve_device
-    from ConvLoRASegLib.volumes import read_image, to_mask, to_native, to_slices, write_image
+    from ConvLoRASegLib.volumes import brain_mask, read_image, to_slices, write_image
 
     dev = resolve_device(cfg["device"])
     model = load_weights(cfg["model"], cfg.get("model_grid"))
@@ -423,10 +423,8 @@ def w_default_e2e(cfg: Dict[str, Any]) -> Dict[str, Any]:
     stages["to_working_grid"] = t
     t, probs = timed(lambda: predict_slices(model, vs.slices, dev), dev)
     stages["network"] = t
-    t, prob_img = timed(lambda: to_native(probs, vs))
-    stages["to_native_grid"] = t
-    t, mask = timed(lambda: to_mask(prob_img, 0.5, postprocess=True))
-    stages["threshold_postprocess"] = t
+    t, mask = timed(lambda: brain_mask(probs, vs))
+    stages["leaks_native_grid_postprocess"] = t
     t, _ = timed(lambda: write_image(mask, out, overwrite=True))
     stages["write"] = t
     total = time.perf_counter() - t0

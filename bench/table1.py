@@ -80,9 +80,12 @@ NO_ADAPTATION = ("source", "robex", "deepbet")
 #: Bumped when a method's code changes its results, so that cached rows of the old code are recomputed.
 ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn": ["fast-infer-precision"],
                                       "convlora-adabn-fast": ["fast-infer-precision"]}
+#: The label-free selection's version (issue 10: source and AdaBN candidates, consistency on interleaved shares,
+#: spread scoring volumes; every candidate is scored against the labels too): part of every adapted row's key.
+SELECTION_VERSION = "selection-v3-candidates"
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
-                  "adapter_bytes", "adapt_seconds", "best_epoch", "agreement")
+                  "adapter_bytes", "adapt_seconds", "best_epoch", "agreement", "selected")
 #: ``convlora-seg train`` arguments of the source models: the leave-one-head-out recipe of the model card.
 TRAIN_ARGS = tuple(_train_default_model.TRAIN_ARGS + _train_default_model.RECIPE_ARGS)
 QUICK_TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--epochs", "2", "--esh-epochs", "2",
@@ -296,11 +299,59 @@ def score_mask(pred: np.ndarray, ev: EvalVolume) -> Tuple[float, float]:
 def evaluate(model, ev: EvalVolume, device) -> Tuple[float, float]:
     """Segment the evaluation volume with ``model`` (as segment_image does: native grid, post-processed)."""
     from ConvLoRASegLib.segment import predict_slices
-    from ConvLoRASegLib.volumes import to_mask, to_native
+    from ConvLoRASegLib.volumes import brain_mask
 
     probs = predict_slices(model, ev.vs.slices, device)
-    mask = sitk.GetArrayFromImage(to_mask(to_native(probs, ev.vs), 0.5)) > 0
+    mask = sitk.GetArrayFromImage(brain_mask(probs, ev.vs)) > 0
     return score_mask(mask, ev)
+
+
+def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, float], device,
+                     shared: Dict[Tuple[str, str], Tuple[float, float]]) -> Dict[str, Dict[str, float]]:
+    """Every candidate of an adaptation (source, AdaBN, each epoch) scored against the evaluation volume's labels,
+    beside its label-free score on the adaptation volumes: how well does the label-free score rank them? The
+    source and AdaBN candidates do not depend on the method's training or seed: they are computed once per task."""
+    from ConvLoRASegLib.selftrain import candidate_model
+
+    out = {}
+    for name, label_free in res.candidates.items():
+        if name == res.selected:
+            got = selected_scores
+        elif name in ("source", "adabn") and (name, ev.name) in shared:
+            got = shared[(name, ev.name)]
+        else:
+            got = evaluate(candidate_model(base, res, name), ev, device)
+        if name in ("source", "adabn"):
+            shared[(name, ev.name)] = got
+        out[name] = {"label_free": round(float(label_free), 4), "surface_dice": round(float(got[0]), 4),
+                     "dice": round(float(got[1]), 4)}
+    return out
+
+
+def ranking(rows: Sequence[dict]) -> Dict[str, object]:
+    """Spearman correlation of the label-free score with the true surface Dice over every (volume, candidate) of
+    the adapted rows (pooled, and the mean within one adaptation run), and how often the selected candidate was
+    worse than the source by more than 0.005."""
+    from ConvLoRASegLib.selection import spearman
+
+    xs, ys, within, worse, n_runs = [], [], [], 0, 0
+    for r in rows:
+        c = r.get("candidates")
+        if not c:
+            continue
+        n_runs += 1
+        lf, sd = [v["label_free"] for v in c.values()], [v["surface_dice"] for v in c.values()]
+        xs += lf
+        ys += sd
+        if len(c) >= 3:
+            rho = spearman(lf, sd)
+            if np.isfinite(rho):
+                within.append(rho)
+        if "source" in c and c[r["selected"]]["surface_dice"] < c["source"]["surface_dice"] - 0.005:
+            worse += 1
+    return {"pairs": len(xs), "runs": n_runs, "spearman_pooled": round(spearman(xs, ys), 3) if xs else None,
+            "spearman_within_run_mean": round(float(np.mean(within)), 3) if within else None,
+            "selected_worse_than_source": worse}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,6 +501,7 @@ def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, 
     inference = [] if method in ("robex", "deepbet") else [f"crop-margin-{CROP_MARGIN_PX}"]
     blob = json.dumps([model_sha, "" if fixed else budget.key(), task.site, task.rotation, method, seed, volume,
                        [] if fixed else sorted(adapt_names)] + ROW_VERSIONS.get(method, []) + inference
+                      + ([SELECTION_VERSION] if method in ADAPT_METHODS else [])
                       + ([budget.oracle_lr] if method == "oracle" else []))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -487,6 +539,8 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                "best_epoch": "", "agreement": "", **(extra or {})}
         cache.put(row)
         rows.append(row)
+
+    shared: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (candidate, volume) -> scores, seed-free ones
 
     def cached(method: str, seed: int) -> Optional[List[dict]]:
         found = [cache.get(row_key(base.sha256, budget, task, method, seed, v.name, adapt_names))
@@ -530,10 +584,12 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                             selection_volumes=budget.selection_volumes, steps_per_epoch=budget.steps_per_epoch,
                             precision=budget.precision)
                 nbytes = adapter_file_bytes(base, res)
-                extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4)}
                 for ev in evs:
-                    record(method, s, ev.name, *evaluate(res.model, ev, device), res.trainable_params, nbytes,
-                           res.seconds, extra)
+                    got = evaluate(res.model, ev, device)
+                    extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4),
+                             "selected": res.selected,
+                             "candidates": candidate_scores(base, res, ev, got, device, shared)}
+                    record(method, s, ev.name, *got, res.trainable_params, nbytes, res.seconds, extra)
             secs = time.perf_counter() - t
             timer.add(f"method:{method}", secs)
             got = [r for r in rows if r["method"] == method and r["seed"] == s]
@@ -799,6 +855,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_csv(a.out / f"{stem}_volumes.csv", rows, VOLUME_COLUMNS)
     md = markdown(table, base_params, title)
     checks = expectations(table)
+    rank = ranking(rows)
+    if rank["pairs"]:
+        checks.append(f"label-free score vs true surface Dice over {rank['pairs']} (volume, candidate) pairs of "
+                      f"{rank['runs']} adaptations: Spearman {rank['spearman_pooled']} pooled, "
+                      f"{rank['spearman_within_run_mean']} within a run (mean); the selected candidate was worse "
+                      f"than the source by > 0.005 in {rank['selected_worse_than_source']} of {rank['runs']}")
     total = time.perf_counter() - t_start
     md += "\n" + "\n".join(f"- {c}" for c in checks) + ("\n" if checks else "")
     md += (f"\nRun: `python bench/table1.py {' '.join(sys.argv[1:] if argv is None else argv)}` in {total / 60:.1f} "
@@ -806,7 +868,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (a.out / f"{stem}.md").write_text(md)
     plot(table, a.out / f"{stem}.png", title)
     meta = {"title": title, "settings": cfg, "severity": a.severity, "budget": asdict(budget),
-            "stage_seconds": timer.stages,
+            "stage_seconds": timer.stages, "label_free_ranking": rank,
             "total_seconds": round(total, 1), "tasks": [{"site": t.site, "rotation": t.rotation,
                                                          "model": str(t.model_path),
                                                          "adapt": [v.name for v in t.adapt],
