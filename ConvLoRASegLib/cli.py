@@ -950,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="A", help="adapter file, a name in the store, or 'auto' (best label-free "
                                                   "agreement on each scan); default: none")
     p.add_argument("--adapters", metavar="DIR", help="where 'auto' and names look (default: the user store)")
-    p.add_argument("--no-postprocess", action="store_true", help="skip largest component + hole filling")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the leak cut, largest component and hole filling")
     p.add_argument("--probabilities", action="store_true", help="write float32 probabilities, not a mask")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--first-volume", action="store_true", help="for a 4D input, segment its first volume")

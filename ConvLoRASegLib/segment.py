@@ -357,8 +357,8 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
 def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
                    device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
                    ) -> Tuple[Optional[AdapterInfo], Dict[str, float]]:
-    """Pick, label-free, the adapter that scores best on this scan (:mod:`~ConvLoRASegLib.selection`: the ESH's
-    agreement with the final mask, implausible brains refused; an adapter must beat no adapter).
+    """Pick, label-free, the adapter that scores best on this scan (:mod:`~ConvLoRASegLib.selection`: ESH agreement
+    and gamma consistency, implausible brains refused; an adapter must beat no adapter).
 
     Returns the winner (None if the model without adapter is chosen) and every score, keyed by adapter name
     (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.

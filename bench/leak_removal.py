@@ -39,10 +39,15 @@ def main() -> int:
     ap.add_argument("--radii", type=float, nargs="+", default=[0, 2, 4, 6, 8])
     ap.add_argument("--heads", nargs="*")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "leak_removal.json")
+    ap.add_argument("--merge", type=Path, nargs="*", help="only combine the rows of earlier runs (one per head)")
     a = ap.parse_args()
     rows = []
     heads = a.heads or sorted(p.stem[5:] for p in a.models.glob("loho_*.safetensors"))
-    for head in heads:
+    if a.merge:
+        rows = [r for f in a.merge for r in json.loads(f.read_text())["rows"]]
+        heads = sorted({r["head"] for r in rows})
+        a.radii = sorted({r["radius_mm"] for r in rows})
+    for head in ([] if a.merge else heads):
         model = store.load_model(a.models / f"loho_{head}.safetensors")
         for name, img_p, silver_p, shipped_p in _volumes(a.work / "ge3", head):
             img = read_image(img_p)

@@ -76,14 +76,17 @@ def cli_train(images: Path, masks: Path, out: Path, checkpoint: Path, extra=()) 
 def cmd_train(a) -> int:
     heads = list(available_heads())
     cohort = a.work / "ge3"
-    make_site_cohort("ge3", 4, heads, cohort)
+    subjects = tuple(a.train_subjects or TRAIN_SUBJECTS)
+    if 3 in subjects:
+        raise SystemExit("subject 3 of every head is kept for the evaluation of the all-heads model")
+    make_site_cohort("ge3", max(4, max(subjects) + 1), heads, cohort)
     if a.held_out == "none":
         train_heads, name = heads, "default_model"
     else:
         if a.held_out not in heads:
             raise SystemExit(f"unknown head {a.held_out}: one of {', '.join(heads)} or none")
         train_heads, name = [h for h in heads if h != a.held_out], f"loho_{a.held_out}"
-    tr = split_folder(cohort, train_heads, TRAIN_SUBJECTS, a.work / f"{name}_train")
+    tr = split_folder(cohort, train_heads, subjects, a.work / f"{name}_train")
     a.models.mkdir(parents=True, exist_ok=True)
     out = a.models / f"{name}.safetensors"
     t = time.perf_counter()
@@ -237,6 +240,8 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train")
     p.add_argument("--held-out", required=True, help="head left out, or none (the default model)")
+    p.add_argument("--train-subjects", type=int, nargs="+",
+                   help=f"ge3 subjects of each training head (default {' '.join(map(str, TRAIN_SUBJECTS))}; never 3)")
     p.add_argument("extra", nargs="*", help="more `convlora-seg train` options (after --), e.g. -- --epochs 8")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate")
