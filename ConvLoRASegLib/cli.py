@@ -525,7 +525,7 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
         f"adapter {info.name!r} written to {info.path}",
         f"  target: {len(used)} volumes ({result.n_slices} slices), {len(skipped)} skipped",
         f"  method {result.method} ({result.mode}), rank {result.rank}, placement {result.placement}",
-        f"  label-free score of each candidate (ESH vs final agreement): {scores}",
+        f"  label-free score of each candidate (ESH agreement + gamma consistency): {scores}",
         f"  selected: {result.selected}",
         f"  trainable parameters: {result.trainable_params:,} = {summary['trainable_percent']:.2f} % of the "
         f"base model's {base_params:,}",
@@ -950,7 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="A", help="adapter file, a name in the store, or 'auto' (best label-free "
                                                   "agreement on each scan); default: none")
     p.add_argument("--adapters", metavar="DIR", help="where 'auto' and names look (default: the user store)")
-    p.add_argument("--no-postprocess", action="store_true", help="skip the leak cut, largest component and hole filling")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="skip the leak cut, largest component and hole filling")
     p.add_argument("--probabilities", action="store_true", help="write float32 probabilities, not a mask")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--first-volume", action="store_true", help="for a 4D input, segment its first volume")

@@ -69,8 +69,8 @@ class DemoResult:
             f"adapter {self.adapter_bytes / 1e3:.1f} kB vs model {self.model_bytes / 1e6:.2f} MB "
             f"({100.0 * self.adapter_bytes / max(self.model_bytes, 1):.1f} %); adaptation {s['adapt']:.1f} s "
             f"({self.epochs} epochs); simulation {s['simulate']:.1f} s; total {s['total']:.1f} s",
-            f"label-free score on the cohort (ESH vs final agreement): {self.agreement_source:.4f} unadapted, "
-            f"{self.agreement_selected:.4f} selected ({self.selected})",
+            f"label-free score on the cohort (ESH agreement + gamma consistency): {self.agreement_source:.4f} "
+            f"unadapted, {self.agreement_selected:.4f} selected ({self.selected})",
         ]
         return "\n".join(rows)
 

@@ -292,7 +292,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         raise ConvLoRASegError("every target slice is empty (no signal above background)")
     chosen = selection_indices(len(volumes), selection_volumes)
     # fast mode: the no-gradient passes (scores, pseudo-labels) run like segmentation, in the training precision
-    scorer = _Scorer([volumes[i] for i in chosen], dev, precision if fast else "fp32", m.grid.spacing_mm, emit, epochs, should_stop)
+    scorer = _Scorer([volumes[i] for i in chosen], dev, precision if fast else "fp32", m.grid.spacing_mm, emit, epochs,
+                     should_stop)
     states: Dict[str, Dict[str, torch.Tensor]] = {SOURCE: {}}
 
     scorer.score(SOURCE, m, 0)
@@ -385,8 +386,9 @@ def candidate_model(model: ConvLoRASegModel, result: AdaptResult, name: str) -> 
     ``model`` the adaptation started from: for benchmarks that score every candidate against labels."""
     if name not in result.candidate_states:
         raise ConvLoRASegError(f"no candidate {name!r}; the adaptation made {', '.join(result.candidate_states)}")
-    return _with_state(model, METHOD_SPECS[result.method], result.placement if result.placement != "-" else "init_path",
-                       result.rank, result.alpha, result.candidate_states[name])
+    placement = result.placement if result.placement != "-" else "init_path"  # "-": a method without LoRA
+    return _with_state(model, METHOD_SPECS[result.method], placement, result.rank, result.alpha,
+                       result.candidate_states[name])
 
 
 def _pseudo_labels(teacher: ConvLoRASegModel, volumes: Sequence[np.ndarray], keep: np.ndarray, scorer: _Scorer,
