@@ -469,6 +469,8 @@ def postprocess(mask: np.ndarray) -> np.ndarray:
 #: Radius (mm) of the erosion that cuts leaks off the brain (:func:`detach_leaks`); 0 turns it off. Chosen in
 #: bench/leak_removal.py on the leave-one-head-out models' held-out heads (BENCHMARKS.md).
 LEAK_RADIUS_MM = 8.0
+#: The cut is applied only if what it keeps is at least this share of the mask: a leak is the smaller part.
+LEAK_KEEP_MIN = 0.5
 
 
 def detach_leaks(probs: np.ndarray, spacing_mm: float, radius_mm: float) -> np.ndarray:
@@ -479,8 +481,9 @@ def detach_leaks(probs: np.ndarray, spacing_mm: float, radius_mm: float) -> np.n
     thinner than twice the radius; the largest piece left is the brain's core. Everything farther than the radius
     plus one voxel from that core is set to 0 (the brain's own boundary lies within the radius of its core, so it
     is kept as predicted). Erosion and growth are distance transforms (exactly a ball's, faster than a structuring
-    element) on the mask's bounding box. ``spacing_mm``: the isotropic grid spacing. An empty mask, or one that
-    the erosion removes entirely, is returned unchanged.
+    element) on the mask's bounding box. ``spacing_mm``: the isotropic grid spacing. An empty mask, one that the
+    erosion removes entirely, or one whose core would keep less than :data:`LEAK_KEEP_MIN` of it (fragments, not a
+    brain with leaks) is returned unchanged.
     """
     m = np.asarray(probs) >= 0.5
     r = radius_mm / spacing_mm
@@ -497,6 +500,8 @@ def detach_leaks(probs: np.ndarray, spacing_mm: float, radius_mm: float) -> np.n
         return probs
     core = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
     keep = ndimage.distance_transform_edt(~core) <= r + 1.0
+    if np.count_nonzero(keep & m[box]) < LEAK_KEEP_MIN * np.count_nonzero(m):
+        return probs  # not a brain with leaks on it (fragments, a thin slab): leave it to the largest component
     out = np.zeros_like(np.asarray(probs))
     out[box] = np.where(keep, np.asarray(probs)[box], 0)
     return out

@@ -303,6 +303,11 @@ def test_detach_leaks_cuts_what_hangs_on_a_thin_bridge_and_keeps_the_brain():
     assert V.detach_leaks(probs, 2.0, 0.0) is probs
     empty = np.zeros((8, 8, 8), np.float32)
     assert V.detach_leaks(empty, 2.0, 4.0) is empty
+    # fragments (an untrained model, noise): the largest core would keep less than half: left as it is
+    rng = np.random.default_rng(0)
+    noise = (rng.random((40, 40, 40)) < 0.55).astype(np.float32)
+    noise[:6, :6, :6] = 1.0  # one small solid piece: the only core the erosion leaves
+    assert V.detach_leaks(noise, 2.0, 4.0) is noise
 
 # --------------------------------------------------------------------------------------------------- memory
 
