@@ -1,0 +1,53 @@
+"""Why the selection chose a worse candidate on the speed cohort: every candidate of one fast adaptation scored on
+held-out scans against their masks, beside its label-free score there (BENCHMARKS.md, issue 10, 2026-12-02).
+
+    python bench/speed.py --only adapt_fast --work W        # prepares W/full/cohort_siemens3 and heldout_siemens3
+    python bench/selection_probe.py --work W/full
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ConvLoRASegLib import selection, selftrain, store  # noqa: E402
+from ConvLoRASegLib.metrics import surface_dice  # noqa: E402
+from ConvLoRASegLib.segment import predict_slices  # noqa: E402
+from ConvLoRASegLib.volumes import mask_to_slices, read_image, to_slices  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="the speed benchmark's prepared folder (…/full)")
+    ap.add_argument("--site", default="siemens3")
+    ap.add_argument("--volumes", type=int, default=10)
+    a = ap.parse_args()
+    model = store.load_model()
+    target = sorted((a.work / f"cohort_{a.site}" / "images").glob("*.nii.gz"))[: a.volumes]
+    held = sorted((a.work / f"heldout_{a.site}" / "images").glob("*.nii.gz"))
+    res = selftrain.adapt(model, [to_slices(read_image(p), model.grid).slices for p in target], device="cpu")
+    print("selected", res.selected, {k: round(v, 4) for k, v in res.candidates.items()})
+    tests = []
+    for p in held:
+        vs = to_slices(read_image(p), model.grid)
+        tests.append((vs, mask_to_slices(read_image(p.parent.parent / "masks" / p.name), vs) > 0))
+    for name in res.candidate_states:
+        m = selftrain.candidate_model(model, res, name)
+        sds, lfs = [], []
+        for vs, truth in tests:
+            final, early = predict_slices(m, vs.slices, "cpu", with_esh=True)
+            sds.append(surface_dice(final >= 0.5, truth, (m.grid.spacing_mm,) * 3, 1.0))
+            lfs.append(selection.score_model(m, vs.slices, "cpu", predicted=(final, early)))
+        print(f"{name:8} held-out surface Dice {np.mean(sds):.4f} {[round(x, 4) for x in sds]} | label-free there "
+              f"{[round(s.value, 3) for s in lfs]} consistency {[round(s.consistency, 3) for s in lfs]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
