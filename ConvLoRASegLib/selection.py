@@ -96,9 +96,10 @@ def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm,
     return float(surface_dice(early, final, spacing, tol))
 
 
-def _share(j: int) -> slice:
-    """The slices of the stack that gamma ``j`` of :data:`CONSISTENCY_GAMMAS` is applied to."""
-    return slice(j, None, len(CONSISTENCY_GAMMAS))
+def _share(j: int, k: int = len(CONSISTENCY_GAMMAS)) -> slice:
+    """The slices of the stack that perturbation ``j`` of ``k`` (by default the gammas of
+    :data:`CONSISTENCY_GAMMAS`) is applied to: every k-th slice from slice j."""
+    return slice(j, None, k)
 
 
 def score_volume(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
@@ -112,7 +113,7 @@ def score_volume(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: flo
     k = len(perturbed)
     # a share holds every k-th slice: its slice axis is k times coarser
     spacing = (spacing_mm * k, spacing_mm, spacing_mm)
-    c = float(np.mean([agreement(final_probs[slice(j, None, k)], p, spacing, tolerance_mm=spacing_mm)
+    c = float(np.mean([agreement(final_probs[_share(j, k)], p, spacing, tolerance_mm=spacing_mm)
                        for j, p in enumerate(perturbed)])) if k else a
     return VolumeScore(a, c, ml, bool(lo <= ml <= hi))
 

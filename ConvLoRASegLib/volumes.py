@@ -523,14 +523,17 @@ def _fill_holes(m: np.ndarray) -> np.ndarray:
 _postprocess = postprocess
 
 
-def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: float = 0.5, postprocess: bool = True) -> sitk.Image:
+def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: float = 0.5, postprocess: bool = True,
+               leak_radius_mm: Optional[float] = None) -> sitk.Image:
     """The product's brain mask from working-grid probabilities, on the input's exact grid (uint8 {0, 1}).
 
-    With ``postprocess``: leaks hanging on a bridge thinner than 2 x :data:`LEAK_RADIUS_MM` are cut on the working
-    grid (:func:`detach_leaks`), then the native-grid mask keeps its largest component with its holes filled
-    (:func:`postprocess`). Without it: the probabilities resampled and thresholded, nothing else."""
+    With ``postprocess``: leaks hanging on a bridge thinner than twice ``leak_radius_mm`` (default
+    :data:`LEAK_RADIUS_MM`; 0: no cut) are cut on the working grid (:func:`detach_leaks`), then the native-grid mask
+    keeps its largest component with its holes filled (:func:`postprocess`). Without it: the probabilities
+    resampled and thresholded, nothing else."""
     if postprocess:
-        probs = detach_leaks(probs, float(vs.working.GetSpacing()[0]), LEAK_RADIUS_MM)
+        radius = LEAK_RADIUS_MM if leak_radius_mm is None else leak_radius_mm
+        probs = detach_leaks(probs, float(vs.working.GetSpacing()[0]), radius)
     return to_mask(to_native(probs, vs), threshold, postprocess=postprocess)
 
 

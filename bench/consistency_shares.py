@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from ConvLoRASegLib import selection, selftrain, store  # noqa: E402
-from ConvLoRASegLib.convlora import load_adapter_state  # noqa: E402
 from ConvLoRASegLib.segment import predict_slices  # noqa: E402
 from ConvLoRASegLib.volumes import read_image, to_slices  # noqa: E402
 from make_cohort import make_site_cohort  # noqa: E402
@@ -52,12 +51,8 @@ def main() -> int:
         vols = [to_slices(read_image(i), model.grid).slices for i, _ in files]
         res = selftrain.adapt(model, vols, epochs=3, device="cpu", selection_volumes=len(vols))
         table_new, table_old, cons_new, cons_old = {}, {}, {}, {}
-        for name, state in res.candidate_states.items():
-            m = selftrain.source_copy(model)
-            if name != selection.SOURCE:
-                selftrain._open_trainable(m, selftrain.METHOD_SPECS["convlora-adabn"], "init_path", 2, 2.0)
-                load_adapter_state(m, state)
-            m.eval()
+        for name in res.candidate_states:
+            m = selftrain.candidate_model(model, res, name)
             new, old = [], []
             for k, v in enumerate(vols):
                 final, early = predict_slices(m, v, "cpu", with_esh=True)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ConvLoRASegLib import store  # noqa: E402
 from ConvLoRASegLib.segment import predict_slices  # noqa: E402
-from ConvLoRASegLib.volumes import detach_leaks, read_image, to_mask, to_native, to_slices  # noqa: E402
+from ConvLoRASegLib.volumes import brain_mask, read_image, to_slices  # noqa: E402
 from peers import scores  # noqa: E402
 from train_default_model import MODELS, _volumes  # noqa: E402
 
@@ -58,8 +58,7 @@ def main() -> int:
                                                                                 ("shipped", shipped_p))}
             for r in a.radii:
                 t = time.perf_counter()
-                p = detach_leaks(probs, model.grid.spacing_mm, r) if r > 0 else probs
-                mask = sitk.GetArrayFromImage(to_mask(to_native(p, vs))) > 0
+                mask = sitk.GetArrayFromImage(brain_mask(probs, vs, leak_radius_mm=r)) > 0
                 secs = time.perf_counter() - t
                 row = {"head": head, "volume": name, "real": name.endswith("_real"), "radius_mm": r,
                        "seconds": round(secs, 2), **{k: scores(mask, ref, sp) for k, ref in refs.items()}}

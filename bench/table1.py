@@ -558,7 +558,8 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
             t = time.perf_counter()
             if method == "source":
                 for ev in evs:
-                    record(method, s, ev.name, *evaluate(base, ev, device), 0, 0, 0.0)
+                    shared[("source", ev.name)] = evaluate(base, ev, device)  # also every run's source candidate
+                    record(method, s, ev.name, *shared[("source", ev.name)], 0, 0, 0.0)
             elif method == "robex":
                 for ev in evs:
                     if robex_budget[0] <= 0 and not (robex_cache / f"{ev.image_path.name}.json").is_file():
