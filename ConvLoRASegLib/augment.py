@@ -15,6 +15,14 @@ A training volume is the working grid's slice stack ``(N, H, W)`` (isotropic ``s
    ``tio.RandomMotion``, ``tio.RandomGhosting``, ``tio.RandomNoise`` (each with its own probability);
 4. intensities clipped at 0 and normalised again like a scan (0.5th / 99.5th percentile of non-zero voxels).
 
+With ``synth`` > 0, that share of the copies has its intensities *synthesised* (SynthStrip's idea, Hoopes et al.
+2022, after Billot et al.'s SynthSeg): a tissue label map is made from the volume itself (:func:`tissue_labels`:
+k-means classes of the intensities inside the brain mask and, separately, of the head outside it), moved with
+the image by the spatial steps, and ``tio.RandomLabelsToImage`` draws a new mean and spread for every class
+before the scanner steps. Scalp, muscle and neck then take any brightness, also the brain's, so the network has
+to find the brain by its shape and place rather than by its grey level: the leaks into scalp and neck that the
+default model makes on unseen heads are what this is for.
+
 The mask follows every spatial step (nearest neighbour). Random numbers come from torch's global generator,
 which :func:`augment_volume` seeds inside a forked RNG scope: the same ``seed`` gives the same volume, and the
 caller's random stream is untouched.
@@ -47,6 +55,12 @@ RECIPE: Dict[str, Any] = {
     "noise": {"std": [0, 0.06], "p": 0.5},
 }
 
+#: Tissue classes of a synthesised copy: k-means classes inside the brain mask and in the head around it (label 0
+#: is the air outside the head), and the ranges TorchIO draws each class's mean and standard deviation from.
+SYNTH: Dict[str, Any] = {"brain_classes": 3, "head_classes": 3, "air_below": 0.06,
+                         "mean": [0.0, 1.0], "std": [0.0, 0.08], "air_mean": [0.0, 0.15], "air_std": [0.0, 0.03],
+                         "partial_volume_blur_mm": [0.3, 1.0]}
+
 
 def _torchio():
     try:
@@ -57,13 +71,68 @@ def _torchio():
     return tio
 
 
-def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float):
+def _spatial(tio):
     r = RECIPE
     return tio.Compose([
         tio.RandomAffine(scales=tuple(r["affine"]["scales"]), degrees=r["affine"]["degrees"],
                          translation=r["affine"]["translation_mm"], default_pad_value=0, p=r["affine"]["p"]),
         tio.RandomElasticDeformation(num_control_points=r["elastic"]["control_points"],
                                      max_displacement=r["elastic"]["max_displacement_mm"], p=r["elastic"]["p"]),
+    ])
+
+
+def _synthesis(tio):
+    """New intensities for every tissue class of the subject's ``tissue`` label map, then a partial-volume blur."""
+    n = 1 + SYNTH["brain_classes"] + SYNTH["head_classes"]
+    mean = [tuple(SYNTH["air_mean"])] + [tuple(SYNTH["mean"])] * (n - 1)
+    std = [tuple(SYNTH["air_std"])] + [tuple(SYNTH["std"])] * (n - 1)
+    return tio.Compose([
+        tio.RandomLabelsToImage(label_key="tissue", image_key="image", used_labels=list(range(n)),
+                                mean=mean, std=std),
+        tio.RandomBlur(std=tuple(SYNTH["partial_volume_blur_mm"])),
+    ])
+
+
+def _kmeans_1d(values: np.ndarray, k: int, iterations: int = 12) -> np.ndarray:
+    """Sorted centres of a 1D k-means (quantile start, Lloyd iterations on at most 200k values)."""
+    v = values[:: max(1, values.size // 200_000)].astype(np.float64)
+    centres = np.quantile(v, (np.arange(k) + 0.5) / k)
+    for _ in range(iterations):
+        near = np.argmin(np.abs(v[:, None] - centres[None, :]), axis=1)
+        centres = np.array([v[near == j].mean() if np.any(near == j) else centres[j] for j in range(k)])
+    return np.sort(centres)
+
+
+def _classes(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    edges = 0.5 * (centres[1:] + centres[:-1])
+    return np.searchsorted(edges, values).astype(np.uint8)
+
+
+def tissue_labels(slices: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A tissue label map of a working-grid volume: 0 air, 1..B brain classes (k-means of the intensities inside
+    ``mask``, darkest first), B+1..B+H the head's other tissues (k-means outside it). The head is the largest
+    connected piece of the lightly smoothed volume at or above ``SYNTH["air_below"]``, holes filled, so noise in
+    the air stays air. uint8, the shape of ``slices``."""
+    from scipy import ndimage
+
+    b, h = SYNTH["brain_classes"], SYNTH["head_classes"]
+    brain = np.asarray(mask) != 0
+    lit, n = ndimage.label(ndimage.gaussian_filter(slices, 1.0) >= SYNTH["air_below"])
+    head = np.zeros_like(brain)
+    if n:
+        head = ndimage.binary_fill_holes(lit == int(np.argmax(np.bincount(lit.ravel())[1:])) + 1)
+    head &= ~brain
+    labels = np.zeros(slices.shape, dtype=np.uint8)
+    for region, k, first in ((brain, b, 1), (head, h, 1 + b)):
+        if np.count_nonzero(region) >= k:
+            vals = slices[region]
+            labels[region] = first + _classes(vals, _kmeans_1d(vals, k))
+    return labels
+
+
+def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float):
+    r = RECIPE
+    return tio.Compose([
         tio.RandomBiasField(coefficients=r["bias_field"]["coefficients"], p=r["bias_field"]["p"]),
         tio.RandomGamma(log_gamma=tuple(r["gamma"]["log_gamma"]), p=r["gamma"]["p"]),
         tio.RandomBlur(std=tuple(r["blur"]["std_mm"]), p=r["blur"]["p"]),
@@ -91,21 +160,33 @@ def _fov_crop(tio, shape: Tuple[int, int, int], spacing_mm: float, gen: torch.Ge
     return tio.Compose([tio.Crop(crop), tio.Pad(crop, padding_mode=0)])
 
 
-def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """One augmented copy of a working-grid volume ``slices`` (float32 N x H x W, [0, 1]) and its 0/1 ``mask``."""
+def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed: int,
+                   synth: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+    """One augmented copy of a working-grid volume ``slices`` (float32 N x H x W, [0, 1]) and its 0/1 ``mask``;
+    with probability ``synth`` its intensities are synthesised from its tissue classes (module docstring)."""
     tio = _torchio()
     if slices.shape != mask.shape or slices.ndim != 3:
         raise ConvLoRASegError(f"volume {slices.shape} and mask {mask.shape} must be the same 3D shape")
+    if not 0.0 <= synth <= 1.0:
+        raise ConvLoRASegError(f"synth must be a probability in [0, 1], got {synth}")
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed + 1)
-        subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(slices))[None],
-                                                    affine=affine),
-                              mask=tio.LabelMap(tensor=torch.from_numpy(mask.astype(np.uint8))[None], affine=affine))
+        synthesise = synth > 0 and float(torch.rand(1, generator=gen)) < synth
+        images = {"image": tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(slices))[None],
+                                           affine=affine),
+                  "mask": tio.LabelMap(tensor=torch.from_numpy(mask.astype(np.uint8))[None], affine=affine)}
+        if synthesise:
+            images["tissue"] = tio.LabelMap(tensor=torch.from_numpy(tissue_labels(slices, mask))[None],
+                                            affine=affine)
+        subject = tio.Subject(**images)
         fov = _fov_crop(tio, slices.shape, spacing_mm, gen)
         if fov is not None:
             subject = fov(subject)
+        subject = _spatial(tio)(subject)
+        if synthesise:
+            subject = _synthesis(tio)(subject)
         subject = _transform(tio, slices.shape, spacing_mm)(subject)
         x = subject["image"].data[0].numpy().astype(np.float32)
         y = subject["mask"].data[0].numpy().astype(np.uint8)

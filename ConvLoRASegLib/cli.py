@@ -666,7 +666,7 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
                          init=load_model(Path(args.init).expanduser()) if args.init else None, progress=rep,
                          batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                          out_scale=args.out_scale, out_lr_mult=args.out_lr_mult, augment_3d=args.augment_3d,
-                         steps_per_epoch=args.steps_per_epoch, checkpoint=ckpt,
+                         synth=args.synth, steps_per_epoch=args.steps_per_epoch, checkpoint=ckpt,
                          checkpoint_every=args.checkpoint_every, resume=args.resume)
     sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     record = model.info.get("training", {})
@@ -1009,6 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast of training (auto: bf16 where the CPU/GPU has it natively)")
     p.add_argument("--augment-3d", type=int, default=0, metavar="K",
                    help="TorchIO-augmented copies of each volume per epoch (needs the train extra; default 0)")
+    p.add_argument("--synth", type=float, default=0.0, metavar="P",
+                   help="share of those copies whose intensities are synthesised from tissue classes "
+                        "(SynthStrip-style: scalp and neck take any brightness; default 0)")
     p.add_argument("--out-scale", type=float, default=OUT_SCALE_DEFAULT, metavar="S",
                    help=f"initial weight of the final BatchNorm, the logits' scale (default {OUT_SCALE_DEFAULT})")
     p.add_argument("--out-lr-mult", type=float, default=1.0, metavar="M",

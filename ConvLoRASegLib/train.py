@@ -106,9 +106,10 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacing_mm: float, seed: int,
-                epoch: int, stop: Callable[[], None], emit) -> tuple:
+                epoch: int, stop: Callable[[], None], emit, synth: float = 0.0) -> tuple:
     """The epoch's training slices: the originals plus ``augment_3d`` fresh 3D-augmented copies of each volume
-    (deterministic in (seed, epoch), so a resumed run rebuilds the same pool)."""
+    (deterministic in (seed, epoch), so a resumed run rebuilds the same pool); ``synth``: the share of copies
+    whose intensities are synthesised from tissue classes (:mod:`ConvLoRASegLib.augment`)."""
     if augment_3d <= 0:
         return x_all, y_all
     from .augment import augment_volume
@@ -119,7 +120,8 @@ def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacin
         for k in range(augment_3d):
             stop()
             emit({"event": "progress", "stage": "augment", "step": i * augment_3d + k, "total": n, "epoch": epoch})
-            a, b = augment_volume(img, msk, spacing_mm, seed=(seed * 1_000_003 + epoch * 10_007 + i * 101 + k))
+            a, b = augment_volume(img, msk, spacing_mm, seed=(seed * 1_000_003 + epoch * 10_007 + i * 101 + k),
+                                  synth=synth)
             images.append(a)
             masks.append(b)
     xa, ya = _stack(images, masks, empty_fraction=0.1, rng=np.random.default_rng([seed, epoch]))
@@ -138,7 +140,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                  lr_schedule: str = "constant", init: Optional[ConvLoRASegModel] = None,
                  progress: Progress = None, should_stop: StopFlag = None, *,
                  out_scale: float = OUT_SCALE, out_lr_mult: float = OUT_LR_MULT, augment_3d: int = 0,
-                 steps_per_epoch: Optional[int] = None, checkpoint: Optional[Union[str, Path]] = None,
+                 synth: float = 0.0, steps_per_epoch: Optional[int] = None, checkpoint: Optional[Union[str, Path]] = None,
                  checkpoint_every: int = 50, resume: bool = False) -> ConvLoRASegModel:
     """Train a source model from labelled volumes (each an N x H x W stack of working-grid slices, masks 0/1).
 
@@ -147,7 +149,8 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     ``init``: continue from this model's U-Net weights (e.g. a second, cosine-decayed round of training); its
     grid must equal ``grid``. ``out_scale`` / ``out_lr_mult``: initial weight and learning-rate multiplier of the
     final BatchNorm (not applied to the weights of ``init``, only its learning rate). ``augment_3d``: TorchIO
-    copies per volume and epoch. ``steps_per_epoch``: optimiser steps per epoch (default: one pass over the
+    copies per volume and epoch; ``synth``: the share of them with synthesised intensities (SynthStrip-style, see
+    :mod:`ConvLoRASegLib.augment`). ``steps_per_epoch``: optimiser steps per epoch (default: one pass over the
     epoch's slices). ``checkpoint`` / ``checkpoint_every`` / ``resume``: see the module docstring.
     Returns the model (eval mode) with ``info["training"]`` completed by the training record.
     """
@@ -162,6 +165,10 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
         raise ConvLoRASegError(f"unknown lr schedule {lr_schedule!r}: constant or cosine")
     if augment_3d < 0:
         raise ConvLoRASegError(f"augment_3d must be >= 0, got {augment_3d}")
+    if not 0.0 <= synth <= 1.0:
+        raise ConvLoRASegError(f"synth must be a share in [0, 1], got {synth}")
+    if synth and not augment_3d:
+        raise ConvLoRASegError("synth is a share of the 3D-augmented copies: it needs augment_3d >= 1")
     x_all, y_all = _stack(train_images, train_masks, empty_fraction=0.1, rng=rng)
     model = ConvLoRASegModel(grid=grid, n_filters=n_filters, esh_level=esh_level, info=info).to(dev)
     if init is not None:
@@ -179,16 +186,16 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     total_steps = epochs * steps
     config = _config(epochs=epochs, esh_epochs=esh_epochs, batch_size=batch_size, lr=lr, augment=augment,
                      precision=str(dtype or "fp32"), seed=seed, lr_schedule=lr_schedule, out_scale=out_scale,
-                     out_lr_mult=out_lr_mult, augment_3d=augment_3d, steps_per_epoch=steps,
+                     out_lr_mult=out_lr_mult, augment_3d=augment_3d, synth=synth, steps_per_epoch=steps,
                      n_train_volumes=len(train_images), n_train_slices=int(len(x_all)),
                      n_val_volumes=len(val_images), grid=grid.to_dict(), n_filters=n_filters,
                      init=init.sha256 if init is not None else None)
     record: Dict[str, Any] = dict(config, total_steps=total_steps, val_surface_dice=[], train_loss=[],
                                   val_tolerance_mm=grid.spacing_mm)
     if augment_3d:
-        from .augment import RECIPE
+        from .augment import RECIPE, SYNTH
 
-        record["augment_3d_recipe"] = RECIPE
+        record["augment_3d_recipe"] = dict(RECIPE, synth=SYNTH) if synth else RECIPE
 
     def stop() -> None:
         if should_stop is not None and should_stop():
@@ -254,7 +261,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
             break
         model.unet.train()
         x_pool, y_pool = _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d, grid.spacing_mm, seed,
-                                     epoch, stop, emit)
+                                     epoch, stop, emit, synth=synth)
         if order is None:
             reps = (steps * batch_size + len(x_pool) - 1) // len(x_pool)
             order = torch.cat([torch.randperm(len(x_pool), generator=gen) for _ in range(reps)])

@@ -131,6 +131,70 @@ def test_augment_volume_is_seeded_and_keeps_shape():
     assert a1.min() >= 0 and a1.max() <= 1 and m1.sum() > 0.3 * mask.sum()
 
 
+def _head(seed=0, n=24, size=32):
+    """A sphere of brain (0.5) inside a shell of scalp (0.9), air with noise around it."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.mgrid[:n, :size, :size]
+    r = np.sqrt(((k - n / 2) * 1.3) ** 2 + (j - size / 2) ** 2 + (i - size / 2) ** 2)
+    mask = (r < 9).astype(np.uint8)
+    img = np.where(mask, 0.5, np.where(r < 13, 0.9, 0.0)) + rng.normal(0, 0.02, mask.shape)
+    return np.clip(img, 0, 1).astype(np.float32), mask, r
+
+
+def test_tissue_labels_split_brain_head_and_air():
+    from ConvLoRASegLib.augment import SYNTH, tissue_labels
+
+    img, mask, r = _head()
+    img[(r > 15) & (np.random.default_rng(1).random(img.shape) < 0.02)] = 0.3  # specks of noise in the air
+    lab = tissue_labels(img, mask)
+    b = SYNTH["brain_classes"]
+    assert lab.dtype == np.uint8 and lab.shape == img.shape
+    assert np.all((lab[mask == 1] >= 1) & (lab[mask == 1] <= b))
+    shell = (r > 10) & (r < 12)
+    assert np.all(lab[shell] > b)
+    assert np.all(lab[r > 16] == 0)  # the specks stay air: only the head's connected piece is head
+
+
+def _scalp_brighter(a, m):
+    """Is the ring 1-3 voxels outside the mask (the scalp shell) brighter than the mask's core?"""
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(m, iterations=2)
+    ring = ndimage.binary_dilation(m, iterations=3) & ~ndimage.binary_dilation(m, iterations=1)
+    return float(np.median(a[ring])) > float(np.median(a[core]))
+
+
+def test_synthesis_gives_scalp_any_brightness_and_keeps_the_mask():
+    """With synth=1 the scalp is sometimes darker, sometimes brighter than the brain (in the input and in plain
+    augmented copies it is always brighter); the mask still follows the geometry. Fails if synthesis is a no-op."""
+    pytest.importorskip("torchio")
+    from ConvLoRASegLib.augment import augment_volume
+
+    img, mask, _ = _head()
+    brighter = []
+    for seed in range(8):
+        a, m = augment_volume(img, mask, 4.0, seed=seed, synth=1.0)
+        assert m.sum() > 0.3 * mask.sum()
+        brighter.append(_scalp_brighter(a, m))
+    assert any(brighter) and not all(brighter)
+    assert all(_scalp_brighter(*augment_volume(img, mask, 4.0, seed=s)) for s in range(4))
+    a1, _ = augment_volume(img, mask, 4.0, seed=2, synth=1.0)
+    a2, _ = augment_volume(img, mask, 4.0, seed=2, synth=1.0)
+    assert np.array_equal(a1, a2)
+    with pytest.raises(ConvLoRASegError, match="synth"):
+        augment_volume(img, mask, 4.0, seed=0, synth=1.5)
+
+
+def test_synth_needs_3d_augmentation_and_is_recorded():
+    pytest.importorskip("torchio")
+    xi, yi, xv, yv = _data()
+    with pytest.raises(ConvLoRASegError, match="augment_3d"):
+        train_source(xi, yi, xv, yv, synth=0.5, **KW)
+    model = train_source(xi, yi, xv, yv, augment_3d=1, synth=0.5, **{**KW, "epochs": 1})
+    rec = model.info["training"]
+    assert rec["synth"] == 0.5 and rec["augment_3d_recipe"]["synth"]["brain_classes"] >= 2
+
+
 def test_training_with_3d_augmentation_records_the_recipe():
     pytest.importorskip("torchio")
     xi, yi, xv, yv = _data()
