@@ -8,6 +8,14 @@ layers normalising each batch with its own statistics — not the inputs the eva
 need one pass per layer (measured in issue 10: no better, and 40 passes). The layers of
 :data:`ADABN_KEEP_SOURCE` keep the source statistics. Weights are untouched; no gradients.
 
+:func:`adabn_volumes` is the one recipe that turns working-grid volumes into such statistics (their non-empty
+slices, in order, in batches of :data:`ADABN_BATCH`): the adaptation uses it on the target cohort, and
+``train --bn-statistics recalibrated`` on the source model's own training volumes at the end of training. The
+running statistics a training leaves behind are momentum averages over *augmented* batches (crops, bias fields,
+gamma, synthetic contrasts), which no real scan resembles; recalibrated, the source statistics are computed the
+way the target statistics will be, from plain scans, so that the difference AdaBN applies is the scanner's and
+not the augmentation's ("precise BN", Wu & Johnson 2021).
+
 :func:`set_bn_momentum_mode` is the paper's variant: BatchNorm layers left in train mode with momentum 0.1 while
 self-training, so the statistics drift towards the target as batches go by.
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -25,6 +34,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 #: normalises the logits themselves, so target statistics there move the decision threshold with the
 #: brain/background ratio of the field of view rather than with the scanner (bench/shifts.py, BENCHMARKS.md).
 ADABN_KEEP_SOURCE: Tuple[str, ...] = ("out_path.2",)
+#: Consecutive slices per batch of :func:`adabn_volumes` (the upstream layers normalise each batch by itself).
+ADABN_BATCH = 64
 
 
 def batchnorm_layers(module: nn.Module) -> Dict[str, _BatchNorm]:
@@ -108,6 +119,21 @@ def adabn(model: nn.Module, batches: Iterable[torch.Tensor], modules: Optional[n
     if n_seen == 0 and should_stop is None:
         raise ValueError("adabn() needs at least one batch of target slices")
     return n_seen
+
+
+def adabn_volumes(model: nn.Module, volumes: Sequence[np.ndarray],
+                  should_stop: Optional[Callable[[], bool]] = None,
+                  keep_source: Sequence[str] = ADABN_KEEP_SOURCE) -> int:
+    """:func:`adabn` of a :class:`~ConvLoRASegLib.model.ConvLoRASegModel`'s U-Net over working-grid volumes
+    (N x H x W stacks): their non-empty slices in order, :data:`ADABN_BATCH` at a time, on the model's device; the
+    layers of :data:`ADABN_KEEP_SOURCE` and the ESH keep their statistics. Returns the number of slices seen."""
+    from .segment import nonempty_slices
+
+    stack = np.concatenate([np.asarray(v, np.float32) for v in volumes if v is not None and len(v)])
+    x = torch.from_numpy(np.ascontiguousarray(stack[nonempty_slices(stack)][:, None]))
+    dev = next(model.parameters()).device
+    return adabn(model, (x[i:i + ADABN_BATCH].to(dev) for i in range(0, len(x), ADABN_BATCH)),
+                 modules=model.unet, forward=model.unet, keep_source=keep_source, should_stop=should_stop)
 
 
 class _Stopped(Exception):

@@ -666,7 +666,7 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
                          init=load_model(Path(args.init).expanduser()) if args.init else None, progress=rep,
                          batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                          out_scale=args.out_scale, out_lr_mult=args.out_lr_mult, augment_3d=args.augment_3d,
-                         synth=args.synth, steps_per_epoch=args.steps_per_epoch, checkpoint=ckpt,
+                         synth=args.synth, bn_statistics=args.bn_statistics, steps_per_epoch=args.steps_per_epoch, checkpoint=ckpt,
                          checkpoint_every=args.checkpoint_every, resume=args.resume)
     sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     record = model.info.get("training", {})
@@ -1012,6 +1012,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth", type=float, default=0.0, metavar="P",
                    help="share of those copies whose intensities are synthesised from tissue classes "
                         "(SynthStrip-style: scalp and neck take any brightness; default 0)")
+    p.add_argument("--bn-statistics", choices=("momentum", "recalibrated"), default="momentum",
+                   help="BatchNorm statistics of the model: training's running averages over augmented batches, "
+                        "or recalibrated on the plain training volumes the way AdaBN computes a target's "
+                        "(default momentum)")
     p.add_argument("--out-scale", type=float, default=OUT_SCALE_DEFAULT, metavar="S",
                    help=f"initial weight of the final BatchNorm, the logits' scale (default {OUT_SCALE_DEFAULT})")
     p.add_argument("--out-lr-mult", type=float, default=1.0, metavar="M",

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adabn import ADABN_KEEP_SOURCE, adabn, batchnorm_layers, set_bn_momentum_mode
+from .adabn import adabn_volumes, batchnorm_layers, set_bn_momentum_mode
 from .convlora import PLACEMENTS, adapter_state, inject_convlora, load_adapter_state, remove_convlora
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
@@ -301,8 +301,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     cached: Optional[torch.Tensor] = None
     if spec.adabn:
         emit({"event": "progress", "stage": "adabn", "step": 0, "total": len(train_x)})
-        adabn(m, (train_x[i:i + 64].to(dev) for i in range(0, len(train_x), 64)), modules=m.unet,
-              forward=m.unet, keep_source=ADABN_KEEP_SOURCE, should_stop=should_stop)
+        adabn_volumes(m, volumes, should_stop=should_stop)
         _check_stop(should_stop)
         emit({"event": "progress", "stage": "adabn", "step": len(train_x), "total": len(train_x)})
         states["adabn"] = adapter_state(m, bn_stats=True, trained_only=True)

@@ -105,6 +105,10 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0
 
 
+#: How the U-Net's BatchNorm statistics of a trained model are made (see :func:`train_source`).
+BN_STATISTICS = ("momentum", "recalibrated")
+
+
 def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacing_mm: float, seed: int,
                 epoch: int, stop: Callable[[], None], emit, synth: float = 0.0) -> tuple:
     """The epoch's training slices: the originals plus ``augment_3d`` fresh 3D-augmented copies of each volume
@@ -140,7 +144,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                  lr_schedule: str = "constant", init: Optional[ConvLoRASegModel] = None,
                  progress: Progress = None, should_stop: StopFlag = None, *,
                  out_scale: float = OUT_SCALE, out_lr_mult: float = OUT_LR_MULT, augment_3d: int = 0,
-                 synth: float = 0.0, steps_per_epoch: Optional[int] = None, checkpoint: Optional[Union[str, Path]] = None,
+                 synth: float = 0.0, bn_statistics: str = "momentum", steps_per_epoch: Optional[int] = None, checkpoint: Optional[Union[str, Path]] = None,
                  checkpoint_every: int = 50, resume: bool = False) -> ConvLoRASegModel:
     """Train a source model from labelled volumes (each an N x H x W stack of working-grid slices, masks 0/1).
 
@@ -150,7 +154,11 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     grid must equal ``grid``. ``out_scale`` / ``out_lr_mult``: initial weight and learning-rate multiplier of the
     final BatchNorm (not applied to the weights of ``init``, only its learning rate). ``augment_3d``: TorchIO
     copies per volume and epoch; ``synth``: the share of them with synthesised intensities (SynthStrip-style, see
-    :mod:`ConvLoRASegLib.augment`). ``steps_per_epoch``: optimiser steps per epoch (default: one pass over the
+    :mod:`ConvLoRASegLib.augment`). ``bn_statistics``: ``"momentum"`` keeps the running statistics of training
+    (averages over augmented batches); ``"recalibrated"`` recomputes them, after the U-Net stage and before the
+    ESH's, from the plain training volumes with the adaptation's own AdaBN recipe
+    (:func:`~ConvLoRASegLib.adabn.adabn_volumes`), so that source and target statistics are computed alike.
+    ``steps_per_epoch``: optimiser steps per epoch (default: one pass over the
     epoch's slices). ``checkpoint`` / ``checkpoint_every`` / ``resume``: see the module docstring.
     Returns the model (eval mode) with ``info["training"]`` completed by the training record.
     """
@@ -167,6 +175,8 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
         raise ConvLoRASegError(f"augment_3d must be >= 0, got {augment_3d}")
     if not 0.0 <= synth <= 1.0:
         raise ConvLoRASegError(f"synth must be a share in [0, 1], got {synth}")
+    if bn_statistics not in BN_STATISTICS:
+        raise ConvLoRASegError(f"unknown bn statistics {bn_statistics!r}: {' or '.join(BN_STATISTICS)}")
     if synth and not augment_3d:
         raise ConvLoRASegError("synth is a share of the 3D-augmented copies: it needs augment_3d >= 1")
     x_all, y_all = _stack(train_images, train_masks, empty_fraction=0.1, rng=rng)
@@ -186,7 +196,8 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     total_steps = epochs * steps
     config = _config(epochs=epochs, esh_epochs=esh_epochs, batch_size=batch_size, lr=lr, augment=augment,
                      precision=str(dtype or "fp32"), seed=seed, lr_schedule=lr_schedule, out_scale=out_scale,
-                     out_lr_mult=out_lr_mult, augment_3d=augment_3d, synth=synth, steps_per_epoch=steps,
+                     out_lr_mult=out_lr_mult, augment_3d=augment_3d, synth=synth, bn_statistics=bn_statistics,
+                     steps_per_epoch=steps,
                      n_train_volumes=len(train_images), n_train_slices=int(len(x_all)),
                      n_val_volumes=len(val_images), grid=grid.to_dict(), n_filters=n_filters,
                      init=init.sha256 if init is not None else None)
@@ -303,6 +314,13 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     if len(val_images):
         record["best_val_surface_dice"] = round(best[0], 4)
     record["output_scale"] = round(float(model.unet.out_path[2].weight.item()), 4)
+    if bn_statistics == "recalibrated":
+        from .adabn import adabn_volumes
+
+        stop()
+        record["bn_statistics_slices"] = adabn_volumes(model, train_images)
+        if len(val_images):
+            record["val_surface_dice_recalibrated"] = round(_val_score(model, val_images, val_masks, dev), 4)
 
     # stage 2: the ESH on frozen early features ---------------------------------------------------------------
     steps_esh = (len(x_all) + batch_size - 1) // batch_size

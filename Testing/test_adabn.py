@@ -95,3 +95,68 @@ def test_keep_source_leaves_the_named_layers_alone():
     assert torch.equal(out_bn.running_mean, before[0]) and torch.equal(out_bn.running_var, before[1])
     others = [m for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and n != "out_path.2"]
     assert all(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in others)
+
+
+def test_adabn_volumes_is_adabn_over_the_nonempty_slices_in_order():
+    """The one recipe (adaptation and recalibration): non-empty slices of the volumes, in order, 64 at a time,
+    U-Net only, the output BatchNorm and the ESH untouched."""
+    import numpy as np
+
+    from ConvLoRASegLib.adabn import ADABN_BATCH, adabn_volumes
+    from ConvLoRASegLib.grid import WorkingGrid
+    from ConvLoRASegLib.model import ConvLoRASegModel
+
+    torch.manual_seed(0)
+    model = ConvLoRASegModel(grid=WorkingGrid(spacing_mm=4.0, slice_size=32), n_filters=4).eval()
+    rng = np.random.default_rng(0)
+    vols = [rng.random((50, 32, 32)).astype(np.float32), rng.random((40, 32, 32)).astype(np.float32)]
+    vols[0][:5] = 0.0  # empty slices: left out
+    esh_before = {k: v.clone() for k, v in model.esh.state_dict().items()}
+    out_before = model.unet.get_submodule("out_path.2").running_mean.clone()
+    twin = ConvLoRASegModel(grid=model.grid, n_filters=4).eval()
+    twin.load_state_dict(model.state_dict())
+    n = adabn_volumes(model, vols)
+    assert n == 85
+    x = torch.from_numpy(np.concatenate([vols[0][5:], vols[1]])[:, None])
+    adabn(twin, [x[i:i + ADABN_BATCH] for i in range(0, len(x), ADABN_BATCH)], modules=twin.unet,
+          forward=twin.unet, keep_source=("out_path.2",))
+    for (k, a), b in zip(model.unet.state_dict().items(), twin.unet.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(torch.equal(v, esh_before[k]) for k, v in model.esh.state_dict().items())
+    assert torch.equal(model.unet.get_submodule("out_path.2").running_mean, out_before)
+
+
+def test_training_can_recalibrate_the_source_statistics_on_the_plain_volumes():
+    """bn_statistics="recalibrated": after training, the U-Net's statistics are adabn_volumes of the training
+    volumes, so AdaBN on those same volumes changes nothing (with momentum statistics it does)."""
+    import numpy as np
+
+    from ConvLoRASegLib.adabn import adabn_volumes
+    from ConvLoRASegLib.errors import ConvLoRASegError
+    from ConvLoRASegLib.grid import WorkingGrid
+    from ConvLoRASegLib.selftrain import source_copy
+    from ConvLoRASegLib.train import train_source
+
+    rng = np.random.default_rng(0)
+    k, j, i = np.mgrid[:10, :32, :32]
+    vols, masks = [], []
+    for s in range(3):
+        r = np.sqrt(((k - 5) * 3.0) ** 2 + (j - 16 - s) ** 2 + (i - 16) ** 2)
+        masks.append((r < 9).astype(np.uint8))
+        vols.append(np.clip(0.3 * (r < 13) + 0.5 * masks[-1] + rng.normal(0, 0.05, r.shape), 0, 1).astype(np.float32))
+    kw = dict(grid=WorkingGrid(spacing_mm=4.0, slice_size=32), n_filters=4, epochs=1, esh_epochs=1, batch_size=4,
+              steps_per_epoch=3, precision="fp32", device="cpu", seed=1)
+    with pytest.raises(ConvLoRASegError, match="bn statistics"):
+        train_source(vols[:2], masks[:2], bn_statistics="exact", **kw)
+    moved = {}
+    for mode in ("momentum", "recalibrated"):
+        model = train_source(vols[:2], masks[:2], vols[2:], masks[2:], bn_statistics=mode, **kw)
+        again = source_copy(model)
+        adabn_volumes(again, vols[:2])
+        moved[mode] = max(float((a - b).abs().max()) for (n, a), b in
+                          zip(model.unet.state_dict().items(), again.unet.state_dict().values())
+                          if n.endswith("running_mean"))
+        assert model.info["training"]["bn_statistics"] == mode
+    assert moved["recalibrated"] < 1e-5 < moved["momentum"]
+    assert model.info["training"]["bn_statistics_slices"] == 20
+    assert "val_surface_dice_recalibrated" in model.info["training"]

@@ -207,10 +207,8 @@ def _image_centred():
 def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, methods: Sequence[str]):
     import contextlib
 
-    import torch
-
     from ConvLoRASegLib import store
-    from ConvLoRASegLib.adabn import ADABN_KEEP_SOURCE, adabn
+    from ConvLoRASegLib.adabn import adabn_volumes
     from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.selection import agreement, score_volume
     from ConvLoRASegLib.selftrain import adapt, source_copy
@@ -273,10 +271,10 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
                     evaluate(method, base, tests, 0.0, {})
                 elif plain in ("adabn", "adabn-all"):
                     model = source_copy(base)
-                    x = torch.from_numpy(np.concatenate(stacks)[:, None])
-                    x = x[x.flatten(1).amax(1) >= 0.02]
-                    adabn(model, (x[i:i + 64] for i in range(0, len(x), 64)), modules=model.unet,
-                          forward=model.unet, keep_source=ADABN_KEEP_SOURCE if plain == "adabn" else ())
+                    if plain == "adabn":
+                        adabn_volumes(model, stacks)
+                    else:
+                        adabn_volumes(model, stacks, keep_source=())
                     evaluate(method, model, tests, time.perf_counter() - t, {})
                 else:
                     mode = "paper" if plain.endswith("paper") else "fast"
