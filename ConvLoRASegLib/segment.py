@@ -358,7 +358,8 @@ def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequenc
                    device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
                    ) -> Tuple[Optional[AdapterInfo], Dict[str, float]]:
     """Pick, label-free, the adapter that scores best on this scan (:mod:`~ConvLoRASegLib.selection`: ESH agreement
-    and gamma consistency, implausible brains refused; an adapter must beat no adapter).
+    and gamma consistency, implausible brains refused, no adapter that shrinks the brain; an adapter must beat no
+    adapter).
 
     Returns the winner (None if the model without adapter is chosen) and every score, keyed by adapter name
     (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
@@ -371,6 +372,7 @@ def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequenc
     was_active = model.adapters.active
     scores: Dict[str, float] = {}
     consistency: Dict[str, float] = {}
+    volume: Dict[str, float] = {}
     infos: Dict[str, Optional[AdapterInfo]] = {}
     try:
         for candidate in [None, *adapters]:
@@ -378,7 +380,8 @@ def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequenc
             name = SOURCE if info is None else info.name
             got = score_model(model, vs.slices, device)
             scores[name], consistency[name] = got.value, got.consistency if got.plausible else 0.0
+            volume[name] = got.brain_ml
             infos[name] = info
     finally:
         model.adapters.set_adapter(was_active)
-    return infos[choose(scores, order=[SOURCE], consistency=consistency)], scores
+    return infos[choose(scores, order=[SOURCE], consistency=consistency, brain_ml=volume)], scores

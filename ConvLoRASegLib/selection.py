@@ -16,6 +16,11 @@ chooses among a user's adapters for a scan (``segment --adapter auto``):
   two empty masks agree perfectly, and a collapsed model must never win.
 
 A candidate must beat the unadapted model by more than :data:`SELECT_MARGIN` to be chosen: in doubt, no adapter.
+And it must not shrink the brain: a candidate whose mean brain volume is more than :data:`VOLUME_SHRINK_MAX` below
+the unadapted model's is refused. That is AdaBN's failure where there is no scanner shift to undo (field of view,
+thick slices, motion, a mild site): target statistics of a few volumes shift the logits and the mask shrinks by
+3-12 %, and the shrunken mask is as self-consistent as before, so neither agreement nor consistency sees it
+(BENCHMARKS.md, issue 10); where AdaBN undoes a real scanner shift the mask keeps or grows its volume.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ SELECT_MARGIN = 0.0
 CONSISTENCY_GAMMAS = (0.7, 1.4)
 #: An adapted candidate whose consistency is lower than the unadapted model's by more than this is refused.
 CONSISTENCY_DROP_MAX = 0.0
+#: An adapted candidate whose mean brain volume is below the unadapted model's by more than this share is refused.
+VOLUME_SHRINK_MAX = 0.02
 #: Name of the unadapted candidate in every score table.
 SOURCE = "source"
 
@@ -65,6 +72,7 @@ class CandidateScore:
     value: float
     agreement: float
     consistency: float
+    brain_ml: float = 0.0  #: mean brain volume (ml) of the final masks
 
     @classmethod
     def of(cls, scores: Sequence[VolumeScore]) -> "CandidateScore":
@@ -73,7 +81,8 @@ class CandidateScore:
         ok = [s.plausible for s in scores]
         return cls(float(np.mean([s.value for s in scores])),
                    float(np.mean([s.agreement if p else 0.0 for s, p in zip(scores, ok)])),
-                   float(np.mean([s.consistency if p else 0.0 for s, p in zip(scores, ok)])))
+                   float(np.mean([s.consistency if p else 0.0 for s, p in zip(scores, ok)])),
+                   float(np.mean([s.brain_ml for s in scores])))
 
 
 def brain_ml(probs: np.ndarray, spacing_mm: float) -> float:
@@ -142,15 +151,20 @@ def mean_score(scores: Sequence[VolumeScore]) -> float:
 
 
 def choose(table: Dict[str, float], order: Sequence[str] = (),
-           consistency: Optional[Dict[str, float]] = None) -> str:
+           consistency: Optional[Dict[str, float]] = None, brain_ml: Optional[Dict[str, float]] = None) -> str:
     """The selected candidate of ``{name: mean score}``: the best, unless it does not beat :data:`SOURCE` by more
-    than :data:`SELECT_MARGIN` or (with ``consistency``, ``{name: mean consistency}``) its consistency falls more
-    than :data:`CONSISTENCY_DROP_MAX` below the source's; ties go to the earlier name in ``order``."""
+    than :data:`SELECT_MARGIN`; refused beforehand (with ``consistency``, ``{name: mean consistency}``) a candidate
+    whose consistency falls more than :data:`CONSISTENCY_DROP_MAX` below the source's and (with ``brain_ml``,
+    ``{name: mean brain volume}``) one whose brain is more than :data:`VOLUME_SHRINK_MAX` smaller than the
+    source's; ties go to the earlier name in ``order``."""
     names = list(order) + [n for n in table if n not in order]
     names = [n for n in names if n in table]
     if SOURCE in table and consistency is not None:
         floor = consistency[SOURCE] - CONSISTENCY_DROP_MAX
         names = [n for n in names if n == SOURCE or consistency.get(n, 0.0) >= floor]
+    if SOURCE in table and brain_ml is not None and brain_ml.get(SOURCE, 0.0) > 0:
+        floor = brain_ml[SOURCE] * (1.0 - VOLUME_SHRINK_MAX)
+        names = [n for n in names if n == SOURCE or brain_ml.get(n, 0.0) >= floor]
     best = max(names, key=lambda n: (table[n], -names.index(n)))
     if SOURCE in table and best != SOURCE and table[best] <= table[SOURCE] + SELECT_MARGIN:
         return SOURCE
@@ -171,6 +185,6 @@ def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dic
 
 
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
-           "CONSISTENCY_DROP_MAX", "SOURCE", "VolumeScore", "CandidateScore", "brain_ml", "agreement",
+           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SOURCE", "VolumeScore", "CandidateScore", "brain_ml", "agreement",
            "score_volume", "perturbed_inputs", "score_model", "mean_score", "choose", "spearman", "per_volume_table"]
 

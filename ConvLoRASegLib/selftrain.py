@@ -212,6 +212,10 @@ class _Scorer:
     def consistency(self) -> Dict[str, float]:
         return {n: c.consistency for n, c in self.scores.items()}
 
+    @property
+    def brain_ml(self) -> Dict[str, float]:
+        return {n: c.brain_ml for n, c in self.scores.items()}
+
     def record(self, name: str, scores: List[VolumeScore], epoch: int) -> float:
         self.per_volume[name] = scores
         self.scores[name] = CandidateScore.of(scores)
@@ -351,7 +355,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             trajectory.append(scorer.score(name, m, epoch))
             states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
 
-    selected = choose(scorer.table, order=[SOURCE, "adabn"], consistency=scorer.consistency)
+    selected = choose(scorer.table, order=[SOURCE, "adabn"], consistency=scorer.consistency,
+                      brain_ml=scorer.brain_ml)
     result_model = _with_state(model, spec, placement, rank, alpha, states[selected]).to(dev)
     result = AdaptResult(
         model=result_model, state=states[selected], method=method, mode=mode,

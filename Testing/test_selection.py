@@ -60,6 +60,19 @@ def test_a_candidate_less_consistent_than_the_source_is_refused():
     assert selection.choose(table, ["source"], consistency={**cons, "adabn": 0.7}) == "source"
 
 
+def test_a_candidate_that_shrinks_the_brain_is_refused():
+    """AdaBN without a scanner shift shrinks the mask while its scores rise (issue 10): more than
+    VOLUME_SHRINK_MAX below the source's brain volume is refused, however well it scores; growing is allowed."""
+    table = {"source": 0.60, "adabn": 0.70, "epoch 1": 0.65}
+    ml = {"source": 1500.0, "adabn": 1500.0 * (1 - 1.5 * selection.VOLUME_SHRINK_MAX), "epoch 1": 1499.0}
+    assert selection.choose(table, ["source", "adabn"]) == "adabn"
+    assert selection.choose(table, ["source", "adabn"], brain_ml=ml) == "epoch 1"
+    assert selection.choose(table, ["source", "adabn"], brain_ml={**ml, "epoch 1": 1400.0}) == "source"
+    assert selection.choose(table, ["source", "adabn"], brain_ml={**ml, "adabn": 1900.0}) == "adabn"
+    scores = [selection.score_volume(_ball(80, 34), _ball(80, 34), 2.0)] * 2
+    assert selection.CandidateScore.of(scores).brain_ml == pytest.approx(scores[0].brain_ml)
+
+
 def test_consistency_comes_from_perturbed_passes():
     brain = _ball(40, 14)
     shifted = _ball(40, 14, shift=3)

@@ -309,7 +309,7 @@ def per_scan_selection(cand_rows: Sequence[dict]) -> Dict[str, object]:
     out: Dict[str, object] = {}
     scans = sorted({(r["head"], r["family"], r["seed"], r["volume"]) for r in cand_rows
                     if r["method"].startswith("cand:fast:")})
-    for rule in ("agreement", "agreement+consistency"):
+    for rule in ("agreement", "agreement+consistency", "agreement+consistency+volume"):
         deltas, picks = [], {}
         for scan in scans:
             rs = {r["candidate"]: r for r in cand_rows if r["method"].startswith("cand:fast:")
@@ -320,7 +320,8 @@ def per_scan_selection(cand_rows: Sequence[dict]) -> Dict[str, object]:
                 pick = choose({n: r["label_free"] for n, r in rs.items()}, order=[SOURCE, "adabn"])
             else:
                 pick = choose({n: 0.5 * (r["label_free"] + r["tta"]) for n, r in rs.items()}, order=[SOURCE, "adabn"],
-                              consistency={n: r["tta"] for n, r in rs.items()})
+                              consistency={n: r["tta"] for n, r in rs.items()},
+                              brain_ml={n: r["brain_ml"] for n, r in rs.items()} if rule.endswith("volume") else None)
             picks[pick.split()[0]] = picks.get(pick.split()[0], 0) + 1
             deltas.append(rs[pick]["surface_dice"] - rs[SOURCE]["surface_dice"])
         out[rule] = {"n": len(deltas), "mean_delta": float(np.mean(deltas)) if deltas else None,

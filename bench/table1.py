@@ -81,8 +81,9 @@ NO_ADAPTATION = ("source", "robex", "deepbet")
 ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn": ["fast-infer-precision"],
                                       "convlora-adabn-fast": ["fast-infer-precision"]}
 #: The label-free selection's version (issue 10: source and AdaBN candidates, consistency on interleaved shares,
-#: spread scoring volumes; every candidate is scored against the labels too): part of every adapted row's key.
-SELECTION_VERSION = "selection-v3-candidates"
+#: spread scoring volumes, no candidate that shrinks the brain; every candidate is scored against the labels too):
+#: part of every adapted row's key.
+SELECTION_VERSION = "selection-v4-volume"
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement", "selected")
