@@ -33,7 +33,7 @@ def force_adapted(monkeypatch):
     so that tests can see what each method trains."""
     from ConvLoRASegLib import selftrain
 
-    monkeypatch.setattr(selftrain, "choose", lambda table, order=(), consistency=None: max(
+    monkeypatch.setattr(selftrain, "choose", lambda table, order=(), consistency=None, brain_ml=None: max(
         (n for n in table if n != "source"), key=lambda n: (n.startswith("epoch"), table[n], n)))
 
 

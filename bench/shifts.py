@@ -280,6 +280,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
                     mode = "paper" if plain.endswith("paper") else "fast"
                     res = adapt(base, stacks, method="convlora-adabn", mode=mode, seed=seed, device="cpu")
                     extra = {"selected": res.selected, "candidates": res.candidates,
+                             "candidate_scores": res.details.get("candidate_scores"),
                              "adapt_seconds": round(res.seconds, 1)}
                     evaluate(method, res.model, tests, res.seconds, extra)
                     epochs = [n for n in res.candidates if n.startswith("epoch")]
