@@ -116,6 +116,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+#: Seconds after which the cancel-file watcher interrupts again if the run has not stopped.
+REINTERRUPT_S = 3.0
+
+
 @contextlib.contextmanager
 def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iterator[None]:
     """While active, the appearance of the file ``path`` raises KeyboardInterrupt in the main thread.
@@ -134,7 +138,10 @@ def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iter
         while not stop.is_set():
             if os.path.exists(path):
                 _thread.interrupt_main()
-                return
+                # an interrupt that lands in code that swallows it (a library's bare except) is lost: if the run
+                # is still going a while later, interrupt again
+                stop.wait(REINTERRUPT_S)
+                continue
             stop.wait(interval)
 
     watcher = threading.Thread(target=watch, name="convlora-cancel-file", daemon=True)

@@ -322,7 +322,7 @@ def per_scan_selection(cand_rows: Sequence[dict]) -> Dict[str, object]:
             else:
                 pick = choose({n: 0.5 * (r["label_free"] + r["tta"]) for n, r in rs.items()}, order=[SOURCE, "adabn"],
                               consistency={n: r["tta"] for n, r in rs.items()},
-                              brain_ml={n: r["brain_ml"] for n, r in rs.items()} if rule.endswith("volume") else None)
+                              brain_ml={n: r.get("brain_ml", 0.0) for n, r in rs.items()} if rule.endswith("volume") else None)
             picks[pick.split()[0]] = picks.get(pick.split()[0], 0) + 1
             deltas.append(rs[pick]["surface_dice"] - rs[SOURCE]["surface_dice"])
         out[rule] = {"n": len(deltas), "mean_delta": float(np.mean(deltas)) if deltas else None,
