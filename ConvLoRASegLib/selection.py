@@ -17,10 +17,10 @@ chooses among a user's adapters for a scan (``segment --adapter auto``):
 
 A candidate must beat the unadapted model by more than :data:`SELECT_MARGIN` to be chosen: in doubt, no adapter.
 And it must not shrink the brain: a candidate whose mean brain volume is more than :data:`VOLUME_SHRINK_MAX` below
-the unadapted model's is refused. That is AdaBN's failure where there is no scanner shift to undo (field of view,
-thick slices, motion, a mild site): target statistics of a few volumes shift the logits and the mask shrinks by
-3-12 %, and the shrunken mask is as self-consistent as before, so neither agreement nor consistency sees it
-(BENCHMARKS.md, issue 10); where AdaBN undoes a real scanner shift the mask keeps or grows its volume.
+the unadapted model's is refused. A heuristic, not a mechanism: on the first shift runs every AdaBN that shrank the
+mask by 3 % or more lost accuracy while agreement and consistency rose, so the scores could not see it; on later,
+retrained models a shrinking AdaBN was sometimes right (an over-segmenting source model), and the guard then
+refuses a real gain. It is kept because refusing returns the unadapted model (BENCHMARKS.md, issue 10).
 """
 
 from __future__ import annotations
