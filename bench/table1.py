@@ -308,24 +308,42 @@ def evaluate(model, ev: EvalVolume, device) -> Tuple[float, float]:
 
 
 def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, float], device,
-                     shared: Dict[Tuple[str, str], Tuple[float, float]]) -> Dict[str, Dict[str, float]]:
+                     shared: Dict[Tuple[str, str], object], probe: Optional[np.ndarray] = None,
+                     ) -> Dict[str, Dict[str, float]]:
     """Every candidate of an adaptation (source, AdaBN, each epoch) scored against the evaluation volume's labels,
-    beside its label-free score on the adaptation volumes: how well does the label-free score rank them? The
-    source and AdaBN candidates do not depend on the method's training or seed: they are computed once per task."""
+    beside its label-free score on the adaptation volumes: how well does the label-free score rank them? With
+    ``probe`` (the slices of the adaptation volume the selection scored) each candidate also records the
+    experimental criteria of ``bench/criteria.py`` there (``criteria``). The source and AdaBN candidates do not
+    depend on the method's training or seed: they are computed once per task."""
+    from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.selftrain import candidate_model
+    from criteria import criteria
 
     out = {}
+    if probe is not None and ("source-final", "probe") not in shared:
+        shared[("source-final", "probe")] = predict_slices(base, probe, device)
     for name, label_free in res.candidates.items():
+        model = None
         if name == res.selected:
             got = selected_scores
         elif name in ("source", "adabn") and (name, ev.name) in shared:
             got = shared[(name, ev.name)]
         else:
-            got = evaluate(candidate_model(base, res, name), ev, device)
+            model = candidate_model(base, res, name)
+            got = evaluate(model, ev, device)
         if name in ("source", "adabn"):
             shared[(name, ev.name)] = got
         out[name] = {"label_free": round(float(label_free), 4), "surface_dice": round(float(got[0]), 4),
                      "dice": round(float(got[1]), 4)}
+        if probe is not None:
+            if name in ("source", "adabn") and (name, "criteria") in shared:
+                crit = shared[(name, "criteria")]
+            else:
+                model = model if model is not None else candidate_model(base, res, name)
+                crit = criteria(model, probe, device, source_final=shared[("source-final", "probe")])
+            if name in ("source", "adabn"):
+                shared[(name, "criteria")] = crit
+            out[name]["criteria"] = crit
     return out
 
 
@@ -590,7 +608,8 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                     got = evaluate(res.model, ev, device)
                     extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4),
                              "selected": res.selected,
-                             "candidates": candidate_scores(base, res, ev, got, device, shared)}
+                             "candidates": candidate_scores(base, res, ev, got, device, shared,
+                                                           probe=adapt_slices[0])}
                     record(method, s, ev.name, *got, res.trainable_params, nbytes, res.seconds, extra)
             secs = time.perf_counter() - t
             timer.add(f"method:{method}", secs)

@@ -1,0 +1,163 @@
+"""Candidate label-free criteria for issue 10, recorded beside the product's score so that they can be judged on
+runs they were not designed on (BENCHMARKS.md, issue 10, "2026-12-02 (fourth session)").
+
+The product's score (``ConvLoRASegLib.selection``) ranks tasks well and the candidates of one adaptation hardly
+(Spearman within one adaptation 0.09 in the Table 1 rerun of 2026-12-02): AdaBN raises it while the mask gets worse.
+Both of its halves (ESH agreement, consistency under gamma) are intensity-side checks that target BatchNorm
+statistics can satisfy by construction. The criteria here were written down before any run that records them:
+
+* ``rotation`` -- consistency of the final mask under an in-plane rotation of the input by +-10 degrees
+  (interleaved shares of the slices, predictions rotated back): a geometric perturbation, not an intensity one;
+* ``noise`` -- consistency under additive Gaussian noise (sigma 0.05 of the [0, 1] range, interleaved shares);
+* ``source_agreement`` -- surface Dice (one working voxel) between the candidate's final mask and the unadapted
+  model's: how far the candidate moved (a trust-region signal, not a quality signal on its own);
+* ``uncertain_share`` -- voxels with 0.1 < p < 0.9 per voxel of the mask (p >= 0.5): lower = more decided;
+* ``brain_ml`` -- the mask's volume.
+
+Every value is computed on one unlabelled adaptation volume (the one the selection scored), never on an evaluation
+volume. Bench code only: nothing in the product imports it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ConvLoRASegLib import selection  # noqa: E402
+from ConvLoRASegLib.segment import predict_slices  # noqa: E402
+
+ROTATION_DEG = (10.0, -10.0)
+NOISE_SIGMA = 0.05
+NOISE_SEED = 1234
+
+
+def _rotate(stack: np.ndarray, deg: float, order: int = 1) -> np.ndarray:
+    """Rotate every slice (axes 1, 2) of ``stack`` by ``deg`` degrees about its centre, zero outside."""
+    return ndimage.rotate(stack, deg, axes=(2, 1), reshape=False, order=order, mode="constant", cval=0.0,
+                          prefilter=False).astype(np.float32)
+
+
+def _share_agreement(final: np.ndarray, others, spacing_mm: float) -> float:
+    k = len(others)
+    spacing = (spacing_mm * k, spacing_mm, spacing_mm)
+    return float(np.mean([selection.agreement(final[j::k], p, spacing, tolerance_mm=spacing_mm)
+                          for j, p in enumerate(others)]))
+
+
+def criteria(model, slices: np.ndarray, device, source_final: Optional[np.ndarray] = None,
+             final: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """The criteria of this module for ``model`` on one volume of working-grid ``slices``."""
+    sp = float(model.grid.spacing_mm)
+    x = np.clip(slices, 0.0, 1.0).astype(np.float32)
+    if final is None:
+        final = predict_slices(model, x, device)
+    k = len(ROTATION_DEG)
+    rotated = []
+    for j, deg in enumerate(ROTATION_DEG):
+        p = predict_slices(model, np.ascontiguousarray(_rotate(x[j::k], deg)), device)
+        rotated.append(_rotate(p, -deg))
+    rng = np.random.default_rng(NOISE_SEED)
+    noisy = []
+    for j in range(2):
+        share = x[j::2]
+        busy = share > 0  # noise inside the head's support only: the empty background stays empty
+        n = np.where(busy, share + rng.normal(0.0, NOISE_SIGMA, share.shape).astype(np.float32), 0.0)
+        noisy.append(predict_slices(model, np.ascontiguousarray(np.clip(n, 0.0, 1.0), dtype=np.float32), device))
+    mask = final >= 0.5
+    out = {"rotation": _share_agreement(final, rotated, sp),
+           "noise": _share_agreement(final, noisy, sp),
+           "uncertain_share": float(np.count_nonzero((final > 0.1) & (final < 0.9)) / max(1, mask.sum())),
+           "brain_ml": selection.brain_ml(final, sp)}
+    if source_final is not None:
+        out["source_agreement"] = selection.agreement(final, source_final, sp)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# judging the criteria on a Table 1 row cache (rules fixed with the criteria, before any run recorded them)
+# ---------------------------------------------------------------------------------------------------------------
+#: Vetoes on top of the product's choice: the selected adapted candidate falls back to the source when the
+#: criterion is lower than the source's (consistency-like criteria) -- "in doubt, no adapter".
+VETOES = ("rotation", "noise")
+
+
+def _rules(c: Dict[str, dict], selected: str) -> Dict[str, str]:
+    """The candidate each rule picks from one adaptation's ``candidates``."""
+    src = c["source"]["criteria"]
+    out = {"as run": selected}
+    for v in VETOES:
+        ok = selected == "source" or c[selected]["criteria"][v] >= src[v]
+        out[f"as run, {v} veto"] = selected if ok else "source"
+    ok = selected == "source" or all(c[selected]["criteria"][v] >= src[v] for v in VETOES)
+    out["as run, both vetoes"] = selected if ok else "source"
+    for v in VETOES:
+        out[f"{v} alone"] = max(c, key=lambda n: (c[n]["criteria"][v], n == "source"))
+    return out
+
+
+def report(rows) -> Dict[str, object]:
+    """Spearman of every criterion with the true surface Dice (pooled; mean within one adaptation) and the outcome
+    of each rule of :func:`_rules` against the source model, over the adapted rows of a Table 1 row cache."""
+    from ConvLoRASegLib.selection import spearman
+
+    runs = [r for r in rows if r.get("candidates") and all("criteria" in v for v in r["candidates"].values())]
+    names = ["label_free"] + sorted({k for r in runs for v in r["candidates"].values() for k in v["criteria"]})
+    rank = {}
+    for k in names:
+        xs, ys, within = [], [], []
+        for r in runs:
+            c = [v for v in r["candidates"].values() if k == "label_free" or k in v["criteria"]]
+            x = [v["label_free"] if k == "label_free" else v["criteria"][k] for v in c]
+            y = [v["surface_dice"] for v in c]
+            xs += x
+            ys += y
+            if len(c) >= 3:
+                rho = spearman(x, y)
+                if np.isfinite(rho):
+                    within.append(rho)
+        rank[k] = {"pooled": round(spearman(xs, ys), 3), "within": round(float(np.mean(within)), 3) if within
+                   else None, "pairs": len(xs)}
+    outcome: Dict[str, Dict[str, float]] = {}
+    for r in runs:
+        c = r["candidates"]
+        for rule, pick in _rules(c, r["selected"]).items():
+            d = c[pick]["surface_dice"] - c["source"]["surface_dice"]
+            o = outcome.setdefault(rule, {"gain": [], "methods": set()})
+            o["gain"].append(d)
+            o["methods"].add(r["method"])
+    table = {rule: {"runs": len(o["gain"]), "mean_gain": round(float(np.mean(o["gain"])), 4),
+                    "worst": round(float(np.min(o["gain"])), 4),
+                    "below_source_0.005": int(np.sum(np.asarray(o["gain"]) < -0.005))}
+             for rule, o in outcome.items()}
+    return {"runs": len(runs), "spearman": rank, "rules": table}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="judge the criteria on a Table 1 row cache (rows.jsonl)")
+    ap.add_argument("rows", nargs="+")
+    ap.add_argument("--methods", nargs="*", help="only these methods' rows (default: every adapted method)")
+    ap.add_argument("--out", help="write the report as JSON here")
+    a = ap.parse_args(argv)
+    rows = [json.loads(line) for p in a.rows for line in open(p) if line.strip()]
+    rows = list({r["key"]: r for r in rows}.values())
+    if a.methods:
+        rows = [r for r in rows if r["method"] in a.methods]
+    rep = report(rows)
+    print(json.dumps(rep, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rep, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
