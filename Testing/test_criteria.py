@@ -1,23 +1,12 @@
 """bench/criteria.py: the experimental label-free criteria on a tiny model, and the rules judged on rows."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("criteria", ROOT / "bench" / "criteria.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["criteria"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-criteria = _load()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import criteria  # noqa: E402
 
 
 def test_criteria_of_a_model_on_a_volume():

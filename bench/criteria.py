@@ -101,28 +101,31 @@ def _rules(c: Dict[str, dict], selected: str) -> Dict[str, str]:
     return out
 
 
+def rank_correlation(groups) -> Dict[str, object]:
+    """Spearman of x with y over ``groups`` = [(xs, ys), ...] (one group per adaptation): pooled over every pair,
+    and the mean of the within-group correlations (groups of >= 3 pairs with a defined correlation)."""
+    from ConvLoRASegLib.selection import spearman
+
+    xs = [v for x, _ in groups for v in x]
+    ys = [v for _, y in groups for v in y]
+    within = [rho for x, y in groups if len(x) >= 3 for rho in [spearman(x, y)] if np.isfinite(rho)]
+    return {"pooled": round(spearman(xs, ys), 3) if xs else None,
+            "within": round(float(np.mean(within)), 3) if within else None, "pairs": len(xs)}
+
+
 def report(rows) -> Dict[str, object]:
     """Spearman of every criterion with the true surface Dice (pooled; mean within one adaptation) and the outcome
     of each rule of :func:`_rules` against the source model, over the adapted rows of a Table 1 row cache."""
-    from ConvLoRASegLib.selection import spearman
-
     runs = [r for r in rows if r.get("candidates") and all("criteria" in v for v in r["candidates"].values())]
     names = ["label_free"] + sorted({k for r in runs for v in r["candidates"].values() for k in v["criteria"]})
     rank = {}
     for k in names:
-        xs, ys, within = [], [], []
+        groups = []
         for r in runs:
             c = [v for v in r["candidates"].values() if k == "label_free" or k in v["criteria"]]
-            x = [v["label_free"] if k == "label_free" else v["criteria"][k] for v in c]
-            y = [v["surface_dice"] for v in c]
-            xs += x
-            ys += y
-            if len(c) >= 3:
-                rho = spearman(x, y)
-                if np.isfinite(rho):
-                    within.append(rho)
-        rank[k] = {"pooled": round(spearman(xs, ys), 3), "within": round(float(np.mean(within)), 3) if within
-                   else None, "pairs": len(xs)}
+            groups.append(([v["label_free"] if k == "label_free" else v["criteria"][k] for v in c],
+                           [v["surface_dice"] for v in c]))
+        rank[k] = rank_correlation(groups)
     outcome: Dict[str, Dict[str, float]] = {}
     for r in runs:
         c = r["candidates"]

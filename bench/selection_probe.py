@@ -15,6 +15,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from ConvLoRASegLib import selection, selftrain, store  # noqa: E402
 from ConvLoRASegLib.metrics import surface_dice  # noqa: E402
@@ -27,6 +28,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="the speed benchmark's prepared folder (…/full)")
     ap.add_argument("--site", default="siemens3")
     ap.add_argument("--volumes", type=int, default=10)
+    ap.add_argument("--criteria", action="store_true",
+                    help="also bench/criteria.py's criteria of every candidate on the scoring volumes")
     a = ap.parse_args()
     model = store.load_model()
     target = sorted((a.work / f"cohort_{a.site}" / "images").glob("*.nii.gz"))[: a.volumes]
@@ -37,8 +40,17 @@ def main() -> int:
     for p in held:
         vs = to_slices(read_image(p), model.grid)
         tests.append((vs, mask_to_slices(read_image(p.parent.parent / "masks" / p.name), vs) > 0))
+    scoring = [to_slices(read_image(target[i]), model.grid).slices
+               for i in selftrain.selection_indices(len(target), 4)] if a.criteria else []
+    src_finals = [predict_slices(model, x, "cpu") for x in scoring]
     for name in res.candidate_states:
         m = selftrain.candidate_model(model, res, name)
+        if scoring:
+            from criteria import criteria
+
+            crit = [criteria(m, x, "cpu", source_final=f) for x, f in zip(scoring, src_finals)]
+            print(f"{name:8} criteria on the scoring volumes (mean): "
+                  f"{ {k: round(float(np.mean([c[k] for c in crit])), 4) for k in crit[0]} }", flush=True)
         sds, lfs = [], []
         for vs, truth in tests:
             final, early = predict_slices(m, vs.slices, "cpu", with_esh=True)

@@ -351,26 +351,15 @@ def ranking(rows: Sequence[dict]) -> Dict[str, object]:
     """Spearman correlation of the label-free score with the true surface Dice over every (volume, candidate) of
     the adapted rows (pooled, and the mean within one adaptation run), and how often the selected candidate was
     worse than the source by more than 0.005."""
-    from ConvLoRASegLib.selection import spearman
+    from criteria import rank_correlation
 
-    xs, ys, within, worse, n_runs = [], [], [], 0, 0
-    for r in rows:
-        c = r.get("candidates")
-        if not c:
-            continue
-        n_runs += 1
-        lf, sd = [v["label_free"] for v in c.values()], [v["surface_dice"] for v in c.values()]
-        xs += lf
-        ys += sd
-        if len(c) >= 3:
-            rho = spearman(lf, sd)
-            if np.isfinite(rho):
-                within.append(rho)
-        if "source" in c and c[r["selected"]]["surface_dice"] < c["source"]["surface_dice"] - 0.005:
-            worse += 1
-    return {"pairs": len(xs), "runs": n_runs, "spearman_pooled": round(spearman(xs, ys), 3) if xs else None,
-            "spearman_within_run_mean": round(float(np.mean(within)), 3) if within else None,
-            "selected_worse_than_source": worse}
+    runs = [r for r in rows if r.get("candidates")]
+    rk = rank_correlation([([v["label_free"] for v in r["candidates"].values()],
+                            [v["surface_dice"] for v in r["candidates"].values()]) for r in runs])
+    worse = sum(1 for r in runs if "source" in r["candidates"] and r["candidates"][r["selected"]]["surface_dice"]
+                < r["candidates"]["source"]["surface_dice"] - 0.005)
+    return {"pairs": rk["pairs"], "runs": len(runs), "spearman_pooled": rk["pooled"],
+            "spearman_within_run_mean": rk["within"], "selected_worse_than_source": worse}
 
 
 # ---------------------------------------------------------------------------------------------------------------
