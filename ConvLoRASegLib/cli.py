@@ -132,6 +132,11 @@ def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iter
         return
     import _thread
 
+    # interrupt_main() does nothing while SIGINT is ignored, and a child started in the background by a shell or
+    # another program often inherits it ignored (Python then never installs its Ctrl-C handler): install it here
+    old_sigint = signal.getsignal(signal.SIGINT)
+    if old_sigint in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
 
     def watch() -> None:
@@ -151,6 +156,8 @@ def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iter
     finally:
         stop.set()
         watcher.join()
+        if old_sigint in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(signal.SIGINT, old_sigint)
 
 
 def _fmt_bytes(n: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -405,9 +406,14 @@ def test_the_real_cli_stops_when_its_cancel_file_appears(model_file, tmp_path):
     cancel.write_text("cancel\n")  # already there: the watcher fires at once, no timing involved
     env = dict(os.environ, CONVLORASEG_CANCEL_FILE=str(cancel), CONVLORASEG_HOME=str(tmp_path / "store"),
                PYTHONPATH=str(ROOT))
+    # started as a shell's background job starts it: SIGINT ignored (then Python installs no Ctrl-C handler and
+    # interrupting the main thread does nothing unless the watcher installs one)
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if hasattr(signal, "SIGINT") and \
+        os.name == "posix" else None
     proc = subprocess.run([sys.executable, "-m", "ConvLoRASegLib", "adapt", str(HEAD / "image.nii.gz"),
                            "--name", "never", "--json", "--device", "cpu", "--epochs", "50",
-                           "--model", str(model_file)], env=env, capture_output=True, text=True, timeout=300)
+                           "--model", str(model_file)], env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=ignore_sigint)
     assert proc.returncode == 130, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"event": "cancelled"}
     assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
