@@ -105,10 +105,20 @@ def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm,
     return float(surface_dice(early, final, spacing, tol))
 
 
-def _share(j: int, k: int = len(CONSISTENCY_GAMMAS)) -> slice:
+def share(j: int, k: int = len(CONSISTENCY_GAMMAS)) -> slice:
     """The slices of the stack that perturbation ``j`` of ``k`` (by default the gammas of
     :data:`CONSISTENCY_GAMMAS`) is applied to: every k-th slice from slice j."""
     return slice(j, None, k)
+
+
+def share_consistency(final_probs: np.ndarray, perturbed: Sequence[np.ndarray], spacing_mm: float) -> float:
+    """Mean agreement (one grid voxel) of the final mask's shares (:func:`share`) with the final probabilities of
+    the perturbed shares of the input, in that order; a share holds every k-th slice, so its slice axis is k times
+    coarser."""
+    k = len(perturbed)
+    spacing = (spacing_mm * k, spacing_mm, spacing_mm)
+    return float(np.mean([agreement(final_probs[share(j, k)], p, spacing, tolerance_mm=spacing_mm)
+                          for j, p in enumerate(perturbed)]))
 
 
 def score_volume(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
@@ -119,19 +129,15 @@ def score_volume(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: flo
     ml = brain_ml(final_probs, spacing_mm)
     lo, hi = PLAUSIBLE_BRAIN_ML
     a = agreement(final_probs, esh_probs, spacing_mm)
-    k = len(perturbed)
-    # a share holds every k-th slice: its slice axis is k times coarser
-    spacing = (spacing_mm * k, spacing_mm, spacing_mm)
-    c = float(np.mean([agreement(final_probs[_share(j, k)], p, spacing, tolerance_mm=spacing_mm)
-                       for j, p in enumerate(perturbed)])) if k else a
+    c = share_consistency(final_probs, perturbed, spacing_mm) if len(perturbed) else a
     return VolumeScore(a, c, ml, bool(lo <= ml <= hi))
 
 
 def perturbed_inputs(slices: np.ndarray) -> List[np.ndarray]:
-    """The input's interleaved shares (:func:`_share`: every k-th slice), each under its gamma of
+    """The input's interleaved shares (:func:`share`: every k-th slice), each under its gamma of
     :data:`CONSISTENCY_GAMMAS` (working-grid intensities are in [0, 1])."""
     x = np.clip(slices, 0.0, 1.0)
-    return [np.ascontiguousarray(x[_share(j)] ** g, dtype=np.float32) for j, g in enumerate(CONSISTENCY_GAMMAS)]
+    return [np.ascontiguousarray(x[share(j)] ** g, dtype=np.float32) for j, g in enumerate(CONSISTENCY_GAMMAS)]
 
 
 def score_model(model, slices: np.ndarray, device, precision: str = "auto",
@@ -186,5 +192,6 @@ def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dic
 
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
            "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SOURCE", "VolumeScore", "CandidateScore", "brain_ml", "agreement",
-           "score_volume", "perturbed_inputs", "score_model", "mean_score", "choose", "spearman", "per_volume_table"]
+           "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model", "mean_score", "choose",
+           "spearman", "per_volume_table"]
 

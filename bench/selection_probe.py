@@ -34,14 +34,14 @@ def main() -> int:
     model = store.load_model()
     target = sorted((a.work / f"cohort_{a.site}" / "images").glob("*.nii.gz"))[: a.volumes]
     held = sorted((a.work / f"heldout_{a.site}" / "images").glob("*.nii.gz"))
-    res = selftrain.adapt(model, [to_slices(read_image(p), model.grid).slices for p in target], device="cpu")
+    volumes = [to_slices(read_image(p), model.grid).slices for p in target]
+    res = selftrain.adapt(model, volumes, device="cpu")
     print("selected", res.selected, {k: round(v, 4) for k, v in res.candidates.items()})
     tests = []
     for p in held:
         vs = to_slices(read_image(p), model.grid)
         tests.append((vs, mask_to_slices(read_image(p.parent.parent / "masks" / p.name), vs) > 0))
-    scoring = [to_slices(read_image(target[i]), model.grid).slices
-               for i in selftrain.selection_indices(len(target), 4)] if a.criteria else []
+    scoring = [volumes[i] for i in selftrain.selection_indices(len(volumes), 4)] if a.criteria else []
     src_finals = [predict_slices(model, x, "cpu") for x in scoring]
     for name in res.candidate_states:
         m = selftrain.candidate_model(model, res, name)

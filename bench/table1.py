@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -319,31 +320,30 @@ def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, fl
     from ConvLoRASegLib.selftrain import candidate_model
     from criteria import criteria
 
+    def once(key: Tuple[str, str], compute):
+        """``compute()``, kept in ``shared`` for the seed-free candidates (source, AdaBN)."""
+        if key[0] not in ("source", "adabn"):
+            return compute()
+        if key not in shared:
+            shared[key] = compute()
+        return shared[key]
+
     out = {}
-    if probe is not None and ("source-final", "probe") not in shared:
-        shared[("source-final", "probe")] = predict_slices(base, probe, device)
+    source_final = once(("source", "probe final"), lambda: predict_slices(base, probe, device)) \
+        if probe is not None else None
     for name, label_free in res.candidates.items():
-        model = None
+        model = functools.lru_cache(maxsize=None)(functools.partial(candidate_model, base, res, name))
         if name == res.selected:
             got = selected_scores
-        elif name in ("source", "adabn") and (name, ev.name) in shared:
-            got = shared[(name, ev.name)]
+            if name in ("source", "adabn"):
+                shared[(name, ev.name)] = got
         else:
-            model = candidate_model(base, res, name)
-            got = evaluate(model, ev, device)
-        if name in ("source", "adabn"):
-            shared[(name, ev.name)] = got
+            got = once((name, ev.name), lambda: evaluate(model(), ev, device))
         out[name] = {"label_free": round(float(label_free), 4), "surface_dice": round(float(got[0]), 4),
                      "dice": round(float(got[1]), 4)}
         if probe is not None:
-            if name in ("source", "adabn") and (name, "criteria") in shared:
-                crit = shared[(name, "criteria")]
-            else:
-                model = model if model is not None else candidate_model(base, res, name)
-                crit = criteria(model, probe, device, source_final=shared[("source-final", "probe")])
-            if name in ("source", "adabn"):
-                shared[(name, "criteria")] = crit
-            out[name]["criteria"] = crit
+            out[name]["criteria"] = once((name, "criteria"),
+                                         lambda: criteria(model(), probe, device, source_final=source_final))
     return out
 
 
@@ -548,7 +548,7 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
         cache.put(row)
         rows.append(row)
 
-    shared: Dict[Tuple[str, str], Tuple[float, float]] = {}  # (candidate, volume) -> scores, seed-free ones
+    shared: Dict[Tuple[str, str], object] = {}  # (seed-free candidate, volume or what) -> scores, criteria, masks
 
     def cached(method: str, seed: int) -> Optional[List[dict]]:
         found = [cache.get(row_key(base.sha256, budget, task, method, seed, v.name, adapt_names))
