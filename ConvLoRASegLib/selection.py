@@ -43,6 +43,10 @@ CONSISTENCY_GAMMAS = (0.7, 1.4)
 CONSISTENCY_DROP_MAX = 0.0
 #: An adapted candidate whose mean brain volume is below the unadapted model's by more than this share is refused.
 VOLUME_SHRINK_MAX = 0.02
+#: The adaptation scores its candidates on every n-th slice of each scoring volume (the network is 2D and adjacent
+#: working-grid slices are 2 mm apart: half the slices give nearly the same score at half the cost; BENCHMARKS.md,
+#: issue 10, "scoring on every other slice"). ``segment --adapter auto`` scores its one scan on every slice.
+SCORE_SLICE_STEP = 2
 #: Name of the unadapted candidate in every score table.
 SOURCE = "source"
 
@@ -85,9 +89,10 @@ class CandidateScore:
                    float(np.mean([s.brain_ml for s in scores])))
 
 
-def brain_ml(probs: np.ndarray, spacing_mm: float) -> float:
-    """Volume (ml) of ``probs >= 0.5`` on an isotropic grid of ``spacing_mm``."""
-    return float(np.count_nonzero(probs >= 0.5)) * spacing_mm ** 3 / 1000.0
+def brain_ml(probs: np.ndarray, spacing_mm: float, slice_step: int = 1) -> float:
+    """Volume (ml) of ``probs >= 0.5`` on an isotropic grid of ``spacing_mm``; ``slice_step``: ``probs`` holds
+    every n-th slice of the volume (each stands for n)."""
+    return float(np.count_nonzero(probs >= 0.5)) * spacing_mm ** 3 * slice_step / 1000.0
 
 
 def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm,
@@ -111,25 +116,27 @@ def share(j: int, k: int = len(CONSISTENCY_GAMMAS)) -> slice:
     return slice(j, None, k)
 
 
-def share_consistency(final_probs: np.ndarray, perturbed: Sequence[np.ndarray], spacing_mm: float) -> float:
+def share_consistency(final_probs: np.ndarray, perturbed: Sequence[np.ndarray], spacing_mm: float,
+                      slice_step: int = 1) -> float:
     """Mean agreement (one grid voxel) of the final mask's shares (:func:`share`) with the final probabilities of
     the perturbed shares of the input, in that order; a share holds every k-th slice, so its slice axis is k times
-    coarser."""
+    coarser (and ``slice_step`` times more if ``final_probs`` holds every n-th slice of the volume)."""
     k = len(perturbed)
-    spacing = (spacing_mm * k, spacing_mm, spacing_mm)
+    spacing = (spacing_mm * k * slice_step, spacing_mm, spacing_mm)
     return float(np.mean([agreement(final_probs[share(j, k)], p, spacing, tolerance_mm=spacing_mm)
                           for j, p in enumerate(perturbed)]))
 
 
 def score_volume(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
-                 perturbed: Sequence[np.ndarray] = ()) -> VolumeScore:
+                 perturbed: Sequence[np.ndarray] = (), slice_step: int = 1) -> VolumeScore:
     """The score of one volume from the candidate's final and ESH probabilities and its final probabilities on the
     perturbed shares of the input (:func:`perturbed_inputs`, in that order); without them, consistency counts as
-    agreement."""
-    ml = brain_ml(final_probs, spacing_mm)
+    agreement. ``slice_step``: the probabilities hold every n-th slice of the volume (the slice axis is n times
+    coarser; the tolerance stays one grid voxel)."""
+    ml = brain_ml(final_probs, spacing_mm, slice_step)
     lo, hi = PLAUSIBLE_BRAIN_ML
-    a = agreement(final_probs, esh_probs, spacing_mm)
-    c = share_consistency(final_probs, perturbed, spacing_mm) if len(perturbed) else a
+    a = agreement(final_probs, esh_probs, (spacing_mm * slice_step, spacing_mm, spacing_mm))
+    c = share_consistency(final_probs, perturbed, spacing_mm, slice_step) if len(perturbed) else a
     return VolumeScore(a, c, ml, bool(lo <= ml <= hi))
 
 
@@ -141,15 +148,19 @@ def perturbed_inputs(slices: np.ndarray) -> List[np.ndarray]:
 
 
 def score_model(model, slices: np.ndarray, device, precision: str = "auto",
-                predicted: Optional[tuple] = None) -> VolumeScore:
+                predicted: Optional[tuple] = None, slice_step: int = 1) -> VolumeScore:
     """Score ``model`` on one volume of working-grid slices: one pass with the ESH (or ``predicted`` = its
-    (final, esh) probabilities if the caller has them) and one pass over the perturbed shares of the slices."""
+    (final, esh) probabilities on every slice, if the caller has them) and one pass over the perturbed shares of
+    the slices; with ``slice_step`` n, on every n-th slice only (:data:`SCORE_SLICE_STEP`: the adaptation's)."""
     from .segment import predict_slices
 
-    final, early = predicted if predicted is not None else predict_slices(model, slices, device,
-                                                                          precision=precision, with_esh=True)
+    slices = slices[::slice_step]
+    if predicted is not None:
+        final, early = (p[::slice_step] for p in predicted)
+    else:
+        final, early = predict_slices(model, slices, device, precision=precision, with_esh=True)
     perturbed = [predict_slices(model, x, device, precision=precision) for x in perturbed_inputs(slices)]
-    return score_volume(final, early, model.grid.spacing_mm, perturbed)
+    return score_volume(final, early, model.grid.spacing_mm, perturbed, slice_step)
 
 
 def mean_score(scores: Sequence[VolumeScore]) -> float:
@@ -191,7 +202,7 @@ def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dic
 
 
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
-           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SOURCE", "VolumeScore", "CandidateScore", "brain_ml", "agreement",
+           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore", "brain_ml", "agreement",
            "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model", "mean_score", "choose",
            "spearman", "per_volume_table"]
 

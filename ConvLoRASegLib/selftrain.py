@@ -41,7 +41,7 @@ from .convlora import PLACEMENTS, adapter_state, inject_convlora, load_adapter_s
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
 from .segment import autocast_dtype, grad_scaler, nonempty_slices, predict_slices, resolve_device
-from .selection import SOURCE, CandidateScore, VolumeScore, choose, per_volume_table, score_model
+from .selection import SCORE_SLICE_STEP, SOURCE, CandidateScore, VolumeScore, choose, per_volume_table, score_model
 from .unet import LEVELS
 
 MODES = ("paper", "fast")
@@ -201,6 +201,7 @@ class _Scorer:
                  emit: Callable[[dict], None], total_epochs: int, should_stop: StopFlag):
         self.volumes, self.dev, self.precision, self.spacing = volumes, dev, precision, spacing
         self.emit, self.total, self.should_stop = emit, total_epochs, should_stop
+        self.slice_step = SCORE_SLICE_STEP
         self.scores: Dict[str, CandidateScore] = {}
         self.per_volume: Dict[str, List[VolumeScore]] = {}
 
@@ -229,7 +230,7 @@ class _Scorer:
 
     def score_volume(self, model: ConvLoRASegModel, v: np.ndarray, predicted=None) -> VolumeScore:
         _check_stop(self.should_stop)
-        return score_model(model, v, self.dev, self.precision, predicted=predicted)
+        return score_model(model, v, self.dev, self.precision, predicted=predicted, slice_step=self.slice_step)
 
     def score(self, name: str, model: ConvLoRASegModel, epoch: int) -> float:
         return self.record(name, [self.score_volume(model, v) for v in self.volumes], epoch)

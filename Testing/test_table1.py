@@ -153,6 +153,26 @@ def test_ranking_of_the_label_free_score():
     assert rank["selected_worse_than_source"] == 1  # the second run chose 0.5 over the source's 0.6
 
 
+def test_the_per_scan_check_keeps_the_source_where_it_scores_better_on_the_scan():
+    def score(value, ml=1400.0):
+        return {"value": value, "agreement": value, "consistency": value, "brain_ml": ml, "plausible": True}
+
+    def row(sd_source, sd_selected, check):
+        return {"selected": "adabn", "candidates": {"source": {"label_free": 0.5, "surface_dice": sd_source},
+                                                    "adabn": {"label_free": 0.6, "surface_dice": sd_selected}},
+                "scan_check": check}
+
+    assert table1.checked_pick({"source": score(0.8), "selected": score(0.7)}) == "source"
+    assert table1.checked_pick({"source": score(0.7), "selected": score(0.8)}) == "selected"
+    assert table1.checked_pick({"source": score(0.7), "selected": score(0.8, ml=1000.0)}) == "source"  # shrank
+    rank = table1.ranking([row(0.6, 0.5, {"source": score(0.8), "selected": score(0.7)}),   # check saves it
+                           row(0.5, 0.7, {"source": score(0.7), "selected": score(0.8)})])  # check keeps the gain
+    c = rank["scan_check"]
+    assert rank["selected_worse_than_source"] == 1 and c["worse_than_source_checked"] == 0
+    assert c["kept_source"] == 1 and c["mean_minus_source_checked"] == pytest.approx(0.1)
+    assert c["mean_minus_source_selected"] == pytest.approx(0.05)
+
+
 def test_synthetic_smoke_on_one_real_head(tmp_path, heads_dir):
     names = sorted(p.name for p in heads_dir.iterdir() if p.is_dir())
     if "colin27" not in names:

@@ -501,8 +501,9 @@ def w_adapt(cfg: Dict[str, Any]) -> Dict[str, Any]:
     model = load_weights(cfg["model"], cfg.get("model_grid"))
     t_prep, target = timed(lambda: [to_slices(read_image(p), model.grid).slices for p in cfg["target"]])
     kwargs = {k: cfg[k] for k in ("epochs", "steps_per_epoch", "precision") if cfg.get(k) is not None}
-    t, result = timed(lambda: adapt(model, target, method="convlora-adabn", mode=cfg["mode"], device=dev, **kwargs),
-                      dev)
+    stages = StageClock()
+    t, result = timed(lambda: adapt(model, target, method="convlora-adabn", mode=cfg["mode"], device=dev,
+                                    progress=stages, **kwargs), dev)
     sp = (model.grid.spacing_mm,) * 3
     scores = {"source": [], "adapted": []}
     for img_p, mask_p in zip(cfg["heldout_images"], cfg["heldout_masks"]):
@@ -523,7 +524,27 @@ def w_adapt(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "surface_dice_adapted": round(float(np.mean(scores["adapted"])), 4),
             "surface_dice_adapted_each": [round(v, 4) for v in scores["adapted"]],
             "adapter_bytes": adapter_file.stat().st_size, "model_bytes": model_file.stat().st_size,
-            "adapter_tensors": len(result.state)}
+            "adapter_tensors": len(result.state), "stages": stages.seconds(t)}
+
+
+class StageClock:
+    """A progress callback of ``adapt`` that charges the time up to each event to that event's stage ("adabn",
+    "pseudo-labels" (in fast mode with the AdaBN candidate's scoring pass), "train" (optimiser steps), "select"
+    (scoring one candidate on the scoring volumes)); what follows the last event is "result"."""
+
+    def __init__(self) -> None:
+        self.last, self.spent = time.perf_counter(), {}
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        now = time.perf_counter()
+        stage = event.get("stage", "other")
+        self.spent[stage] = self.spent.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def seconds(self, total: float) -> Dict[str, float]:
+        out = {k: round(v, 2) for k, v in self.spent.items()}
+        out["result"] = round(max(0.0, total - sum(self.spent.values())), 2)
+        return out
 
 
 def w_peft(cfg: Dict[str, Any]) -> Dict[str, Any]:

@@ -82,9 +82,10 @@ NO_ADAPTATION = ("source", "robex", "deepbet")
 ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn": ["fast-infer-precision"],
                                       "convlora-adabn-fast": ["fast-infer-precision"]}
 #: The label-free selection's version (issue 10: source and AdaBN candidates, consistency on interleaved shares,
-#: spread scoring volumes, no candidate that shrinks the brain; every candidate is scored against the labels too):
+#: spread scoring volumes, no candidate that shrinks the brain, scored on every other slice; every candidate is
+#: scored against the labels too):
 #: part of every adapted row's key.
-SELECTION_VERSION = "selection-v4-volume"
+SELECTION_VERSION = "selection-v5-every-other-slice"
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement", "selected")
@@ -347,6 +348,27 @@ def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, fl
     return out
 
 
+def scan_check(base, res, ev: EvalVolume, device, shared: Dict[Tuple[str, str], object]) -> Dict[str, dict]:
+    """The label-free scores ``segment --adapter auto`` compares on the evaluation scan itself (its working-grid
+    slices, every slice): the source model's and the selected result's, for the per-scan check (:func:`ranking`)."""
+    from ConvLoRASegLib.selection import score_model
+
+    key = ("source", f"scan check {ev.name}")
+    if key not in shared:
+        shared[key] = score_model(base, ev.vs.slices, device).to_dict()
+    return {"source": shared[key], "selected": score_model(res.model, ev.vs.slices, device).to_dict()}
+
+
+def checked_pick(check: Dict[str, dict]) -> str:
+    """What the per-scan check keeps (``selection.choose`` between the source and the selected result on the
+    scan, as ``segment --adapter auto`` does): ``"source"`` or ``"selected"``."""
+    from ConvLoRASegLib.selection import SOURCE, choose
+
+    return choose({n: v["value"] for n, v in check.items()}, order=[SOURCE],
+                  consistency={n: v["consistency"] if v["plausible"] else 0.0 for n, v in check.items()},
+                  brain_ml={n: v["brain_ml"] for n, v in check.items()})
+
+
 def ranking(rows: Sequence[dict]) -> Dict[str, object]:
     """Spearman correlation of the label-free score with the true surface Dice over every (volume, candidate) of
     the adapted rows (pooled, and the mean within one adaptation run), and how often the selected candidate was
@@ -358,8 +380,21 @@ def ranking(rows: Sequence[dict]) -> Dict[str, object]:
                             [v["surface_dice"] for v in r["candidates"].values()]) for r in runs])
     worse = sum(1 for r in runs if "source" in r["candidates"] and r["candidates"][r["selected"]]["surface_dice"]
                 < r["candidates"]["source"]["surface_dice"] - 0.005)
-    return {"pairs": rk["pairs"], "runs": len(runs), "spearman_pooled": rk["pooled"],
-            "spearman_within_run_mean": rk["within"], "selected_worse_than_source": worse}
+    out = {"pairs": rk["pairs"], "runs": len(runs), "spearman_pooled": rk["pooled"],
+           "spearman_within_run_mean": rk["within"], "selected_worse_than_source": worse}
+    checked = [r for r in runs if r.get("scan_check") and "source" in r["candidates"]]
+    if checked:  # the per-scan check on top of the selection: keep the source where it scores better on the scan
+        src = [r["candidates"]["source"]["surface_dice"] for r in checked]
+        kept = [r["candidates"]["source" if checked_pick(r["scan_check"]) == "source" else r["selected"]]
+                ["surface_dice"] for r in checked]
+        sel = [r["candidates"][r["selected"]]["surface_dice"] for r in checked]
+        out["scan_check"] = {"runs": len(checked),
+                             "kept_source": sum(checked_pick(r["scan_check"]) == "source" for r in checked),
+                             "mean_minus_source_selected": round(float(np.mean(sel) - np.mean(src)), 4),
+                             "mean_minus_source_checked": round(float(np.mean(kept) - np.mean(src)), 4),
+                             "worse_than_source_checked": sum(k < s - 0.005 for k, s in zip(kept, src)),
+                             "worst_checked": round(float(min(k - s for k, s in zip(kept, src))), 4)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,8 +550,9 @@ def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, 
 
 
 def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache, robex_cache: Path,
-             robex_budget: List[int], device, timer: Timer) -> List[dict]:
-    """Every method x seed on one task; returns per-volume rows (also written to ``cache``)."""
+             robex_budget: List[int], device, timer: Timer, criteria: bool = False) -> List[dict]:
+    """Every method x seed on one task; returns per-volume rows (also written to ``cache``). With ``criteria`` every
+    candidate also records the experimental criteria of ``bench/criteria.py`` (slow: several passes each)."""
     from ConvLoRASegLib.selftrain import adapt
     from ConvLoRASegLib.store import load_model
     from ConvLoRASegLib.volumes import mask_to_slices, read_image, to_slices
@@ -598,7 +634,8 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                     extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4),
                              "selected": res.selected,
                              "candidates": candidate_scores(base, res, ev, got, device, shared,
-                                                           probe=adapt_slices[0])}
+                                                           probe=adapt_slices[0] if criteria else None),
+                             "scan_check": scan_check(base, res, ev, device, shared)}
                     record(method, s, ev.name, *got, res.trainable_params, nbytes, res.seconds, extra)
             secs = time.perf_counter() - t
             timer.add(f"method:{method}", secs)
@@ -773,6 +810,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--severity", type=float, default=1.0, help="the site simulator's global severity")
     ap.add_argument("--robex-volumes", type=int, default=None, help="most new ROBEX runs (cached ones are free)")
     ap.add_argument("--no-robex", action="store_true")
+    ap.add_argument("--criteria", action="store_true",
+                    help="also record bench/criteria.py's experimental label-free criteria for every candidate (slow)")
     ap.add_argument("--no-deepbet", action="store_true", help="leave out the deepbet column (PyPI deepbet)")
     ap.add_argument("--max-adapt", type=int, default=20, help="CC359: most adaptation volumes per domain")
     ap.add_argument("--max-eval", type=int, default=12, help="CC359: most evaluation volumes per domain")
@@ -848,7 +887,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[dict] = []
     for task in tasks:
         t = time.perf_counter()
-        rows += run_task(task, cfg["methods"], budget, cache, robex_cache, robex_budget, device, timer)
+        rows += run_task(task, cfg["methods"], budget, cache, robex_cache, robex_budget, device, timer, a.criteria)
         done = tasks.index(task) + 1
         elapsed = time.perf_counter() - t_start
         print(f"task {task.site} / hold-out {task.rotation}: {time.perf_counter() - t:.0f} s "
@@ -871,6 +910,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{rank['runs']} adaptations: Spearman {rank['spearman_pooled']} pooled, "
                       f"{rank['spearman_within_run_mean']} within a run (mean); the selected candidate was worse "
                       f"than the source by > 0.005 in {rank['selected_worse_than_source']} of {rank['runs']}")
+    if rank.get("scan_check"):
+        c = rank["scan_check"]
+        checks.append(f"per-scan check (source vs the selected result on the evaluated scan, segment --adapter "
+                      f"auto's rule) over {c['runs']} adaptations: kept the source {c['kept_source']} times; mean - "
+                      f"source {c['mean_minus_source_selected']:+.4f} -> {c['mean_minus_source_checked']:+.4f}, "
+                      f"worse by > 0.005 in {c['worse_than_source_checked']} (worst {c['worst_checked']:+.4f})")
     total = time.perf_counter() - t_start
     md += "\n" + "\n".join(f"- {c}" for c in checks) + ("\n" if checks else "")
     md += (f"\nRun: `python bench/table1.py {' '.join(sys.argv[1:] if argv is None else argv)}` in {total / 60:.1f} "
