@@ -1,8 +1,8 @@
 """AdaBN (Li et al. 2016): replace BatchNorm statistics by the target domain's.
 
-:func:`adabn` computes them in one pass over all target slices: each BatchNorm layer's input is summed per
-channel in float64 and its ``running_mean``/``running_var`` become the mean and the unbiased variance of that
-input over *all* target slices (not PyTorch's average of per-batch values, which ignores the spread between
+:func:`adabn` computes them in one pass over all target slices: each BatchNorm layer's per-batch mean and
+variance are merged per channel in float64 and its ``running_mean``/``running_var`` become the mean and the
+unbiased variance of that input over *all* target slices (not PyTorch's average of per-batch values, which ignores the spread between
 batches). Which statistics: those of the inputs as AdaBN's original recipe produces them, i.e. with the upstream
 layers normalising each batch with its own statistics — not the inputs the eval-mode network will see, which would
 need one pass per layer (measured in issue 10: no better, and 40 passes). The layers of
@@ -43,21 +43,31 @@ def batchnorm_layers(module: nn.Module) -> Dict[str, _BatchNorm]:
 
 
 class _Moments:
-    """Per-channel float64 sums of a BatchNorm's input."""
+    """Per-channel mean and sum of squared deviations of a BatchNorm's input over all batches, in float64.
+
+    Read after each batch from the layer's own batch statistics (the layer runs with momentum 1, so its running
+    statistics are that batch's mean and unbiased variance: no second pass over the activations, which cost
+    about as much as the forward pass itself on this thin network) and merged across batches exactly (Chan et al.:
+    the spread between batches is kept)."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.s: Optional[torch.Tensor] = None
-        self.s2: Optional[torch.Tensor] = None
+        self.mean: Optional[torch.Tensor] = None
+        self.m2: Optional[torch.Tensor] = None
 
-    def __call__(self, module: nn.Module, inputs) -> None:
-        x = inputs[0].detach()
-        dims = [d for d in range(x.dim()) if d != 1]
-        xd = x.double()
-        s, s2 = xd.sum(dims), (xd * xd).sum(dims)
-        self.s = s if self.s is None else self.s + s
-        self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += x.numel() // x.shape[1]
+    def __call__(self, module: _BatchNorm, inputs, output) -> None:
+        x = inputs[0]
+        nb = x.numel() // x.shape[1]
+        mean_b = module.running_mean.detach().double()
+        m2_b = module.running_var.detach().double() * max(nb - 1, 0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mean_b, m2_b
+            return
+        n = self.n + nb
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.n * nb / n)
+        self.n = n
 
 
 @torch.no_grad()
@@ -83,14 +93,16 @@ def adabn(model: nn.Module, batches: Iterable[torch.Tensor], modules: Optional[n
         return 0
     was_training = {m: m.training for m in model.modules()}
     moments = {name: _Moments() for name in bns}
-    hooks = [bn.register_forward_pre_hook(moments[name]) for name, bn in bns.items()]
+    hooks = [bn.register_forward_hook(moments[name]) for name, bn in bns.items()]
     saved = {name: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
              for name, bn in bns.items()}
+    momentum = {name: bn.momentum for name, bn in bns.items()}
     n_seen = 0
     try:
         model.eval()
         for bn in bns.values():
             bn.train()  # batch statistics upstream, as AdaBN does
+            bn.momentum = 1.0  # running statistics = this batch's (read by _Moments after each batch)
         run = forward or model
         for batch in batches:
             if should_stop is not None and should_stop():
@@ -104,6 +116,8 @@ def adabn(model: nn.Module, batches: Iterable[torch.Tensor], modules: Optional[n
             h.remove()
         for m, mode in was_training.items():
             m.train(mode)
+        for name, bn in bns.items():
+            bn.momentum = momentum[name]
     for name, bn in bns.items():
         mom = moments[name]
         if n_seen == 0 or mom.n < 2:
@@ -111,8 +125,8 @@ def adabn(model: nn.Module, batches: Iterable[torch.Tensor], modules: Optional[n
             bn.running_var.copy_(saved[name][1])
             bn.num_batches_tracked.copy_(saved[name][2])
             continue
-        mean = mom.s / mom.n
-        var = (mom.s2 / mom.n - mean * mean).clamp_min(0) * (mom.n / (mom.n - 1))
+        mean = mom.mean
+        var = (mom.m2 / (mom.n - 1)).clamp_min(0)
         bn.running_mean.copy_(mean.to(bn.running_mean))
         bn.running_var.copy_(var.to(bn.running_var))
         bn.num_batches_tracked.fill_(1)

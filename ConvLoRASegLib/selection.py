@@ -43,10 +43,10 @@ CONSISTENCY_GAMMAS = (0.7, 1.4)
 CONSISTENCY_DROP_MAX = 0.0
 #: An adapted candidate whose mean brain volume is below the unadapted model's by more than this share is refused.
 VOLUME_SHRINK_MAX = 0.02
-#: The adaptation scores its candidates on every n-th slice of each scoring volume (the network is 2D and adjacent
-#: working-grid slices are 2 mm apart: half the slices give nearly the same score at half the cost; BENCHMARKS.md,
-#: issue 10, "scoring on every other slice"). ``segment --adapter auto`` scores its one scan on every slice.
-SCORE_SLICE_STEP = 2
+#: The adaptation scores its candidates on every n-th slice of each scoring volume. 1 (every slice): scoring on every
+#: other slice was measured on 2026-12-02 (BENCHMARKS.md, issue 10) and saved 33 s of 202 s, but it changed 3 of 60
+#: Table 1 selections, each to a worse one (one volume scores a Table 1 task): not worth it.
+SCORE_SLICE_STEP = 1
 #: Name of the unadapted candidate in every score table.
 SOURCE = "source"
 

@@ -54,6 +54,19 @@ def test_mode_restored_and_only_chosen_modules():
     assert not torch.equal(net.init_path[2].conv_path[0].bn.running_mean, torch.zeros(8))
 
 
+def test_momentum_restored():
+    """adabn() reads each batch's statistics by running the layers at momentum 1; their own momentum (a value or
+    None, the cumulative average) is theirs again afterwards, also after a stop."""
+    net = UNet2D(8)
+    layers = list(batchnorm_layers(net).values())
+    layers[0].momentum = None
+    want = [bn.momentum for bn in layers]
+    adabn(net, [torch.randn(4, 1, 16, 16)])
+    assert [bn.momentum for bn in layers] == want
+    adabn(net, [torch.randn(4, 1, 16, 16)] * 2, should_stop=lambda: True)
+    assert [bn.momentum for bn in layers] == want
+
+
 def test_no_gradients_and_empty_input():
     net = UNet2D(8)
     with pytest.raises(ValueError):

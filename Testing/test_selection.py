@@ -137,10 +137,11 @@ def test_scoring_every_other_slice_estimates_the_whole_volume():
         assert parts == sorted(parts, reverse=True) and parts[-1] < 0.75
 
 
-def test_the_adaptation_scores_on_every_other_slice(monkeypatch):
-    """adapt() hands score_model the scoring volume with the step, so each candidate costs half the passes."""
+def test_the_adaptation_scores_with_the_slice_step(monkeypatch):
+    """adapt() hands score_model the scoring volumes with SCORE_SLICE_STEP (1 by default; 2 halves the passes)."""
     from ConvLoRASegLib import selftrain
 
+    monkeypatch.setattr(selftrain, "SCORE_SLICE_STEP", 2)
     seen = []
     real = selftrain.score_model
 
@@ -157,4 +158,5 @@ def test_the_adaptation_scores_on_every_other_slice(monkeypatch):
     model = ConvLoRASegModel(grid=WorkingGrid(8.0, 32))
     vols = [np.clip(np.random.default_rng(i).random((12, 32, 32), dtype=np.float32), 0, 1) for i in range(2)]
     selftrain.adapt(model, vols, epochs=1, steps_per_epoch=1, batch_size=4, device="cpu")
-    assert seen and all(step == selection.SCORE_SLICE_STEP == 2 for _, step in seen)
+    assert seen and all(step == 2 for _, step in seen)
+    assert selection.SCORE_SLICE_STEP == 1  # the default: every slice (BENCHMARKS.md, issue 10)
