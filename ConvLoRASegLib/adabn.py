@@ -2,8 +2,8 @@
 
 :func:`adabn` computes them in one pass over all target slices: each BatchNorm layer's per-batch mean and
 variance are merged per channel in float64 and its ``running_mean``/``running_var`` become the mean and the
-unbiased variance of that input over *all* target slices (not PyTorch's average of per-batch values, which ignores the spread between
-batches). Which statistics: those of the inputs as AdaBN's original recipe produces them, i.e. with the upstream
+unbiased variance of that input over *all* target slices (not PyTorch's average of per-batch values, which ignores
+the spread between batches). Which statistics: those of the inputs as AdaBN's original recipe produces them, i.e. with the upstream
 layers normalising each batch with its own statistics — not the inputs the eval-mode network will see, which would
 need one pass per layer (measured in issue 10: no better, and 40 passes). The layers of
 :data:`ADABN_KEEP_SOURCE` keep the source statistics. Weights are untouched; no gradients.

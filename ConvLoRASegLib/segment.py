@@ -365,23 +365,19 @@ def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequenc
     (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
     The model's active adapter is the same afterwards as before.
     """
-    from .selection import SOURCE, choose, score_model
+    from .selection import SOURCE, choose_volume_scores, score_model
     from .volumes import to_slices
 
     vs = working if working is not None else to_slices(image, model.grid)
     was_active = model.adapters.active
-    scores: Dict[str, float] = {}
-    consistency: Dict[str, float] = {}
-    volume: Dict[str, float] = {}
+    got = {}
     infos: Dict[str, Optional[AdapterInfo]] = {}
     try:
         for candidate in [None, *adapters]:
             info = activate_adapter(model, candidate)
             name = SOURCE if info is None else info.name
-            got = score_model(model, vs.slices, device)
-            scores[name], consistency[name] = got.value, got.consistency if got.plausible else 0.0
-            volume[name] = got.brain_ml
+            got[name] = score_model(model, vs.slices, device)
             infos[name] = info
     finally:
         model.adapters.set_adapter(was_active)
-    return infos[choose(scores, order=[SOURCE], consistency=consistency, brain_ml=volume)], scores
+    return infos[choose_volume_scores(got)], {n: s.value for n, s in got.items()}

@@ -188,6 +188,14 @@ def choose(table: Dict[str, float], order: Sequence[str] = (),
     return best
 
 
+def choose_volume_scores(scores: Dict[str, VolumeScore], order: Sequence[str] = (SOURCE,)) -> str:
+    """:func:`choose` among candidates scored on one volume (``segment --adapter auto``'s per-scan rule): the score
+    of each, its consistency (0 for an implausible brain) and its brain volume."""
+    return choose({n: s.value for n, s in scores.items()}, order=order,
+                  consistency={n: s.consistency if s.plausible else 0.0 for n, s in scores.items()},
+                  brain_ml={n: s.brain_ml for n, s in scores.items()})
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a constant input."""
     from scipy.stats import spearmanr
@@ -202,7 +210,7 @@ def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dic
 
 
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
-           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore", "brain_ml", "agreement",
-           "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model", "mean_score", "choose",
-           "spearman", "per_volume_table"]
+           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
+           "brain_ml", "agreement", "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model",
+           "mean_score", "choose", "choose_volume_scores", "spearman", "per_volume_table"]
 

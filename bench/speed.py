@@ -33,6 +33,7 @@ Results: ``bench/results/speed.json`` and ``speed.md`` (machine, date, command, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -499,16 +500,13 @@ def w_adapt(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from ConvLoRASegLib.volumes import mask_to_slices, read_image, to_slices
 
     dev = resolve_device(cfg["device"])
-    if cfg.get("score_slice_step"):
-        from ConvLoRASegLib import selftrain
-
-        selftrain.SCORE_SLICE_STEP = cfg["score_slice_step"]
     model = load_weights(cfg["model"], cfg.get("model_grid"))
     t_prep, target = timed(lambda: [to_slices(read_image(p), model.grid).slices for p in cfg["target"]])
     kwargs = {k: cfg[k] for k in ("epochs", "steps_per_epoch", "precision") if cfg.get(k) is not None}
     stages = StageClock()
-    t, result = timed(lambda: adapt(model, target, method="convlora-adabn", mode=cfg["mode"], device=dev,
-                                    progress=stages, **kwargs), dev)
+    with score_slice_step(cfg.get("score_slice_step")):
+        t, result = timed(lambda: adapt(model, target, method="convlora-adabn", mode=cfg["mode"], device=dev,
+                                        progress=stages, **kwargs), dev)
     sp = (model.grid.spacing_mm,) * 3
     scores = {"source": [], "adapted": []}
     for img_p, mask_p in zip(cfg["heldout_images"], cfg["heldout_masks"]):
@@ -530,6 +528,20 @@ def w_adapt(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "surface_dice_adapted_each": [round(v, 4) for v in scores["adapted"]],
             "adapter_bytes": adapter_file.stat().st_size, "model_bytes": model_file.stat().st_size,
             "adapter_tensors": len(result.state), "stages": stages.seconds(t)}
+
+
+@contextlib.contextmanager
+def score_slice_step(step: Optional[int]):
+    """The adaptation scores its candidates on every ``step``-th slice inside (None: the library's default), and on
+    the default again afterwards (a smoke run goes on in the same process)."""
+    from ConvLoRASegLib import selftrain
+
+    default = selftrain.SCORE_SLICE_STEP
+    selftrain.SCORE_SLICE_STEP = step or default
+    try:
+        yield
+    finally:
+        selftrain.SCORE_SLICE_STEP = default
 
 
 class StageClock:
@@ -762,7 +774,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0, at_start = time.perf_counter(), machine()  # date and load average before anything runs
     print(f"[speed] preparing inputs in {work} ...", flush=True)
     inputs = prepare_inputs(s, work)
-    cohort = prepare_cohort(s, work) if not a.only or {"adapt_paper", "adapt_fast", "adapt_fast_slice_step2"} & set(a.only) else {}
+    cohort = prepare_cohort(s, work) if not a.only or any(n.startswith("adapt_") for n in a.only) else {}
     out_dir = work / "outputs"
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg: Dict[str, Any] = {"device": a.device, "model": str(model_path) if model_path else None,

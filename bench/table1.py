@@ -82,10 +82,10 @@ NO_ADAPTATION = ("source", "robex", "deepbet")
 ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn": ["fast-infer-precision"],
                                       "convlora-adabn-fast": ["fast-infer-precision"]}
 #: The label-free selection's version (issue 10: source and AdaBN candidates, consistency on interleaved shares,
-#: spread scoring volumes, no candidate that shrinks the brain, scored on every other slice; every candidate is
-#: scored against the labels too):
-#: part of every adapted row's key.
-SELECTION_VERSION = "selection-v5-every-other-slice"
+#: spread scoring volumes, no candidate that shrinks the brain; every candidate is scored against the labels too;
+#: AdaBN from the layers' own batch statistics): part of every adapted row's key, with the library's
+#: ``selection.SCORE_SLICE_STEP`` (the rows of 2026-12-02e were scored on every other slice).
+SELECTION_VERSION = "selection-v5-one-pass-adabn"
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement", "selected")
@@ -309,6 +309,16 @@ def evaluate(model, ev: EvalVolume, device) -> Tuple[float, float]:
     return score_mask(mask, ev)
 
 
+def seed_free_once(shared: Dict[Tuple[str, str], object], key: Tuple[str, str], compute):
+    """``compute()``, kept in ``shared`` under ``key`` = (candidate, what) for the seed-free candidates (source,
+    AdaBN: the same model in every run of a task)."""
+    if key[0] not in ("source", "adabn"):
+        return compute()
+    if key not in shared:
+        shared[key] = compute()
+    return shared[key]
+
+
 def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, float], device,
                      shared: Dict[Tuple[str, str], object], probe: Optional[np.ndarray] = None,
                      ) -> Dict[str, Dict[str, float]]:
@@ -322,12 +332,7 @@ def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, fl
     from criteria import criteria
 
     def once(key: Tuple[str, str], compute):
-        """``compute()``, kept in ``shared`` for the seed-free candidates (source, AdaBN)."""
-        if key[0] not in ("source", "adabn"):
-            return compute()
-        if key not in shared:
-            shared[key] = compute()
-        return shared[key]
+        return seed_free_once(shared, key, compute)
 
     out = {}
     source_final = once(("source", "probe final"), lambda: predict_slices(base, probe, device)) \
@@ -351,22 +356,22 @@ def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, fl
 def scan_check(base, res, ev: EvalVolume, device, shared: Dict[Tuple[str, str], object]) -> Dict[str, dict]:
     """The label-free scores ``segment --adapter auto`` compares on the evaluation scan itself (its working-grid
     slices, every slice): the source model's and the selected result's, for the per-scan check (:func:`ranking`)."""
-    from ConvLoRASegLib.selection import score_model
+    from ConvLoRASegLib.selection import SOURCE, score_model
 
-    key = ("source", f"scan check {ev.name}")
-    if key not in shared:
-        shared[key] = score_model(base, ev.vs.slices, device).to_dict()
-    return {"source": shared[key], "selected": score_model(res.model, ev.vs.slices, device).to_dict()}
+    def scored(name: str, model) -> dict:
+        return seed_free_once(shared, (name, f"scan check {ev.name}"),
+                              lambda: score_model(model, ev.vs.slices, device).to_dict())
+
+    return {"source": scored(SOURCE, base), "selected": scored(res.selected, res.model)}
 
 
 def checked_pick(check: Dict[str, dict]) -> str:
     """What the per-scan check keeps (``selection.choose`` between the source and the selected result on the
     scan, as ``segment --adapter auto`` does): ``"source"`` or ``"selected"``."""
-    from ConvLoRASegLib.selection import SOURCE, choose
+    from ConvLoRASegLib.selection import VolumeScore, choose_volume_scores
 
-    return choose({n: v["value"] for n, v in check.items()}, order=[SOURCE],
-                  consistency={n: v["consistency"] if v["plausible"] else 0.0 for n, v in check.items()},
-                  brain_ml={n: v["brain_ml"] for n, v in check.items()})
+    fields = ("agreement", "consistency", "brain_ml", "plausible")
+    return choose_volume_scores({n: VolumeScore(*(v[f] for f in fields)) for n, v in check.items()})
 
 
 def ranking(rows: Sequence[dict]) -> Dict[str, object]:
@@ -538,13 +543,15 @@ def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, 
             adapt_names: Sequence[str]) -> str:
     """The row cache's key: everything that changes one volume's result."""
     from ConvLoRASegLib.segment import CROP_MARGIN_PX
+    from ConvLoRASegLib.selection import SCORE_SLICE_STEP
 
     fixed = method in NO_ADAPTATION
     # our masks depend on the crop; the peers' do not
     inference = [] if method in ("robex", "deepbet") else [f"crop-margin-{CROP_MARGIN_PX}"]
     blob = json.dumps([model_sha, "" if fixed else budget.key(), task.site, task.rotation, method, seed, volume,
                        [] if fixed else sorted(adapt_names)] + ROW_VERSIONS.get(method, []) + inference
-                      + ([SELECTION_VERSION] if method in ADAPT_METHODS else [])
+                      + ([SELECTION_VERSION, f"score-slice-step-{SCORE_SLICE_STEP}"] if method in ADAPT_METHODS
+                         else [])
                       + ([budget.oracle_lr] if method == "oracle" else []))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
