@@ -84,6 +84,8 @@ BRAIN_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy
 BRAIN_COLOR = (0.88, 0.63, 0.65)
 # Labelmap attributes written by the logic: which volume a mask was made from, with which adapter and model.
 SOURCE_VOLUME_ATTRIBUTE = "ConvLoRASeg.sourceVolumeID"
+# ... and the adapter asked for that did not beat the unadapted model on this scan (so it was not used), or "".
+ADAPTER_NOT_USED_ATTRIBUTE = "ConvLoRASeg.adapterNotUsed"
 
 
 #
@@ -506,6 +508,8 @@ class SegmentOutcome:
     labelmap: Any
     adapter: Any = None
     scores: Dict[str, float] = field(default_factory=dict)
+    #: e.g. the adapter that did not beat the unadapted model on this scan and was therefore not used
+    warnings: List[str] = field(default_factory=list)
 
 
 #
@@ -671,7 +675,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
     # -- segmenting one volume in-process (batch mode; the GUI uses segmentInBackground) ------------------
 
     def segment(self, volumeNode, adapter: Any = None, outputNode=None, device: str = "auto",
-                postprocess: bool = True):
+                postprocess: bool = True, checkAdapter: bool = True):
         """Brain mask of ``volumeNode`` as a labelmap node (1 = brain) with exactly the input's geometry.
 
         Args:
@@ -680,25 +684,34 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             adapter: None (source model), an adapter name in the store, an adapter file, or an AdapterInfo.
             outputNode: labelmap node to overwrite; None creates "<volume name> brain mask".
             device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+            checkAdapter: use the adapter only if it beats the unadapted model on this scan (label-free, as
+                ``convlora-seg segment --adapter``); the labelmap's ``ConvLoRASeg.adapterNotUsed`` attribute then
+                names an adapter that did not.
         Returns:
             The ``vtkMRMLLabelMapVolumeNode``.
         """
-        from ConvLoRASegLib.segment import segment_image
-        from ConvLoRASegLib.volumes import array_from_image
+        from ConvLoRASegLib.segment import choose_adapter, segment_image
+        from ConvLoRASegLib.volumes import array_from_image, to_slices
 
         image = self.imageFromVolumeNode(volumeNode)
         info = self.resolveAdapter(adapter)
+        refused = ""
         try:
-            mask = segment_image(self.model(), image, adapter=info, device=device, postprocess=postprocess)
+            working = to_slices(image, self.model().grid)
+            if info is not None and checkAdapter:
+                winner, _ = choose_adapter(self.model(), image, [info], device=device, working=working)
+                refused, info = ("" if winner is not None else info.name), winner
+            mask = segment_image(self.model(), image, adapter=info, device=device, postprocess=postprocess,
+                                 working=working)
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
                 raise ConvLoRASegError(f"the {device} device ran out of memory while segmenting; choose the CPU "
                                        "or close other programs using the GPU") from None
             raise
         maskArray = array_from_image(mask).astype("uint8", copy=False)
-        return self._writeLabelmap(volumeNode, maskArray, outputNode, info)
+        return self._writeLabelmap(volumeNode, maskArray, outputNode, info, refused)
 
-    def _writeLabelmap(self, volumeNode, maskArray, outputNode, info):
+    def _writeLabelmap(self, volumeNode, maskArray, outputNode, info, refused: str = ""):
         inputShape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
         if maskArray.shape != inputShape:
             raise RuntimeError(f"mask shape {maskArray.shape} differs from the input's {inputShape}")
@@ -712,6 +725,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         outputNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         outputNode.SetAttribute(SOURCE_VOLUME_ATTRIBUTE, volumeNode.GetID() or "")
         outputNode.SetAttribute("ConvLoRASeg.adapter", info.name if info is not None else "")
+        outputNode.SetAttribute(ADAPTER_NOT_USED_ATTRIBUTE, refused)
         outputNode.SetAttribute("ConvLoRASeg.modelSha256", self.modelSha256())
         if outputNode.GetDisplayNode() is None:
             outputNode.CreateDefaultDisplayNodes()
@@ -877,12 +891,14 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         return read_adapter_info(adapter["path"])
 
     def segmentInBackground(self, volumeNode, adapter: Any = None, outputNode=None, device: str = "auto",
-                            postprocess: bool = True, progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+                            postprocess: bool = True, checkAdapter: bool = True,
+                            progress: Optional[Callable[[Dict[str, Any]], None]] = None,
                             waitForCompletion: bool = False, log: Optional[Callable[[str], None]] = None,
                             finished: Optional[Callable[[ProcessResult], None]] = None,
                             timeout: Optional[float] = None):
         """:meth:`segment` in a background process (the GUI stays responsive); ``adapter="auto"`` chooses the
-        best adapter for this scan there (one pass per adapter).
+        best adapter for this scan there (one pass per adapter); a given adapter is checked against the unadapted
+        model on the scan unless ``checkAdapter`` is False (the outcome's ``warnings`` say when it was not used).
 
         Returns the running CliProcess, or with ``waitForCompletion`` the :class:`SegmentOutcome` (None if
         cancelled); ``finished`` gets the ProcessResult whose ``value`` is the SegmentOutcome.
@@ -900,6 +916,8 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
                 args += ["--adapter", "auto"]
             elif info is not None:
                 args += ["--adapter", str(info.path)]
+                if not checkAdapter:
+                    args.append("--no-scan-check")
             if not postprocess:
                 args.append("--no-postprocess")
             return args + self._modelArguments()
@@ -911,14 +929,17 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             if volumeNode.GetScene() is None:
                 raise ConvLoRASegError("the input volume was removed from the scene while it was segmented")
             outputs = (result.done or {}).get("outputs") or [{}]
-            chosen = info
+            chosen, refused = info, ""
             if auto and outputs[0].get("adapter"):
                 chosen = self.adapterStore().find(self.modelSha256(), str(outputs[0]["adapter"]))
+            elif info is not None and not outputs[0].get("adapter"):  # the per-scan check kept the source model
+                chosen, refused = None, info.name
             target = outputNode if outputNode is not None and outputNode.GetScene() is not None else None
             mask = array_from_image(sitk.ReadImage(str(tempDir / "mask.nrrd"))).astype("uint8", copy=False)
-            labelmap = self._writeLabelmap(volumeNode, mask, target, chosen)
-            scores = outputs[0].get("adapter_scores")  # the CLI's per-candidate label-free scores (--adapter auto)
-            return SegmentOutcome(labelmap, chosen, dict(scores) if isinstance(scores, dict) else {})
+            labelmap = self._writeLabelmap(volumeNode, mask, target, chosen, refused)
+            scores = outputs[0].get("adapter_scores")  # the CLI's per-candidate label-free scores
+            return SegmentOutcome(labelmap, chosen, dict(scores) if isinstance(scores, dict) else {},
+                                  [str(w) for w in outputs[0].get("warnings") or []])
 
         return self._runBackground("segment", arguments, progress, log, finished, waitForCompletion, timeout,
                                    onSuccess)
@@ -1450,11 +1471,15 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showSegmentation(volume, output, outcome)
 
     def _segmentHere(self, volume, adapter, output, device) -> SegmentOutcome:
+        from ConvLoRASegLib.segment import adapter_not_used
+
         scores: Dict[str, float] = {}
         if adapter == "auto":
             adapter, scores = self.logic.chooseAdapter(volume, device=device)
         labelmap = self.logic.segment(volume, adapter=adapter, outputNode=output, device=device)
-        return SegmentOutcome(labelmap, self.logic.resolveAdapter(adapter), scores)
+        refused = labelmap.GetAttribute(ADAPTER_NOT_USED_ATTRIBUTE) or ""
+        used = None if refused else self.logic.resolveAdapter(adapter)
+        return SegmentOutcome(labelmap, used, scores, [adapter_not_used(refused)] if refused else [])
 
     def onSegmentFinished(self, volume, output, result: ProcessResult) -> None:
         if self._jobEnded("Segmentation", result):
@@ -1472,6 +1497,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             lines.append("Agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in outcome.scores.items()))
         adapterName = getattr(outcome.adapter, "name", None) or "none (source model)"
         lines.append(f"Brain volume {self.logic.brainVolumeMl(labelmap):.0f} ml; adapter: {adapterName}.")
+        lines += [f"Warning: {w}" for w in outcome.warnings]
         self.ui.statusLabel.text = "\n".join(lines)
         if p.createSegmentation:
             self._run("Creating the segmentation", lambda: self.logic.createSegmentation(labelmap, show3D=p.show3D))

@@ -371,7 +371,8 @@ def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
         a = resolved[specs[src]]
         jobs.append(CaseJob(input=str(src), output=str(mapping[src]), index=i, total=len(todo),
                             adapter=None if a in (None, "auto") else str(a.path),
-                            candidates=candidates if a == "auto" else None))
+                            candidates=candidates if a == "auto" else None,
+                            check=a not in (None, "auto") and not args.no_scan_check))
 
     qc_dir = Path(args.qc).expanduser() if args.qc else None
     if qc_dir is not None:
@@ -964,6 +965,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="A", help="adapter file, a name in the store, or 'auto' (best label-free "
                                                   "agreement on each scan); default: none")
     p.add_argument("--adapters", metavar="DIR", help="where 'auto' and names look (default: the user store)")
+    p.add_argument("--no-scan-check", action="store_true",
+                   help="use the given adapter on every scan; by default each scan is also segmented without it and "
+                        "the adapter is used only where it scores better (label-free), with a warning where not")
     p.add_argument("--no-postprocess", action="store_true",
                    help="skip the leak cut, largest component and hole filling")
     p.add_argument("--probabilities", action="store_true", help="write float32 probabilities, not a mask")

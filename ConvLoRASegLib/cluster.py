@@ -56,12 +56,14 @@ class CaseJob:
     """One volume to segment: where from, where to, with which adapter.
 
     ``adapter``: an adapter file, or None for the source model; ``candidates`` (a list, possibly empty) means
-    ``--adapter auto`` among these adapter files."""
+    ``--adapter auto`` among these adapter files; ``check``: the adapter is used only if it beats the unadapted
+    model on this scan (label-free, :func:`~ConvLoRASegLib.segment.choose_adapter`), else the case says so."""
 
     input: str
     output: str
     adapter: Optional[str] = None
     candidates: Optional[Tuple[str, ...]] = None
+    check: bool = False
     index: int = 0
     total: int = 1
     #: when the run that submitted it started (epoch seconds): an output newer than this was written by this run
@@ -106,26 +108,36 @@ class Segmenter:
         """Segment a read volume, write its output atomically, return its manifest row."""
         from . import volumes
         from .qc import measure, overlay_png
-        from .segment import activate_adapter, agreement, choose_adapter, predict_slices
+        from .segment import activate_adapter, adapter_not_used, agreement, choose_adapter, predict_slices
+        from .selection import SOURCE
 
         t0 = time.perf_counter() if t0 is None else t0
         s, model = self.settings, self.model
         vs = volumes.to_slices(image, model.grid)
         chosen, scores = job.adapter, {}
-        info = None
-        if job.candidates is not None:
+        warnings = list(warnings)
+        predicted: Dict[str, Any] = {}
+        choices = job.candidates if job.candidates is not None else (
+            (job.adapter,) if job.check and job.adapter is not None else None)
+        if choices is not None:
             chosen = None
-            if job.candidates:
-                info, scores = choose_adapter(model, image, list(job.candidates), self.device, working=vs)
+            if choices:
+                info, scores = choose_adapter(model, image, list(choices), self.device, working=vs,
+                                              predictions=predicted)
                 chosen = info
+                name = info.name if info is not None else "source model (no adapter)"
+                others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                 if log is not None:
-                    name = info.name if info is not None else "source model (no adapter)"
-                    others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-                    log(f"{Path(job.input).name}: chose {name}, agreement "
-                        f"{scores['source' if info is None else info.name]:.3f} (scores: {others})")
+                    log(f"{Path(job.input).name}: chose {name}, score "
+                        f"{scores[SOURCE if info is None else info.name]:.3f} (scores: {others})")
+                if job.candidates is None and info is None:
+                    requested = next(k for k in scores if k != SOURCE)
+                    warnings.append(adapter_not_used(requested, scores))
         info = activate_adapter(model, chosen)
-        # one pass gives the final and the ESH probabilities: the mask and its label-free score
-        final, early = predict_slices(model, vs.slices, self.device, with_esh=True, progress=progress)
+        # one pass gives the final and the ESH probabilities: the mask and its label-free score (the scoring of the
+        # candidates above already made that pass for the winner)
+        final, early = predicted.get(SOURCE if info is None else info.name) or predict_slices(
+            model, vs.slices, self.device, with_esh=True, progress=progress)
         score = agreement(final, early, model.grid.spacing_mm)
         mask = volumes.brain_mask(final, vs, 0.5, postprocess=s.postprocess)
         result = volumes.to_native(final, vs) if s.probabilities else mask
@@ -133,7 +145,7 @@ class Segmenter:
         ours = bool(job.run_started) and out.is_file() and out.stat().st_mtime >= job.run_started
         dest = volumes.write_image(result, job.output, overwrite=s.overwrite or ours)
         row: Row = {"input": job.input, "output": str(dest), "adapter": None if info is None else info.name,
-                    "status": "ok", "seconds": 0.0, "warnings": list(warnings), **measure(mask, score)}
+                    "status": "ok", "seconds": 0.0, "warnings": warnings, **measure(mask, score)}
         if scores:
             row["adapter_scores"] = {k: round(v, 4) for k, v in scores.items()}
         if s.qc_dir:

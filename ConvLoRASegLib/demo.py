@@ -52,6 +52,9 @@ class DemoResult:
     model_bytes: int
     seconds: Dict[str, float]
     files: Dict[str, str] = field(default_factory=dict)
+    #: the per-scan check of ``segment --adapter`` on the test scan: True if the adapter beat the unadapted model
+    #: there and was used (else "adapted" is the unadapted model's mask)
+    adapter_used: bool = True
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -71,6 +74,9 @@ class DemoResult:
             f"({self.epochs} epochs); simulation {s['simulate']:.1f} s; total {s['total']:.1f} s",
             f"label-free score on the cohort (ESH agreement + gamma consistency): {self.agreement_source:.4f} "
             f"unadapted, {self.agreement_selected:.4f} selected ({self.selected})",
+            "per-scan check on the test scan (as segment --adapter): " + (
+                "the adapter scores better than no adapter, used" if self.adapter_used else
+                "the adapter does not score better than no adapter: not used"),
         ]
         return "\n".join(rows)
 
@@ -209,7 +215,7 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
         site: simulated target site, a name in :data:`~ConvLoRASegLib.sites.SITES` (not the source ``ge3``).
         subjects_per_head, epochs: override the quick/normal choice.
     """
-    from .segment import resolve_device, segment_image
+    from .segment import choose_adapter, resolve_device, segment_image
     from .selftrain import adapt
     from .sites import SITES, demo_heads, random_subject, simulate_site
     from .store import default_model_path, load_model, save_adapter
@@ -265,7 +271,9 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
                         details={**result.summary(), "target": {"n_volumes": len(stacks),
                                                                 "simulated_site": site}}, overwrite=True)
     t0 = time.perf_counter()
-    after = segment_image(base, test_float, adapter=adapter_path, device=dev, progress=progress)
+    working = to_slices(test_float, base.grid)  # segment --adapter: used only where it beats no adapter (label-free)
+    used, _ = choose_adapter(base, test_float, [adapter_path], device=dev, working=working)
+    after = segment_image(base, test_float, adapter=used, device=dev, progress=progress, working=working)
     t_after = time.perf_counter() - t0
 
     # 3. numbers and files --------------------------------------------------------------------------------------
@@ -285,6 +293,7 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
         site=site, test_head=test_name, n_target_volumes=len(stacks), epochs=result.epochs, dice_before=d0,
         dice_after=d1, surface_dice_before=s0, surface_dice_after=s1, agreement_source=result.agreement_source,
         agreement_selected=result.best_agreement, selected=result.selected, adapter_bytes=info.bytes, model_bytes=model_path.stat().st_size,
+        adapter_used=used is not None,
         seconds={"simulate": round(t_sim, 1), "segment_before": round(t_before, 1),
                  "adapt": round(result.seconds, 1), "segment_after": round(t_after, 1),
                  "total": round(time.perf_counter() - t_total, 1)},

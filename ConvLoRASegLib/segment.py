@@ -354,15 +354,25 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
     return brain_mask(probs, vs, 0.5, postprocess=postprocess)
 
 
+def adapter_not_used(name: str, scores: Optional[Dict[str, float]] = None) -> str:
+    """The warning of a scan on which the adapter ``name`` did not beat the unadapted model (per-scan check)."""
+    table = f" (label-free scores: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())})" if scores else ""
+    return (f"adapter {name!r} did not beat the unadapted model on this scan{table}: segmented without it "
+            "(--no-scan-check, or checkAdapter=False in Slicer, uses it anyway)")
+
+
 def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
                    device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
+                   predictions: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
                    ) -> Tuple[Optional[AdapterInfo], Dict[str, float]]:
     """Pick, label-free, the adapter that scores best on this scan (:mod:`~ConvLoRASegLib.selection`: ESH agreement
     and gamma consistency, implausible brains refused, no adapter that shrinks the brain; an adapter must beat no
-    adapter).
+    adapter). With one adapter this is the per-scan check of ``segment --adapter FILE``.
 
     Returns the winner (None if the model without adapter is chosen) and every score, keyed by adapter name
     (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
+    ``predictions``: a dict to receive each candidate's (final, ESH) probabilities on the working slices (the
+    scoring computes them; the caller then needs no further pass for the winner's mask).
     The model's active adapter is the same afterwards as before.
     """
     from .selection import SOURCE, choose_volume_scores, score_model
@@ -376,8 +386,11 @@ def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequenc
         for candidate in [None, *adapters]:
             info = activate_adapter(model, candidate)
             name = SOURCE if info is None else info.name
-            got[name] = score_model(model, vs.slices, device)
+            predicted = predict_slices(model, vs.slices, device, with_esh=True)
+            got[name] = score_model(model, vs.slices, device, predicted=predicted)
             infos[name] = info
+            if predictions is not None:
+                predictions[name] = predicted
     finally:
         model.adapters.set_adapter(was_active)
     return infos[choose_volume_scores(got)], {n: s.value for n, s in got.items()}

@@ -196,6 +196,45 @@ def test_segment_auto_without_adapters_uses_source(capsys, tiny_model, head_file
     assert code == 0 and "no adapters" in err
 
 
+def test_segment_checks_the_adapter_on_each_scan(capsys, monkeypatch, tiny_model, tiny_adapter, head_files,
+                                                 tmp_path):
+    """``--adapter FILE`` uses the adapter only where it beats the unadapted model on the scan (the label-free
+    per-scan check), and says so where it does not; ``--no-scan-check`` uses it regardless. The check's passes
+    give the winner's mask: no extra segmentation pass."""
+    from ConvLoRASegLib import segment, selection
+
+    passes = {"n": 0}
+    real_predict = segment.predict_slices
+
+    def counting_predict(*a, **k):
+        passes["n"] += 1
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(segment, "predict_slices", counting_predict)
+
+    def outcome(*extra):
+        code, stdout, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / f"m{len(extra)}.nii.gz",
+                                    "--model", tiny_model, "--adapter", tiny_adapter, "--json", "--overwrite",
+                                    *extra)
+        assert code == 0, err
+        return json_lines(stdout)[-1]["outputs"][0], err
+
+    # the tiny adapter scores exactly as the source model (ties go to no adapter): refused, with a warning
+    row, err = outcome()
+    assert row["adapter"] is None and set(row["adapter_scores"]) == {"source", "siteA"}
+    assert any("did not beat the unadapted model" in w for w in row["warnings"]) and "--no-scan-check" in err
+    assert passes["n"] == 2 * 3  # source, adapter: (final + ESH) and two perturbed shares; the mask reuses one
+    # the rule prefers the adapter: used, no warning
+    monkeypatch.setattr(selection, "choose_volume_scores", lambda scores, order=(): "siteA")
+    row, _ = outcome()
+    assert row["adapter"] == "siteA" and not row["warnings"]
+    # unchecked: used, never scored against the source
+    monkeypatch.setattr(selection, "choose_volume_scores", lambda scores, order=(): "source")
+    passes["n"] = 0
+    row, err = outcome("--no-scan-check")
+    assert row["adapter"] == "siteA" and "adapter_scores" not in row and passes["n"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # adapt, info, adapters
 # ---------------------------------------------------------------------------------------------------------------

@@ -314,6 +314,21 @@ def test_automatic_adapter_choice_runs_in_the_background_too(logic, model_file, 
     assert (outcome.adapter.name if outcome.adapter else "source") == best
 
 
+def test_background_segment_checks_a_given_adapter_as_in_process(logic, model_file, head, tmp_path):
+    logic.importAdapter(adapter_file(model_file, tmp_path / "b.safetensors", "site_b", seed=3))
+    here = logic.segment(head, adapter="site_b", device="cpu")
+    refused = here.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE)
+    outcome = logic.segmentInBackground(head, adapter="site_b", device="cpu", waitForCompletion=True)
+    assert set(outcome.scores) == {"source", "site_b"}
+    assert (outcome.adapter.name if outcome.adapter else "") == here.GetAttribute("ConvLoRASeg.adapter")
+    assert outcome.labelmap.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE) == refused
+    assert bool(outcome.warnings) == bool(refused)
+    assert np.array_equal(slicer.util.arrayFromVolume(here), slicer.util.arrayFromVolume(outcome.labelmap))
+    forced = logic.segmentInBackground(head, adapter="site_b", device="cpu", checkAdapter=False,
+                                       waitForCompletion=True)
+    assert forced.adapter.name == "site_b" and not forced.warnings and not forced.scores
+
+
 def test_background_segment_refuses_bad_input_in_one_line(logic, scene):
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(ConvLoRASegError, match="no image data"):

@@ -400,7 +400,7 @@ def test_adapter_of_another_base_model_is_refused(logic, models, head, tmp_path)
 def test_segment_with_a_stored_adapter_changes_the_result_and_is_recorded(logic, models, head, tmp_path):
     logic.importAdapter(adapter_file(models["a"], tmp_path / "b.safetensors", "site_b", seed=3))
     source = slicer.util.arrayFromVolume(logic.segment(head, device="cpu")).copy()
-    adapted_node = logic.segment(head, adapter="site_b", device="cpu")
+    adapted_node = logic.segment(head, adapter="site_b", device="cpu", checkAdapter=False)
     assert adapted_node.GetAttribute("ConvLoRASeg.adapter") == "site_b"
     best, scores = logic.chooseAdapter(head, device="cpu")
     assert set(scores) == {"source", "site_b"}
@@ -408,6 +408,24 @@ def test_segment_with_a_stored_adapter_changes_the_result_and_is_recorded(logic,
     assert (best.name if best else "source") == max(scores, key=scores.get)
     adapted = slicer.util.arrayFromVolume(adapted_node)
     assert source.shape == adapted.shape and np.count_nonzero(source != adapted) > 0
+
+
+def test_segment_uses_an_adapter_only_where_it_beats_the_source_on_the_scan(logic, models, head, tmp_path,
+                                                                            monkeypatch):
+    """The per-scan check of ``convlora-seg segment --adapter``: the labelmap records which adapter was used and
+    which one was asked for but did not beat the unadapted model on this scan."""
+    from ConvLoRASegLib import selection
+
+    logic.importAdapter(adapter_file(models["a"], tmp_path / "b.safetensors", "site_b", seed=3))
+    best, _ = logic.chooseAdapter(head, device="cpu")  # the same rule, among {source, site_b}
+    node = logic.segment(head, adapter="site_b", device="cpu")
+    assert node.GetAttribute("ConvLoRASeg.adapter") == (best.name if best else "")
+    assert node.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE) == ("" if best else "site_b")
+    for winner in ("source", "site_b"):
+        monkeypatch.setattr(selection, "choose_volume_scores", lambda scores, order=(), w=winner: w)
+        node = logic.segment(head, adapter="site_b", device="cpu", outputNode=node)
+        assert node.GetAttribute("ConvLoRASeg.adapter") == ("" if winner == "source" else "site_b")
+        assert node.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE) == ("site_b" if winner == "source" else "")
 
 
 # -------------------------------------------------------------------------------- adapt (background)
