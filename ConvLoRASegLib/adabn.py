@@ -22,7 +22,8 @@ self-training, so the statistics drift towards the target as batches go by.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -140,14 +141,35 @@ def adabn_volumes(model: nn.Module, volumes: Sequence[np.ndarray],
                   keep_source: Sequence[str] = ADABN_KEEP_SOURCE) -> int:
     """:func:`adabn` of a :class:`~ConvLoRASegLib.model.ConvLoRASegModel`'s U-Net over working-grid volumes
     (N x H x W stacks): their non-empty slices in order, :data:`ADABN_BATCH` at a time, on the model's device; the
-    layers of :data:`ADABN_KEEP_SOURCE` and the ESH keep their statistics. Returns the number of slices seen."""
+    layers of :data:`ADABN_KEEP_SOURCE` and the ESH keep their statistics. Returns the number of slices seen.
+
+    The pass runs channels-last (except on MPS), as segmentation does: on a CPU the train-mode convolutions and
+    BatchNorms are much faster so (BENCHMARKS.md, issue 10); the model's weights are put back in their own layout
+    afterwards. It runs in fp32: train-mode BatchNorm under bf16 autocast is many times slower on a CPU."""
     from .segment import nonempty_slices
 
     stack = np.concatenate([np.asarray(v, np.float32) for v in volumes if v is not None and len(v)])
     x = torch.from_numpy(np.ascontiguousarray(stack[nonempty_slices(stack)][:, None]))
     dev = next(model.parameters()).device
-    return adabn(model, (x[i:i + ADABN_BATCH].to(dev) for i in range(0, len(x), ADABN_BATCH)),
-                 modules=model.unet, forward=model.unet, keep_source=keep_source, should_stop=should_stop)
+    fmt = torch.contiguous_format if dev.type == "mps" else torch.channels_last
+    batches = (x[i:i + ADABN_BATCH].to(dev).contiguous(memory_format=fmt) for i in range(0, len(x), ADABN_BATCH))
+    with _memory_format(model, fmt):
+        return adabn(model, batches, modules=model.unet, forward=model.unet, keep_source=keep_source,
+                     should_stop=should_stop)
+
+
+@contextlib.contextmanager
+def _memory_format(model: nn.Module, fmt: torch.memory_format) -> Iterator[None]:
+    """``model``'s 4-D weights in ``fmt`` for the duration, then back in their previous layout (parameters stay
+    the same objects: an optimiser or a caller holding them sees the same tensors)."""
+    before = {p: p.data for p in model.parameters() if p.dim() == 4 and not p.is_contiguous(memory_format=fmt)}
+    for p in before:
+        p.data = p.data.contiguous(memory_format=fmt)
+    try:
+        yield
+    finally:
+        for p, data in before.items():
+            p.data = data
 
 
 class _Stopped(Exception):

@@ -128,13 +128,23 @@ def test_adabn_volumes_is_adabn_over_the_nonempty_slices_in_order():
     out_before = model.unet.get_submodule("out_path.2").running_mean.clone()
     twin = ConvLoRASegModel(grid=model.grid, n_filters=4).eval()
     twin.load_state_dict(model.state_dict())
+    params = {n: (p, p.data.stride()) for n, p in model.named_parameters()}
     n = adabn_volumes(model, vols)
     assert n == 85
     x = torch.from_numpy(np.concatenate([vols[0][5:], vols[1]])[:, None])
     adabn(twin, [x[i:i + ADABN_BATCH] for i in range(0, len(x), ADABN_BATCH)], modules=twin.unet,
           forward=twin.unet, keep_source=("out_path.2",))
-    for (k, a), b in zip(model.unet.state_dict().items(), twin.unet.state_dict().values()):
-        assert torch.equal(a, b), k
+    got, ref = model.unet.state_dict(), twin.unet.state_dict()
+    for k in ref:
+        if k.endswith("running_mean"):  # the pass runs channels-last: the same statistics up to fp32 summation order
+            sd = ref[k.replace("mean", "var")].sqrt()
+            assert ((got[k] - ref[k]).abs() <= 1e-4 * sd).all(), k
+        elif k.endswith("running_var"):
+            assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=0), k
+        else:
+            assert torch.equal(got[k], ref[k]), k
+    # ... and the weights are the same tensors afterwards, in their own layout again
+    assert all(p is params[n][0] and p.data.stride() == params[n][1] for n, p in model.named_parameters())
     assert all(torch.equal(v, esh_before[k]) for k, v in model.esh.state_dict().items())
     assert torch.equal(model.unet.get_submodule("out_path.2").running_mean, out_before)
 
