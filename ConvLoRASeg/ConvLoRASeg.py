@@ -1474,9 +1474,12 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from ConvLoRASegLib.segment import adapter_not_used
 
         scores: Dict[str, float] = {}
-        if adapter == "auto":
+        auto = adapter == "auto"
+        if auto:
             adapter, scores = self.logic.chooseAdapter(volume, device=device)
-        labelmap = self.logic.segment(volume, adapter=adapter, outputNode=output, device=device)
+        # the automatic choice already compared every adapter with the unadapted model on this scan
+        labelmap = self.logic.segment(volume, adapter=adapter, outputNode=output, device=device,
+                                      checkAdapter=not auto)
         refused = labelmap.GetAttribute(ADAPTER_NOT_USED_ATTRIBUTE) or ""
         used = None if refused else self.logic.resolveAdapter(adapter)
         return SegmentOutcome(labelmap, used, scores, [adapter_not_used(refused)] if refused else [])

