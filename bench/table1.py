@@ -367,7 +367,7 @@ def scan_check(base, res, ev: EvalVolume, device, shared: Dict[Tuple[str, str], 
 
 def checked_pick(check: Dict[str, dict]) -> str:
     """What the per-scan check keeps (``selection.choose`` between the source and the selected result on the
-    scan, as ``segment --adapter auto`` does): ``"source"`` or ``"selected"``."""
+    scan, as ``segment --adapter`` does by default): ``"source"`` or ``"selected"``."""
     from ConvLoRASegLib.selection import VolumeScore, choose_volume_scores
 
     fields = ("agreement", "consistency", "brain_ml", "plausible")
@@ -919,9 +919,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"than the source by > 0.005 in {rank['selected_worse_than_source']} of {rank['runs']}")
     if rank.get("scan_check"):
         c = rank["scan_check"]
-        checks.append(f"per-scan check (source vs the selected result on the evaluated scan, segment --adapter "
-                      f"auto's rule) over {c['runs']} adaptations: kept the source {c['kept_source']} times; mean - "
-                      f"source {c['mean_minus_source_selected']:+.4f} -> {c['mean_minus_source_checked']:+.4f}, "
+        checks.append(f"per-scan check (source vs the selected result on the evaluated scan: segment --adapter's "
+                      f"default since 2026-12-04) over {c['runs']} adaptations: kept the source {c['kept_source']} "
+                      f"times; mean - source {c['mean_minus_source_selected']:+.4f} -> "
+                      f"{c['mean_minus_source_checked']:+.4f}, "
                       f"worse by > 0.005 in {c['worse_than_source_checked']} (worst {c['worst_checked']:+.4f})")
     total = time.perf_counter() - t_start
     md += "\n" + "\n".join(f"- {c}" for c in checks) + ("\n" if checks else "")
