@@ -144,10 +144,19 @@ def test_adapter_map_per_input(capsys, tiny_model, tiny_adapter, head_files, tmp
     table = tmp_path / "map.csv"
     table.write_text(f"input,adapter\n{head_files[0].name},{tiny_adapter}\nhead1,none\n")
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "segment", *head_files, "-o", out, "--model", tiny_model, "--adapter-map", table)
+    code, _, err = run_cli(capsys, "segment", *head_files, "-o", out, "--model", tiny_model, "--adapter-map", table,
+                           "--no-scan-check")
     assert code == 0, err
     used = {Path(r["input"]).name: r["adapter"] for r in qc.load_manifest(out)}
     assert used == {"head0.nii.gz": "siteA", "head1.nii.gz": None}
+    # with the per-scan check (the default) a mapped adapter file is checked too: this one scores as the source
+    # model does (an AdaBN adapter that kept the source statistics), so head0 is segmented without it, and says so
+    code, _, err = run_cli(capsys, "segment", *head_files, "-o", tmp_path / "checked", "--model", tiny_model,
+                           "--adapter-map", table)
+    assert code == 0, err
+    used = {Path(r["input"]).name: r["adapter"] for r in qc.load_manifest(tmp_path / "checked")}
+    assert used == {"head0.nii.gz": None, "head1.nii.gz": None}
+    assert err.count("did not beat the unadapted model") == 1 and "head0.nii.gz" in err
 
 
 def test_adapt_several_sites_one_adapter_each(capsys, tiny_model, tmp_path):  # noqa: F811
