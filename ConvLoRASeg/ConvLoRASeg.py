@@ -690,19 +690,18 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         Returns:
             The ``vtkMRMLLabelMapVolumeNode``.
         """
-        from ConvLoRASegLib.segment import choose_adapter, segment_image
-        from ConvLoRASegLib.volumes import array_from_image, to_slices
+        from ConvLoRASegLib.segment import segment_checked, segment_image
+        from ConvLoRASegLib.volumes import array_from_image
 
         image = self.imageFromVolumeNode(volumeNode)
         info = self.resolveAdapter(adapter)
         refused = ""
         try:
-            working = to_slices(image, self.model().grid)
             if info is not None and checkAdapter:
-                winner, _ = choose_adapter(self.model(), image, [info], device=device, working=working)
+                mask, winner, _ = segment_checked(self.model(), image, info, device=device, postprocess=postprocess)
                 refused, info = ("" if winner is not None else info.name), winner
-            mask = segment_image(self.model(), image, adapter=info, device=device, postprocess=postprocess,
-                                 working=working)
+            else:
+                mask = segment_image(self.model(), image, adapter=info, device=device, postprocess=postprocess)
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
                 raise ConvLoRASegError(f"the {device} device ran out of memory while segmenting; choose the CPU "

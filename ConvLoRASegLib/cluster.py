@@ -125,9 +125,9 @@ class Segmenter:
                 info, scores = choose_adapter(model, image, list(choices), self.device, working=vs,
                                               predictions=predicted)
                 chosen = info
-                name = info.name if info is not None else "source model (no adapter)"
-                others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                 if log is not None:
+                    name = info.name if info is not None else "source model (no adapter)"
+                    others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                     log(f"{Path(job.input).name}: chose {name}, score "
                         f"{scores[SOURCE if info is None else info.name]:.3f} (scores: {others})")
                 if job.candidates is None and info is None:

@@ -215,7 +215,7 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
         site: simulated target site, a name in :data:`~ConvLoRASegLib.sites.SITES` (not the source ``ge3``).
         subjects_per_head, epochs: override the quick/normal choice.
     """
-    from .segment import choose_adapter, resolve_device, segment_image
+    from .segment import resolve_device, segment_checked, segment_image
     from .selftrain import adapt
     from .sites import SITES, demo_heads, random_subject, simulate_site
     from .store import default_model_path, load_model, save_adapter
@@ -271,9 +271,8 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
                         details={**result.summary(), "target": {"n_volumes": len(stacks),
                                                                 "simulated_site": site}}, overwrite=True)
     t0 = time.perf_counter()
-    working = to_slices(test_float, base.grid)  # segment --adapter: used only where it beats no adapter (label-free)
-    used, _ = choose_adapter(base, test_float, [adapter_path], device=dev, working=working)
-    after = segment_image(base, test_float, adapter=used, device=dev, progress=progress, working=working)
+    # as segment --adapter does: the adapter is used only if it beats no adapter on this scan (label-free)
+    after, used, _ = segment_checked(base, test_float, adapter_path, device=dev)
     t_after = time.perf_counter() - t0
 
     # 3. numbers and files --------------------------------------------------------------------------------------

@@ -361,6 +361,23 @@ def adapter_not_used(name: str, scores: Optional[Dict[str, float]] = None) -> st
             "(--no-scan-check, or checkAdapter=False in Slicer, uses it anyway)")
 
 
+def segment_checked(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike,
+                    device: Union[str, torch.device] = "auto", postprocess: bool = True,
+                    working: Optional[VolumeSlices] = None,
+                    ) -> Tuple[sitk.Image, Optional[AdapterInfo], Dict[str, float]]:
+    """``segment --adapter``'s per-scan check: the brain mask of ``image`` with ``adapter`` if the adapter beats the
+    unadapted model on this scan (:func:`choose_adapter`), else without it; the mask comes from the check's own
+    pass. Returns (mask, the adapter used or None, both scores)."""
+    from .selection import SOURCE
+    from .volumes import brain_mask, to_slices
+
+    vs = working if working is not None else to_slices(image, model.grid)
+    predicted: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    used, scores = choose_adapter(model, image, [adapter], device, working=vs, predictions=predicted)
+    final = predicted[SOURCE if used is None else used.name][0]
+    return brain_mask(final, vs, 0.5, postprocess=postprocess), used, scores
+
+
 def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
                    device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
                    predictions: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,

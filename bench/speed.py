@@ -480,15 +480,13 @@ def w_scan_check(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     from ConvLoRASegLib.cluster import CaseJob, Segmenter, SegmentSettings
     from ConvLoRASegLib.selftrain import adapt
-    from ConvLoRASegLib.store import save_adapter, save_model
+    from ConvLoRASegLib.store import load_model, save_adapter, save_model
     from ConvLoRASegLib.volumes import read_image, to_slices
 
-    model = load_weights(cfg["model"], cfg.get("model_grid"))
     out = Path(cfg["out_dir"])
     model_file = out / "scan_check_model.safetensors"
-    save_model(model, model_file)  # the model as Segmenter loads it (the grid may be the smoke run's)
-    from ConvLoRASegLib.store import load_model
-
+    # saved and read back: the weights' hash that adapters are bound to (also for the smoke run's untrained model)
+    save_model(load_weights(cfg["model"], cfg.get("model_grid")), model_file)
     model = load_model(model_file)
     image = read_image(cfg["e2e_image"])
     res = adapt(model, [to_slices(image, model.grid).slices], method="adabn", device=cfg["device"])
@@ -656,8 +654,8 @@ def w_peft(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 WORKERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
     "paper": w_paper, "ours": w_ours, "ablation": w_ablation, "compile": w_compile, "default_e2e": w_default_e2e,
-    "full_e2e": w_full_e2e, "scan_check": w_scan_check, "deepbet": w_deepbet, "robex": w_robex, "adapt_paper": w_adapt, "adapt_fast": w_adapt,
-    "adapt_fast_slice_step2": w_adapt, "peft": w_peft,
+    "full_e2e": w_full_e2e, "scan_check": w_scan_check, "deepbet": w_deepbet, "robex": w_robex,
+    "adapt_paper": w_adapt, "adapt_fast": w_adapt, "adapt_fast_slice_step2": w_adapt, "peft": w_peft,
 }
 
 
