@@ -486,7 +486,7 @@ def w_scan_check(cfg: Dict[str, Any]) -> Dict[str, Any]:
     out = Path(cfg["out_dir"])
     model_file = out / "scan_check_model.safetensors"
     # saved and read back: the weights' hash that adapters are bound to (also for the smoke run's untrained model)
-    save_model(load_weights(cfg["model"], cfg.get("model_grid")), model_file)
+    save_model(load_weights(cfg["model"], cfg.get("model_grid")), model_file, overwrite=True)
     model = load_model(model_file)
     image = read_image(cfg["e2e_image"])
     res = adapt(model, [to_slices(image, model.grid).slices], method="adabn", device=cfg["device"])
