@@ -99,6 +99,12 @@ def readable(items: Sequence[Path], load: Callable[[Path], Tuple[Any, List[str]]
         yield i, path, value
 
 
+#: Set when SIGTERM or the cancel file asked this run to stop. The interrupt can land inside a library's C code,
+#: which may turn it into an error of its own (safetensors reading a model raised "could not determine the shape
+#: of object type 'torch.storage.UntypedStorage'"): :func:`main` then still reports a cancellation, not that error.
+CANCEL_REQUESTED = threading.Event()
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While active, SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C (restored afterwards)."""
@@ -107,6 +113,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        CANCEL_REQUESTED.set()
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
@@ -142,6 +149,7 @@ def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iter
     def watch() -> None:
         while not stop.is_set():
             if os.path.exists(path):
+                CANCEL_REQUESTED.set()
                 _thread.interrupt_main()
                 # an interrupt that lands in code that swallows it (a library's bare except) is lost: if the run
                 # is still going a while later, interrupt again
@@ -1101,13 +1109,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USER_ERROR
+    CANCEL_REQUESTED.clear()
     try:
         with sigterm_as_interrupt(), cancel_file_as_interrupt(os.environ.get("CONVLORASEG_CANCEL_FILE")):
             return int(args.func(args, rep))
     except ConvLoRASegError as exc:
+        if CANCEL_REQUESTED.is_set():  # the interrupt surfaced as a library's error (see CANCEL_REQUESTED)
+            rep.cancelled()
+            return EXIT_CANCELLED
         rep.error(str(exc))
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, Cancelled):
+        rep.cancelled()
+        return EXIT_CANCELLED
+    except Exception:
+        if not CANCEL_REQUESTED.is_set():
+            raise
         rep.cancelled()
         return EXIT_CANCELLED
     finally:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -432,6 +433,35 @@ def test_the_real_cli_stops_when_its_cancel_file_appears(model_file, tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"event": "cancelled"}
     assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("error", ["ConvLoRASegError", "RuntimeError"])
+def test_a_cancel_that_a_library_turns_into_its_own_error_is_still_a_cancel(monkeypatch, tmp_path, capsys, error):
+    # what CI once saw: the interrupt landed inside safetensors' reading of the model, which raised a RuntimeError
+    # ("could not determine the shape of object type 'torch.storage.UntypedStorage'") that the store turned into
+    # "not a readable .safetensors file", exit 2 instead of 130. Here a command converts the interrupt on purpose.
+    from ConvLoRASegLib import cli
+    from ConvLoRASegLib.errors import ConvLoRASegError
+
+    def converting_command(args, rep):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.01)
+            except KeyboardInterrupt:
+                raise (ConvLoRASegError if error == "ConvLoRASegError" else RuntimeError)("converted") from None
+        return 0
+
+    cancel = tmp_path / "cancel"
+    cancel.write_text("cancel\n")
+    monkeypatch.setenv("CONVLORASEG_CANCEL_FILE", str(cancel))
+    monkeypatch.setattr(cli, "cmd_info", converting_command)
+    assert cli.main(["info", "x.safetensors", "--json"]) == 130
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"event": "cancelled"}
+    # and without a cancel, the same error is the error it is
+    cancel.unlink()
+    monkeypatch.setattr(cli, "cmd_info", lambda args, rep: (_ for _ in ()).throw(ConvLoRASegError("real")))
+    assert cli.main(["info", "x.safetensors", "--json"]) == 2
 
 
 def test_cancel_file_watch_is_off_without_a_path():
