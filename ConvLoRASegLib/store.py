@@ -32,6 +32,7 @@ from .atomic import atomic_output
 from .errors import ConvLoRASegError
 from .grid import WorkingGrid
 from .model import ConvLoRASegModel
+from .selection import SOURCE
 
 MODEL_FORMAT = "convlora-seg-model"
 ADAPTER_FORMAT = "convlora-seg-adapter"
@@ -321,6 +322,8 @@ def check_adapter_name(name: str) -> str:
     name = name.strip()
     if not _NAME_RE.match(name) or name.endswith("."):
         raise ConvLoRASegError(f"invalid adapter name {name!r}: use 1-64 letters, digits, spaces, '.', '_' or '-'")
+    if name.lower() == SOURCE:  # the key of the unadapted model in every score table (selection.SOURCE)
+        raise ConvLoRASegError(f"the adapter name {name!r} is reserved for the model without an adapter: choose another")
     return name
 
 

@@ -120,6 +120,15 @@ def test_adapter_store_lifecycle(tmp_path):
         s.find(m.sha256, "philips3")
     with pytest.raises(ConvLoRASegError, match="invalid adapter name"):
         s.add(tmp_path / "a.safetensors", name="../escape")
+    # "source" is the unadapted model's key in every score table (selection.SOURCE): an adapter of that name would
+    # overwrite the source model's score in choose_adapter / the per-scan check
+    for reserved in ("source", "Source", " source "):
+        with pytest.raises(ConvLoRASegError, match="reserved"):
+            s.add(tmp_path / "a.safetensors", name=reserved)
+        with pytest.raises(ConvLoRASegError, match="reserved"):
+            s.rename(m.sha256, "siemens3", reserved)
+    assert [i.name for i in s.list(m.sha256)] == ["siemens3"]
+    assert store.check_adapter_name("source 2") == "source 2"
 
 
 def test_user_store_dir_env(monkeypatch, tmp_path):
