@@ -41,3 +41,28 @@ def test_per_scan_choice_by_each_rule():
     # candidate less consistent than the source (tta falls by 0.1 per candidate), so it keeps the source
     assert s["agreement"]["n"] == 4 and s["agreement"]["mean_delta"] == pytest.approx(0.04)
     assert s["agreement+consistency"]["picks"] == {"source": 4}
+
+
+def _check(agreement, consistency, brain_ml=1400.0):
+    return {"agreement": agreement, "consistency": consistency, "brain_ml": brain_ml, "plausible": True}
+
+
+def test_what_a_user_gets_applies_the_per_scan_check_per_scan():
+    # fov: the adapter is worse (0.59 vs 0.60) and scores worse on the scan -> the check keeps the source;
+    # bias: better and scores better on sub0, but on sub1 its brain shrinks by 5 % -> refused there
+    rows = _rows()
+    for r in rows:
+        if r["method"] == "source":
+            r["scan_check"] = _check(0.8, 0.8)
+        elif r["method"] == "convlora-adabn-fast":
+            shrink = r["family"] == "bias" and r["volume"].endswith("sub1")
+            better = r["family"] == "bias"
+            r["scan_check"] = _check(0.9 if better else 0.7, 0.9 if better else 0.7, 1330.0 if shrink else 1400.0)
+    got = shifts.summarise(rows)["user_gets"]["convlora-adabn-fast"]
+    assert got["n_tasks"] == 2 and got["scans"] == 4 and got["kept_source"] == 3
+    by_task = {t["task"]: t for t in got["tasks"]}
+    assert by_task["h/fov/0"]["checked"] == pytest.approx(by_task["h/fov/0"]["source"])
+    assert by_task["h/bias/0"]["checked"] == pytest.approx(np.mean([0.58, 0.52]))  # sub0 adapted, sub1 source
+    assert got["selected_below"] == 1 and got["checked_below"] == 0
+    assert got["checked_worst"] == pytest.approx(0.0)
+    assert "selected + per-scan check" in shifts.markdown(shifts.summarise(rows))

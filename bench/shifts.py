@@ -177,6 +177,9 @@ def cmd_make(a: argparse.Namespace) -> int:
 RUN_METHODS = ("source", "adabn", "convlora-adabn-fast-trained", "convlora-adabn-fast", "adabn-all",
                "convlora-adabn-paper-trained", "convlora-adabn-paper", "source-img", "adabn-all-img")
 PAPER_SEEDS = (0,)
+#: Methods whose rows also record the label-free scores of the per-scan check (``segment --adapter FILE``'s default:
+#: the adapter is used on a scan only if it beats the source model there): the source and the product's results.
+SCAN_CHECKED = ("source", "adabn", "convlora-adabn-fast", "convlora-adabn-paper")
 IMAGE_CENTRE_FAMILIES = ("fov",)
 
 
@@ -210,7 +213,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
     from ConvLoRASegLib import store
     from ConvLoRASegLib.adabn import adabn_volumes
     from ConvLoRASegLib.segment import predict_slices
-    from ConvLoRASegLib.selection import agreement, score_volume
+    from ConvLoRASegLib.selection import agreement, score_model, score_volume
     from ConvLoRASegLib.selftrain import adapt, source_copy
     from ConvLoRASegLib.volumes import brain_mask, read_image, to_slices
 
@@ -242,6 +245,9 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
             pred = sitk.GetArrayFromImage(brain_mask(final, vs)) > 0
             dsc, sd1, sd2 = _score(pred, truth, sp)
             lf = score_volume(final, early, base.grid.spacing_mm)
+            check = {}
+            if method in SCAN_CHECKED:  # the scores segment --adapter's per-scan check compares on this scan
+                check = {"scan_check": score_model(model, vs.slices, "cpu", predicted=(final, early)).to_dict()}
             # an alternative label-free score, recorded for the comparison: the final mask's consistency under an
             # intensity (gamma) perturbation of the input, surface Dice at one working voxel
             tta = float(np.mean([agreement(final, predict_slices(model, np.clip(vs.slices, 0, 1) ** g, "cpu"),
@@ -249,7 +255,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
             rows.put({"key": _key(method, k), "head": head,
                       "family": family, "seed": seed, "method": method, "volume": names[k], "dice": dsc,
                       "surface_dice": sd1, "surface_dice_2mm": sd2, "label_free": lf.value,
-                      "agreement": lf.agreement, "brain_ml": lf.brain_ml, "tta": tta if lf.plausible else 0.0, "seconds": round(seconds, 1), **extra})
+                      "agreement": lf.agreement, "brain_ml": lf.brain_ml, "tta": tta if lf.plausible else 0.0, "seconds": round(seconds, 1), **extra, **check})
         print(f"{head} {family} s{seed} {method}: " + ", ".join(
             f"{r['surface_dice']:.3f}/{r['dice']:.4f}" for r in rows.rows.values()
             if r["head"] == head and r["family"] == family and r["seed"] == seed and r["method"] == method),
@@ -330,6 +336,47 @@ def per_scan_selection(cand_rows: Sequence[dict]) -> Dict[str, object]:
     return out
 
 
+def user_gets(rows: Sequence[dict]) -> Dict[str, Dict[str, object]]:
+    """Per method of :data:`SCAN_CHECKED` (not the source): what a user gets with ``segment --adapter FILE``'s
+    per-scan check on each test scan (``table1.checked_pick``: the adapted result if it beats the source model's
+    label-free score on that scan, else the source model), against the source model; per (head, family, seed) task,
+    the mean over its test scans. "below": tasks more than 0.005 surface Dice under the source (issue 10's goal)."""
+    from table1 import checked_pick
+
+    out: Dict[str, Dict[str, object]] = {}
+    src = {(r["head"], r["family"], r["seed"], r["volume"]): r for r in rows
+           if r["method"] == "source" and r.get("scan_check")}
+    for method in SCAN_CHECKED[1:]:
+        per_task: Dict[Tuple, Dict[str, list]] = {}
+        kept = 0
+        for r in rows:
+            key = (r["head"], r["family"], r["seed"], r["volume"])
+            if r["method"] != method or not r.get("scan_check") or key not in src:
+                continue
+            s = src[key]
+            pick = checked_pick({"source": s["scan_check"], "selected": r["scan_check"]})
+            kept += pick == "source"
+            t = per_task.setdefault(key[:3], {"source": [], "plain": [], "checked": []})
+            t["source"].append(s["surface_dice"])
+            t["plain"].append(r["surface_dice"])
+            t["checked"].append(s["surface_dice"] if pick == "source" else r["surface_dice"])
+        if not per_task:
+            continue
+        rows_out = []
+        for task, t in sorted(per_task.items()):
+            sv, pv, cv = (float(np.mean(t[x])) for x in ("source", "plain", "checked"))
+            rows_out.append({"task": "/".join(map(str, task)), "source": sv, "selected": pv, "checked": cv})
+        d_plain = [x["selected"] - x["source"] for x in rows_out]
+        d_checked = [x["checked"] - x["source"] for x in rows_out]
+        out[method] = {"tasks": rows_out, "n_tasks": len(rows_out), "scans": sum(len(t["source"]) for t in per_task.values()),
+                       "kept_source": kept,
+                       "selected_mean_delta": float(np.mean(d_plain)), "selected_below": sum(d < -0.005 for d in d_plain),
+                       "selected_worst": float(min(d_plain)),
+                       "checked_mean_delta": float(np.mean(d_checked)), "checked_below": sum(d < -0.005 for d in d_checked),
+                       "checked_worst": float(min(d_checked))}
+    return out
+
+
 def summarise(rows: Sequence[dict]) -> Dict[str, object]:
     from ConvLoRASegLib.selection import spearman
 
@@ -354,6 +401,7 @@ def summarise(rows: Sequence[dict]) -> Dict[str, object]:
             worst.append({"task": "/".join(map(str, key)), "source": src, "selected": sel, "delta": sel - src})
     out["tasks"] = worst
     out["worst_delta"] = min((w["delta"] for w in worst), default=None)
+    out["user_gets"] = user_gets(rows)
     lf = [r for r in rows if r["method"].startswith("cand:")]
     out["spearman_pooled"] = spearman([r["label_free"] for r in lf], [r["surface_dice"] for r in lf])
     per_vol = []
@@ -396,6 +444,16 @@ def markdown(summary: Dict[str, object]) -> str:
                  f"{summary['spearman_within_volume_mean']:.3f}; the gamma-consistency alternative: pooled "
                  f"{summary.get('spearman_tta_pooled', float('nan')):.3f}, within {summary.get('spearman_tta_within', float('nan')):.3f}")
     lines.append("")
+    if summary.get("user_gets"):
+        lines.append("| what a user gets, per task (mean of its test scans) | tasks | mean SD - source | tasks below "
+                     "source - 0.005 | worst | scans where the check kept the source |")
+        lines.append("|---|---|---|---|---|---|")
+        for m, v in summary["user_gets"].items():
+            lines.append(f"| {m}, selected | {v['n_tasks']} | {v['selected_mean_delta']:+.4f} | {v['selected_below']} | "
+                         f"{v['selected_worst']:+.4f} | - |")
+            lines.append(f"| {m}, selected + per-scan check | {v['n_tasks']} | {v['checked_mean_delta']:+.4f} | "
+                         f"{v['checked_below']} | {v['checked_worst']:+.4f} | {v['kept_source']} of {v['scans']} |")
+        lines.append("")
     lines.append("| per-scan choice (label-free, on the scan) | scans | mean SD - source | worst SD - source | picks |")
     lines.append("|---|---|---|---|---|")
     for rule, v in summary.get("per_scan", {}).items():
