@@ -66,3 +66,12 @@ def test_what_a_user_gets_applies_the_per_scan_check_per_scan():
     assert got["selected_below"] == 1 and got["checked_below"] == 0
     assert got["checked_worst"] == pytest.approx(0.0)
     assert "selected + per-scan check" in shifts.markdown(shifts.summarise(rows))
+
+
+def test_deepbet_is_a_row_of_the_method_table_and_not_a_candidate():
+    rows = _rows() + [{"head": "h", "family": f, "seed": 0, "volume": f"h_{f}_sub{k}", "method": "deepbet",
+                       "dice": 0.97, "surface_dice": 0.8} for f in ("fov", "bias") for k in (0, 1)]
+    s = shifts.summarise(rows)
+    assert s["methods"]["deepbet"]["n"] == 4 and s["per_family"]["fov"]["deepbet"] == pytest.approx(0.8)
+    assert s["n_pairs"] == 12  # the Spearman pairs are the adaptation's candidates only
+    assert "| deepbet | 0.800 | 0.800 | 0.800 | 0.9700 | 4 |" in shifts.markdown(s)

@@ -17,7 +17,7 @@ Five shift families, defined (and their seeds fixed) before anything was tuned o
 Per (held-out head, family, seed): subjects 2-6 are the unlabeled adaptation volumes; subject 1 and the real head
 itself (subject 0, undeformed) are the test volumes. ``run`` scores, on the test volumes' native grid against
 their silver masks: the source model, AdaBN variants, ConvLoRA + AdaBN (fast and paper) and the label-free
-selection's result; and deepbet where it is installed (a peer, never part of the product). Every result row is
+selection's result; and deepbet (method ``deepbet``, PyPI deepbet: a peer, never part of the product). Every result row is
 cached in ``<work>/rows.jsonl`` so that an interrupted run resumes.
 """
 
@@ -174,8 +174,10 @@ def cmd_make(a: argparse.Namespace) -> int:
 #: ``convlora-adabn-fast`` is the product's default (``adapt``: AdaBN, ConvLoRA, the label-free selection), and from
 #: the same run ``convlora-adabn-fast-trained`` is its best-scoring epoch without the selection (what ConvLoRA adds
 #: on top of AdaBN), and ``cand:<name>`` every candidate the selection saw (for the Spearman correlation).
+#: ``deepbet`` is the peer a user would run instead (PyPI deepbet, bench/peers.py; never part of the product), on
+#: the test volumes' own files, its masks cached in ``<work>/peers/deepbet``.
 RUN_METHODS = ("source", "adabn", "convlora-adabn-fast-trained", "convlora-adabn-fast", "adabn-all",
-               "convlora-adabn-paper-trained", "convlora-adabn-paper", "source-img", "adabn-all-img")
+               "convlora-adabn-paper-trained", "convlora-adabn-paper", "source-img", "adabn-all-img", "deepbet")
 PAPER_SEEDS = (0,)
 #: Methods whose rows also record the label-free scores of the per-scan check (``segment --adapter FILE``'s default:
 #: the adapter is used on a scan only if it beats the source model there): the source and the product's results.
@@ -261,6 +263,20 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
             if r["head"] == head and r["family"] == family and r["seed"] == seed and r["method"] == method),
             flush=True)
 
+    def peer(method: str, tests, cache: Path) -> None:
+        from peers import cached_mask
+
+        for k, img, truth, sp, vs in tests:
+            pred, seconds = cached_mask(method, d / "images" / names[k], cache)
+            dsc, sd1, sd2 = _score(pred, truth, sp)
+            rows.put({"key": _key(method, k), "head": head, "family": family, "seed": seed, "method": method,
+                      "volume": names[k], "dice": dsc, "surface_dice": sd1, "surface_dice_2mm": sd2,
+                      "seconds": round(seconds, 1)})
+        print(f"{head} {family} s{seed} {method}: " + ", ".join(
+            f"{r['surface_dice']:.3f}/{r['dice']:.4f}" for r in rows.rows.values()
+            if r["head"] == head and r["family"] == family and r["seed"] == seed and r["method"] == method),
+            flush=True)
+
     for centred, grid_ctx in ((True, contextlib.nullcontext()), (False, None)):
         wanted = [m for m in todo if m.endswith("-img") != centred]
         if not wanted:
@@ -273,7 +289,9 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
                 plain = method.removesuffix("-img")
                 if plain.endswith("-trained"):
                     continue  # made with its adaptation run
-                if plain == "source":
+                if plain == "deepbet":
+                    peer(method, tests, work / "peers")
+                elif plain == "source":
                     evaluate(method, base, tests, 0.0, {})
                 elif plain in ("adabn", "adabn-all"):
                     model = source_copy(base)
