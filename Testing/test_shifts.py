@@ -75,3 +75,16 @@ def test_deepbet_is_a_row_of_the_method_table_and_not_a_candidate():
     assert s["methods"]["deepbet"]["n"] == 4 and s["per_family"]["fov"]["deepbet"] == pytest.approx(0.8)
     assert s["n_pairs"] == 12  # the Spearman pairs are the adaptation's candidates only
     assert "| deepbet | 0.800 | 0.800 | 0.800 | 0.9700 | 4 |" in shifts.markdown(s)
+
+
+def test_report_writes_the_tables_of_the_cached_rows_without_running(tmp_path):
+    import json
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match="no result rows"):
+        shifts.main(["report", "--work", str(work), "--out", str(tmp_path / "out")])
+    work.mkdir()
+    (work / "rows.jsonl").write_text("".join(json.dumps({**r, "key": str(i)}) + "\n" for i, r in enumerate(_rows())))
+    assert shifts.main(["report", "--work", str(work), "--out", str(tmp_path / "out")]) == 0
+    assert "| h/fov/0 | 0.610 | 0.600 | -0.010 |" in (tmp_path / "out" / "shifts.md").read_text()
+    assert len(json.loads((tmp_path / "out" / "shifts.json").read_text())["rows"]) == len(_rows())

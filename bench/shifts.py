@@ -2,6 +2,7 @@
 
     python bench/shifts.py make --work /work/cache/shifts                       # the fixed cohorts (once)
     python bench/shifts.py run --work /work/cache/shifts --models /work/cache/models
+    python bench/shifts.py report --work /work/cache/shifts --out DIR           # tables of all rows cached so far
 
 Five shift families, defined (and their seeds fixed) before anything was tuned on them; each is applied to new
 "subjects" (``sites.random_subject``) of a *held-out* head (one the source model never saw) as the source site
@@ -484,11 +485,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     from table1 import RowCache  # bench/: the same JSON-lines row cache as Table 1
 
     rows = RowCache(a.work / "rows.jsonl")
-    methods = a.methods or list(RUN_METHODS)
-    for seed in a.seeds:
-        for family in a.families:
-            for head in a.heads:
-                run_task(head, family, seed, a.models, a.work, rows, methods)
+    if a.cmd == "run":
+        methods = a.methods or list(RUN_METHODS)
+        for seed in a.seeds:
+            for family in a.families:
+                for head in a.heads:
+                    run_task(head, family, seed, a.models, a.work, rows, methods)
+    if not rows.rows:
+        raise SystemExit(f"no result rows in {a.work / 'rows.jsonl'}: run `shifts.py run` first")
     summary = summarise(list(rows.rows.values()))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "shifts.json").write_text(json.dumps({"summary": summary, "rows": list(rows.rows.values())},
@@ -501,9 +505,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("make", "run"):
+    for name in ("make", "run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--work", type=Path, default=Path("/tmp/convlora-shifts"))
+        if name == "report":  # the tables of every row cached so far (runs of several processes), nothing computed
+            p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+            continue
         p.add_argument("--heads", nargs="+", default=["colin27", "mni152_nlin6asym"])
         p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
         p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
