@@ -43,6 +43,7 @@ def main() -> int:
         tests.append((vs, mask_to_slices(read_image(p.parent.parent / "masks" / p.name), vs) > 0))
     scoring = [volumes[i] for i in selftrain.selection_indices(len(volumes), 4)] if a.criteria else []
     src_finals = [predict_slices(model, x, "cpu") for x in scoring]
+    held_sd, held_lf = {}, {}
     for name in res.candidate_states:
         m = selftrain.candidate_model(model, res, name)
         if scoring:
@@ -58,6 +59,15 @@ def main() -> int:
             lfs.append(selection.score_model(m, vs.slices, "cpu", predicted=(final, early)))
         print(f"{name:8} held-out surface Dice {np.mean(sds):.4f} {[round(x, 4) for x in sds]} | label-free there "
               f"{[round(s.value, 3) for s in lfs]} consistency {[round(s.consistency, 3) for s in lfs]}", flush=True)
+        held_sd[name], held_lf[name] = sds, lfs
+    # what a user gets with `segment --adapter FILE` (the per-scan check, its default) on each held-out scan: the
+    # selected candidate where it beats the source model's label-free score on that scan, else the source model
+    sel = res.selected
+    picks = [selection.choose_volume_scores({selection.SOURCE: held_lf[selection.SOURCE][i], sel: held_lf[sel][i]})
+             for i in range(len(tests))]
+    got = [held_sd[p][i] for i, p in enumerate(picks)]
+    print(f"per-scan check ({sel} vs source): kept {picks}; held-out surface Dice {np.mean(got):.4f} "
+          f"(source {np.mean(held_sd[selection.SOURCE]):.4f}, {sel} unchecked {np.mean(held_sd[sel]):.4f})", flush=True)
     return 0
 
 
