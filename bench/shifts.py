@@ -396,6 +396,26 @@ def user_gets(rows: Sequence[dict]) -> Dict[str, Dict[str, object]]:
     return out
 
 
+def per_task(rows: Sequence[dict], gets: Dict[str, Dict[str, object]]) -> list:
+    """One row per (head, family, seed) task: mean surface Dice @ 1 mm over its test scans of the source model,
+    AdaBN alone, the best trained epoch without selection, the selected result (and which candidate), what the
+    per-scan check gives on top of it (``segment --adapter FILE``'s default) and deepbet."""
+    checked = {t["task"]: t["checked"] for t in gets.get("convlora-adabn-fast", {}).get("tasks", [])}
+    out = []
+    for key in sorted({(r["head"], r["family"], r["seed"]) for r in rows}):
+        task = "/".join(map(str, key))
+        rs = [r for r in rows if (r["head"], r["family"], r["seed"]) == key]
+
+        def mean(m):
+            v = [r["surface_dice"] for r in rs if r["method"] == m]
+            return float(np.mean(v)) if v else None
+        picked = sorted({r.get("selected") for r in rs if r["method"] == "convlora-adabn-fast" and r.get("selected")})
+        out.append({"task": task, "source": mean("source"), "adabn": mean("adabn"),
+                    "trained": mean("convlora-adabn-fast-trained"), "selected": mean("convlora-adabn-fast"),
+                    "picked": ", ".join(picked), "checked": checked.get(task), "deepbet": mean("deepbet")})
+    return out
+
+
 def summarise(rows: Sequence[dict]) -> Dict[str, object]:
     from ConvLoRASegLib.selection import spearman
 
@@ -421,6 +441,7 @@ def summarise(rows: Sequence[dict]) -> Dict[str, object]:
     out["tasks"] = worst
     out["worst_delta"] = min((w["delta"] for w in worst), default=None)
     out["user_gets"] = user_gets(rows)
+    out["per_task"] = per_task(rows, out["user_gets"])
     lf = [r for r in rows if r["method"].startswith("cand:")]
     out["spearman_pooled"] = spearman([r["label_free"] for r in lf], [r["surface_dice"] for r in lf])
     per_vol = []
@@ -468,10 +489,25 @@ def markdown(summary: Dict[str, object]) -> str:
                      "source - 0.005 | worst | scans where the check kept the source |")
         lines.append("|---|---|---|---|---|---|")
         for m, v in summary["user_gets"].items():
-            lines.append(f"| {m}, selected | {v['n_tasks']} | {v['selected_mean_delta']:+.4f} | {v['selected_below']} | "
+            name = "adabn alone (no selection)" if m == "adabn" else f"{m}, selected"  # shifts' adabn: adabn_volumes
+            lines.append(f"| {name} | {v['n_tasks']} | {v['selected_mean_delta']:+.4f} | {v['selected_below']} | "
                          f"{v['selected_worst']:+.4f} | - |")
-            lines.append(f"| {m}, selected + per-scan check | {v['n_tasks']} | {v['checked_mean_delta']:+.4f} | "
+            lines.append(f"| {name} + per-scan check | {v['n_tasks']} | {v['checked_mean_delta']:+.4f} | "
                          f"{v['checked_below']} | {v['checked_worst']:+.4f} | {v['kept_source']} of {v['scans']} |")
+        lines.append("")
+    if summary.get("per_task"):
+        def cell(v, src=None):
+            if v is None:
+                return "-"
+            return f"{v:.3f}" if src is None else f"{v:.3f} ({v - src:+.3f})"
+        lines.append("| task (head/family/seed) | source | AdaBN alone | best epoch, no selection | selected (as `adapt` "
+                     "runs) | picked | + per-scan check (what a user gets) | deepbet |")
+        lines.append("|---|---:|---:|---:|---:|---|---:|---:|")
+        for t in summary["per_task"]:
+            src = t["source"]
+            lines.append(f"| {t['task']} | {cell(src)} | {cell(t['adabn'])} | {cell(t['trained'])} | "
+                         f"{cell(t['selected'], src if src is not None else None)} | {t['picked'] or '-'} | "
+                         f"{cell(t['checked'], src if src is not None else None)} | {cell(t['deepbet'])} |")
         lines.append("")
     lines.append("| per-scan choice (label-free, on the scan) | scans | mean SD - source | worst SD - source | picks |")
     lines.append("|---|---|---|---|---|")
