@@ -68,6 +68,27 @@ def test_what_a_user_gets_applies_the_per_scan_check_per_scan():
     assert "selected + per-scan check" in shifts.markdown(shifts.summarise(rows))
 
 
+def test_per_task_row_has_each_method_and_what_the_check_gives():
+    rows = _rows()
+    for r in rows:
+        if r["method"] == "source":
+            r["scan_check"] = _check(0.8, 0.8)
+        elif r["method"] == "convlora-adabn-fast":
+            r["selected"] = "epoch 1" if r["family"] == "bias" else "adabn"
+            r["scan_check"] = _check(0.9, 0.9) if r["family"] == "bias" else _check(0.7, 0.7)
+    rows += [{"head": "h", "family": f, "seed": 0, "volume": f"h_{f}_sub{k}", "method": m, "dice": 0.9,
+              "surface_dice": v} for f in ("fov", "bias") for k in (0, 1)
+             for m, v in (("adabn", 0.4), ("convlora-adabn-fast-trained", 0.7), ("deepbet", 0.8))]
+    s = shifts.summarise(rows)
+    t = {x["task"]: x for x in s["per_task"]}
+    assert t["h/fov/0"]["picked"] == "adabn" and t["h/bias/0"]["picked"] == "epoch 1"
+    assert t["h/fov/0"]["checked"] == pytest.approx(t["h/fov/0"]["source"])  # the check keeps the source
+    assert t["h/bias/0"]["checked"] == pytest.approx(t["h/bias/0"]["selected"])  # and the adapter where it wins
+    assert t["h/bias/0"]["adabn"] == pytest.approx(0.4) and t["h/bias/0"]["deepbet"] == pytest.approx(0.8)
+    md = shifts.markdown(s)
+    assert "| h/fov/0 | 0.610 | 0.400 | 0.700 | 0.600 (-0.010) | adabn | 0.610 (+0.000) | 0.800 |" in md
+
+
 def test_deepbet_is_a_row_of_the_method_table_and_not_a_candidate():
     rows = _rows() + [{"head": "h", "family": f, "seed": 0, "volume": f"h_{f}_sub{k}", "method": "deepbet",
                        "dice": 0.97, "surface_dice": 0.8} for f in ("fov", "bias") for k in (0, 1)]
