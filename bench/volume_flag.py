@@ -4,7 +4,8 @@ through? (issue 10: "when in doubt the product says so"). Analysis only: the pro
     python bench/volume_flag.py --table1 W/table1/rows.jsonl --shifts S/rows.jsonl
 
 The rule was written down (commit of this file) after Table 1's seed 0 of 2026-12-05 had shown three adaptations
-that the check let through while worse, and *before* seed 1 and before the shift rows were looked at for it:
+that the check let through while worse, and *before* seed 1 was run (the shift rows existed; of them only colin27/scanner's candidate volumes on its
+scoring volumes had been read, where the trained epochs grew the brain by 27-42 % and were right to):
 
     flag a scan where the check uses the adapter and the adapted mask's brain volume differs from the unadapted
     model's by more than :data:`MAX_CHANGE` (10 %) either way.
