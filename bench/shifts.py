@@ -430,18 +430,12 @@ def summarise(rows: Sequence[dict]) -> Dict[str, object]:
             m: float(np.mean([r["surface_dice"] for r in rows if r["method"] == m and r["family"] == fam]))
             for m in methods if any(r["method"] == m and r["family"] == fam for r in rows)}
     # the goal: selected >= source - 0.005 surface Dice on every (head, family, seed)
-    worst = []
-    for key in sorted({(r["head"], r["family"], r["seed"]) for r in rows}):
-        def mean(m):
-            v = [r["surface_dice"] for r in rows if (r["head"], r["family"], r["seed"]) == key and r["method"] == m]
-            return float(np.mean(v)) if v else None
-        src, sel = mean("source"), mean("convlora-adabn-fast")
-        if src is not None and sel is not None:
-            worst.append({"task": "/".join(map(str, key)), "source": src, "selected": sel, "delta": sel - src})
-    out["tasks"] = worst
-    out["worst_delta"] = min((w["delta"] for w in worst), default=None)
     out["user_gets"] = user_gets(rows)
     out["per_task"] = per_task(rows, out["user_gets"])
+    out["tasks"] = [{"task": t["task"], "source": t["source"], "selected": t["selected"],
+                     "delta": t["selected"] - t["source"]}
+                    for t in out["per_task"] if t["source"] is not None and t["selected"] is not None]
+    out["worst_delta"] = min((w["delta"] for w in out["tasks"]), default=None)
     lf = [r for r in rows if r["method"].startswith("cand:")]
     out["spearman_pooled"] = spearman([r["label_free"] for r in lf], [r["surface_dice"] for r in lf])
     per_vol = []
@@ -506,8 +500,7 @@ def markdown(summary: Dict[str, object]) -> str:
         for t in summary["per_task"]:
             src = t["source"]
             lines.append(f"| {t['task']} | {cell(src)} | {cell(t['adabn'])} | {cell(t['trained'])} | "
-                         f"{cell(t['selected'], src if src is not None else None)} | {t['picked'] or '-'} | "
-                         f"{cell(t['checked'], src if src is not None else None)} | {cell(t['deepbet'])} |")
+                         f"{cell(t['selected'], src)} | {t['picked'] or '-'} | {cell(t['checked'], src)} | {cell(t['deepbet'])} |")
         lines.append("")
     lines.append("| per-scan choice (label-free, on the scan) | scans | mean SD - source | worst SD - source | picks |")
     lines.append("|---|---|---|---|---|")

@@ -56,8 +56,14 @@ def tally(cases: Iterable[tuple]) -> Dict[str, object]:
     return out
 
 
+def _rows(path: Path) -> List[dict]:
+    from table1 import RowCache  # the row cache both benchmarks write
+
+    return list(RowCache(path).rows.values())
+
+
 def table1_cases(path: Path) -> List[tuple]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _rows(path)
     out = []
     for r in rows:
         c = r.get("candidates") or {}
@@ -69,7 +75,7 @@ def table1_cases(path: Path) -> List[tuple]:
 
 
 def shifts_cases(path: Path, method: str = "convlora-adabn-fast") -> List[tuple]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _rows(path)
     src = {(r["head"], r["family"], r["seed"], r["volume"]): r for r in rows
            if r["method"] == "source" and r.get("scan_check")}
     out = []
