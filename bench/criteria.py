@@ -16,6 +16,31 @@ statistics can satisfy by construction. The criteria here were written down befo
 
 Every value is computed on one unlabelled adaptation volume (the one the selection scored), never on an evaluation
 volume. Bench code only: nothing in the product imports it.
+
+**Boundary contrast** (:func:`boundary_contrast`, written down on 2026-12-05, eighth session, before any run recorded
+it). Every criterion above asks the *network* again (under another input) and can be satisfied by a network that is
+consistently wrong; the failures the per-scan check still lets through on Table 1 (2026-12-05: 7 of 60, mostly
+robex_atlas, a head with its neck) are adapted masks 15-18 % larger than the source's -- on the 2 mm working grid
+about one voxel of growth over the whole surface. This criterion asks the *image* instead: the mean working-grid
+intensity of the mask's inner one-voxel shell minus that of its outer one-voxel shell (6-connected erosion and
+dilation). On a T1 scan a brain mask that ends at the pial surface has grey matter inside and CSF, dura and bone
+(dark) outside, so the difference is large; a mask one voxel too large has CSF inside and bone or scalp outside,
+one voxel too small has grey matter on both sides -- both lower. It is computed on the scan being segmented (no
+labels) from the candidate's final mask, the same working-grid slices the product scores, and costs no network pass.
+
+The rules judged with it, fixed here before the runs (``table1.py`` and ``shifts.py`` record ``contrast`` for every
+candidate and in the per-scan check's scores; ``selection_probe.py`` prints it on the speed cohort):
+
+* **C1, contrast veto** -- the per-scan check as the product runs it, and the adapter is also refused on a scan where
+  its mask's contrast is lower than the source model's;
+* **C2, contrast decides** -- on each scan the adapter's mask is used if and only if its contrast is higher than the
+  source model's (the product's scores not consulted).
+
+Also measured: Spearman of the contrast with the true surface Dice within one scan's candidates, beside the product
+score's. Adoption rule, fixed now: a rule goes into the product only if on the fixed shifts (20 tasks), Table 1
+(seeds 0 and 1, fast) and the speed cohort it leaves **no** result more than 0.005 surface Dice below the source and
+gains over the source on average on the shifts and Table 1; if both qualify, the one with the larger mean gain.
+Otherwise it stays here, reported.
 """
 
 from __future__ import annotations
@@ -42,6 +67,30 @@ def _rotate(stack: np.ndarray, deg: float, order: int = 1) -> np.ndarray:
     """Rotate every slice (axes 1, 2) of ``stack`` by ``deg`` degrees about its centre, zero outside."""
     return ndimage.rotate(stack, deg, axes=(2, 1), reshape=False, order=order, mode="constant", cval=0.0,
                           prefilter=False).astype(np.float32)
+
+
+def boundary_contrast(probs: np.ndarray, slices: np.ndarray) -> float:
+    """Mean intensity (working grid, clipped to [0, 1]) of the one-voxel inner shell of the mask ``probs >= 0.5``
+    minus that of its one-voxel outer shell (6-connected); NaN for an empty mask or one that fills the grid."""
+    m = probs >= 0.5
+    if not m.any() or m.all():
+        return float("nan")
+    x = np.clip(slices, 0.0, 1.0)
+    inner = m & ~ndimage.binary_erosion(m)
+    outer = ndimage.binary_dilation(m) & ~m
+    return float(x[inner].mean() - x[outer].mean())
+
+
+def contrast_pick(source: Dict[str, float], adapted: Dict[str, float], product_pick: str, rule: str) -> str:
+    """What rule C1 or C2 (module docstring) keeps on one scan, from the source model's and the adapter's per-scan
+    scores (each with ``contrast``) and the product's per-scan choice (``"source"`` or ``"selected"``)."""
+    better = np.isfinite(adapted["contrast"]) and (not np.isfinite(source["contrast"])
+                                                   or adapted["contrast"] > source["contrast"])
+    if rule == "C1":
+        return product_pick if better or product_pick == "source" else "source"
+    if rule == "C2":
+        return "selected" if better else "source"
+    raise ValueError(rule)
 
 
 def criteria(model, slices: np.ndarray, device, source_final: Optional[np.ndarray] = None) -> Dict[str, float]:

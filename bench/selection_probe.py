@@ -21,6 +21,7 @@ from ConvLoRASegLib import selection, selftrain, store  # noqa: E402
 from ConvLoRASegLib.metrics import surface_dice  # noqa: E402
 from ConvLoRASegLib.segment import predict_slices  # noqa: E402
 from ConvLoRASegLib.volumes import mask_to_slices, read_image, to_slices  # noqa: E402
+from criteria import boundary_contrast, contrast_pick  # noqa: E402
 
 
 def main() -> int:
@@ -43,7 +44,7 @@ def main() -> int:
         tests.append((vs, mask_to_slices(read_image(p.parent.parent / "masks" / p.name), vs) > 0))
     scoring = [volumes[i] for i in selftrain.selection_indices(len(volumes), 4)] if a.criteria else []
     src_finals = [predict_slices(model, x, "cpu") for x in scoring]
-    held_sd, held_lf = {}, {}
+    held_sd, held_lf, held_contrast = {}, {}, {}
     for name in res.candidate_states:
         m = selftrain.candidate_model(model, res, name)
         if scoring:
@@ -52,14 +53,16 @@ def main() -> int:
             crit = [criteria(m, x, "cpu", source_final=f) for x, f in zip(scoring, src_finals)]
             print(f"{name:8} criteria on the scoring volumes (mean): "
                   f"{ {k: round(float(np.mean([c[k] for c in crit])), 4) for k in crit[0]} }", flush=True)
-        sds, lfs = [], []
+        sds, lfs, cts = [], [], []
         for vs, truth in tests:
             final, early = predict_slices(m, vs.slices, "cpu", with_esh=True)
             sds.append(surface_dice(final >= 0.5, truth, (m.grid.spacing_mm,) * 3, 1.0))
             lfs.append(selection.score_model(m, vs.slices, "cpu", predicted=(final, early)))
+            cts.append(boundary_contrast(final, vs.slices))
         print(f"{name:8} held-out surface Dice {np.mean(sds):.4f} {[round(x, 4) for x in sds]} | label-free there "
-              f"{[round(s.value, 3) for s in lfs]} consistency {[round(s.consistency, 3) for s in lfs]}", flush=True)
-        held_sd[name], held_lf[name] = sds, lfs
+              f"{[round(s.value, 3) for s in lfs]} consistency {[round(s.consistency, 3) for s in lfs]} "
+              f"contrast {[round(c, 4) for c in cts]}", flush=True)
+        held_sd[name], held_lf[name], held_contrast[name] = sds, lfs, cts
     # what a user gets with `segment --adapter FILE` (the per-scan check, its default) on each held-out scan: the
     # selected candidate where it beats the source model's label-free score on that scan, else the source model
     sel = res.selected
@@ -68,6 +71,12 @@ def main() -> int:
     got = [held_sd[p][i] for i, p in enumerate(picks)]
     print(f"per-scan check ({sel} vs source): kept {picks}; held-out surface Dice {np.mean(got):.4f} "
           f"(source {np.mean(held_sd[selection.SOURCE]):.4f}, {sel} unchecked {np.mean(held_sd[sel]):.4f})", flush=True)
+    # the boundary-contrast rules fixed in bench/criteria.py before this probe recorded them
+    for rule in ("C1", "C2"):
+        ruled = [contrast_pick({"contrast": held_contrast[selection.SOURCE][i]}, {"contrast": held_contrast[sel][i]},
+                               "source" if p == selection.SOURCE else "selected", rule) for i, p in enumerate(picks)]
+        got = [held_sd[selection.SOURCE if r == "source" else sel][i] for i, r in enumerate(ruled)]
+        print(f"rule {rule}: kept {ruled}; held-out surface Dice {np.mean(got):.4f}", flush=True)
     return 0
 
 

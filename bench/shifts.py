@@ -219,6 +219,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
     from ConvLoRASegLib.selection import agreement, score_model, score_volume
     from ConvLoRASegLib.selftrain import adapt, source_copy
     from ConvLoRASegLib.volumes import brain_mask, read_image, to_slices
+    from criteria import boundary_contrast
 
     d = cohort_dir(work, head, family, seed)
     base = store.load_model(models / f"loho_{head}.safetensors")
@@ -248,9 +249,11 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
             pred = sitk.GetArrayFromImage(brain_mask(final, vs)) > 0
             dsc, sd1, sd2 = _score(pred, truth, sp)
             lf = score_volume(final, early, base.grid.spacing_mm)
+            contrast = boundary_contrast(final, vs.slices)  # label-free (bench/criteria.py), judged on these rows
             check = {}
             if method in SCAN_CHECKED:  # the scores segment --adapter's per-scan check compares on this scan
-                check = {"scan_check": score_model(model, vs.slices, "cpu", predicted=(final, early)).to_dict()}
+                check = {"scan_check": {**score_model(model, vs.slices, "cpu", predicted=(final, early)).to_dict(),
+                                        "contrast": contrast}}
             # an alternative label-free score, recorded for the comparison: the final mask's consistency under an
             # intensity (gamma) perturbation of the input, surface Dice at one working voxel
             tta = float(np.mean([agreement(final, predict_slices(model, np.clip(vs.slices, 0, 1) ** g, "cpu"),
@@ -258,7 +261,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
             rows.put({"key": _key(method, k), "head": head,
                       "family": family, "seed": seed, "method": method, "volume": names[k], "dice": dsc,
                       "surface_dice": sd1, "surface_dice_2mm": sd2, "label_free": lf.value,
-                      "agreement": lf.agreement, "brain_ml": lf.brain_ml, "tta": tta if lf.plausible else 0.0, "seconds": round(seconds, 1), **extra, **check})
+                      "agreement": lf.agreement, "brain_ml": lf.brain_ml, "tta": tta if lf.plausible else 0.0, "contrast": contrast, "seconds": round(seconds, 1), **extra, **check})
         print(f"{head} {family} s{seed} {method}: " + ", ".join(
             f"{r['surface_dice']:.3f}/{r['dice']:.4f}" for r in rows.rows.values()
             if r["head"] == head and r["family"] == family and r["seed"] == seed and r["method"] == method),

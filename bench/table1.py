@@ -83,9 +83,10 @@ ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn
                                       "convlora-adabn-fast": ["fast-infer-precision"]}
 #: The label-free selection's version (issue 10: source and AdaBN candidates, consistency on interleaved shares,
 #: spread scoring volumes, no candidate that shrinks the brain; every candidate is scored against the labels too;
-#: AdaBN from the layers' own batch statistics): part of every adapted row's key, with the library's
+#: AdaBN from the layers' own batch statistics; every candidate records its boundary contrast, 2026-12-05): part of
+#: every adapted row's key, with the library's
 #: ``selection.SCORE_SLICE_STEP`` (the rows of 2026-12-02e were scored on every other slice).
-SELECTION_VERSION = "selection-v5-one-pass-adabn"
+SELECTION_VERSION = "selection-v5-one-pass-adabn-contrast"
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement", "selected")
@@ -299,14 +300,20 @@ def score_mask(pred: np.ndarray, ev: EvalVolume) -> Tuple[float, float]:
     return float(surface_dice(pred, ev.truth, ev.spacing, 1.0)), float(dice(pred, ev.truth))
 
 
-def evaluate(model, ev: EvalVolume, device) -> Tuple[float, float]:
-    """Segment the evaluation volume with ``model`` (as segment_image does: native grid, post-processed)."""
+def evaluate(model, ev: EvalVolume, device, contrast: bool = False) -> Tuple[float, ...]:
+    """Segment the evaluation volume with ``model`` (as segment_image does: native grid, post-processed): (surface
+    Dice, Dice), and with ``contrast`` the label-free boundary contrast of its working-grid mask
+    (``criteria.boundary_contrast``)."""
     from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.volumes import brain_mask
 
     probs = predict_slices(model, ev.vs.slices, device)
     mask = sitk.GetArrayFromImage(brain_mask(probs, ev.vs)) > 0
-    return score_mask(mask, ev)
+    if not contrast:
+        return score_mask(mask, ev)
+    from criteria import boundary_contrast
+
+    return (*score_mask(mask, ev), boundary_contrast(probs, ev.vs.slices))
 
 
 def seed_free_once(shared: Dict[Tuple[str, str], object], key: Tuple[str, str], compute):
@@ -319,13 +326,14 @@ def seed_free_once(shared: Dict[Tuple[str, str], object], key: Tuple[str, str], 
     return shared[key]
 
 
-def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, float], device,
+def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, float, float], device,
                      shared: Dict[Tuple[str, str], object], probe: Optional[np.ndarray] = None,
                      ) -> Dict[str, Dict[str, float]]:
     """Every candidate of an adaptation (source, AdaBN, each epoch) scored against the evaluation volume's labels,
     beside its label-free score on the adaptation volumes: how well does the label-free score rank them? With
     ``probe`` (the slices of the adaptation volume the selection scored) each candidate also records the
-    experimental criteria of ``bench/criteria.py`` there (``criteria``). The source and AdaBN candidates do not
+    experimental criteria of ``bench/criteria.py`` there (``criteria``). Each also records its boundary contrast
+    on the evaluation scan (``criteria.boundary_contrast``: label-free). The source and AdaBN candidates do not
     depend on the method's training or seed: they are computed once per task."""
     from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.selftrain import candidate_model
@@ -344,9 +352,9 @@ def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, fl
             if name in ("source", "adabn"):
                 shared[(name, ev.name)] = got
         else:
-            got = once((name, ev.name), lambda: evaluate(model(), ev, device))
+            got = once((name, ev.name), lambda: evaluate(model(), ev, device, contrast=True))
         out[name] = {"label_free": round(float(label_free), 4), "surface_dice": round(float(got[0]), 4),
-                     "dice": round(float(got[1]), 4)}
+                     "dice": round(float(got[1]), 4), "contrast": round(float(got[2]), 4)}
         if probe is not None:
             out[name]["criteria"] = once((name, "criteria"),
                                          lambda: criteria(model(), probe, device, source_final=source_final))
@@ -355,12 +363,19 @@ def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, fl
 
 def scan_check(base, res, ev: EvalVolume, device, shared: Dict[Tuple[str, str], object]) -> Dict[str, dict]:
     """The label-free scores ``segment --adapter auto`` compares on the evaluation scan itself (its working-grid
-    slices, every slice): the source model's and the selected result's, for the per-scan check (:func:`ranking`)."""
+    slices, every slice): the source model's and the selected result's, for the per-scan check (:func:`ranking`),
+    each with its mask's boundary contrast there (``criteria.boundary_contrast``)."""
+    from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.selection import SOURCE, score_model
+    from criteria import boundary_contrast
+
+    def compute(model) -> dict:
+        final, early = predict_slices(model, ev.vs.slices, device, with_esh=True)
+        return {**score_model(model, ev.vs.slices, device, predicted=(final, early)).to_dict(),
+                "contrast": boundary_contrast(final, ev.vs.slices)}
 
     def scored(name: str, model) -> dict:
-        return seed_free_once(shared, (name, f"scan check {ev.name}"),
-                              lambda: score_model(model, ev.vs.slices, device).to_dict())
+        return seed_free_once(shared, (name, f"scan check {ev.name}"), lambda: compute(model))
 
     return {"source": scored(SOURCE, base), "selected": scored(res.selected, res.model)}
 
@@ -609,8 +624,8 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
             t = time.perf_counter()
             if method == "source":
                 for ev in evs:
-                    shared[("source", ev.name)] = evaluate(base, ev, device)  # also every run's source candidate
-                    record(method, s, ev.name, *shared[("source", ev.name)], 0, 0, 0.0)
+                    shared[("source", ev.name)] = evaluate(base, ev, device, contrast=True)  # every run's source
+                    record(method, s, ev.name, *shared[("source", ev.name)][:2], 0, 0, 0.0)
             elif method == "robex":
                 for ev in evs:
                     if robex_budget[0] <= 0 and not (robex_cache / f"{ev.image_path.name}.json").is_file():
@@ -637,13 +652,13 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                             precision=budget.precision)
                 nbytes = adapter_file_bytes(base, res)
                 for ev in evs:
-                    got = evaluate(res.model, ev, device)
+                    got = evaluate(res.model, ev, device, contrast=True)
                     extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4),
                              "selected": res.selected,
                              "candidates": candidate_scores(base, res, ev, got, device, shared,
                                                            probe=adapt_slices[0] if criteria else None),
                              "scan_check": scan_check(base, res, ev, device, shared)}
-                    record(method, s, ev.name, *got, res.trainable_params, nbytes, res.seconds, extra)
+                    record(method, s, ev.name, *got[:2], res.trainable_params, nbytes, res.seconds, extra)
             secs = time.perf_counter() - t
             timer.add(f"method:{method}", secs)
             got = [r for r in rows if r["method"] == method and r["seed"] == s]
