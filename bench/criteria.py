@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -180,6 +180,72 @@ def report(rows) -> Dict[str, object]:
     return {"runs": len(runs), "spearman": rank, "rules": table}
 
 
+def _outcome(deltas: List[float]) -> Dict[str, object]:
+    g = np.asarray(deltas, float)
+    return {"n": int(g.size), "mean_gain": round(float(g.mean()), 4), "worst": round(float(g.min()), 4),
+            "below_source_0.005": int(np.sum(g < -0.005))}
+
+
+def contrast_report(table1_rows: Sequence[dict] = (), shifts_rows: Sequence[dict] = ()) -> Dict[str, object]:
+    """Rules C1 and C2 (module docstring) against the product's per-scan check, and the Spearman of the boundary
+    contrast with the true surface Dice within one scan's candidates beside the product score's.
+
+    Table 1: one result per adapted row (its evaluation scan), candidates source, AdaBN and each epoch (their
+    ``label_free`` is the adaptation's score on its scoring volumes). Shifts: the fast run's per-scan rules are
+    compared per (head, family, seed) task, the mean over its test scans, as ``shifts.user_gets`` does; the
+    candidates of one scan (``cand:fast:*`` rows) carry the product's score on that scan (``label_free``, the ESH
+    agreement, and ``tta``, the consistency)."""
+    from table1 import checked_pick
+
+    out: Dict[str, object] = {}
+    runs = [r for r in table1_rows if r.get("candidates") and "contrast" in (r.get("scan_check") or {}).get(
+        "source", {}) and all("contrast" in v for v in r["candidates"].values())]
+    if runs:
+        deltas: Dict[str, list] = {}
+        for r in runs:
+            c, chk = r["candidates"], r["scan_check"]
+            prod = checked_pick(chk)
+            picks = {"product check": prod, **{rule: contrast_pick(chk["source"], chk["selected"], prod, rule)
+                                               for rule in ("C1", "C2")}}
+            for rule, pick in picks.items():
+                sd = c["source" if pick == "source" else r["selected"]]["surface_dice"]
+                deltas.setdefault(rule, []).append(sd - c["source"]["surface_dice"])
+        groups = lambda k: [([v[k] for v in r["candidates"].values()],  # noqa: E731
+                             [v["surface_dice"] for v in r["candidates"].values()]) for r in runs]
+        out["table1"] = {"runs": len(runs), "rules": {k: _outcome(v) for k, v in deltas.items()},
+                         "spearman": {"label_free (scoring volumes)": rank_correlation(groups("label_free")),
+                                      "contrast (evaluation scan)": rank_correlation(groups("contrast"))}}
+    if shifts_rows:
+        src = {(r["head"], r["family"], r["seed"], r["volume"]): r for r in shifts_rows
+               if r["method"] == "source" and "contrast" in (r.get("scan_check") or {})}
+        per_task: Dict[tuple, Dict[str, list]] = {}
+        for r in shifts_rows:
+            key = (r["head"], r["family"], r["seed"], r["volume"])
+            if r["method"] != "convlora-adabn-fast" or key not in src or "contrast" not in (r.get("scan_check") or {}):
+                continue
+            s = src[key]
+            prod = checked_pick({"source": s["scan_check"], "selected": r["scan_check"]})
+            picks = {"product check": prod, **{rule: contrast_pick(s["scan_check"], r["scan_check"], prod, rule)
+                                               for rule in ("C1", "C2")}}
+            t = per_task.setdefault(key[:3], {})
+            for rule, pick in picks.items():
+                t.setdefault(rule, []).append((r if pick == "selected" else s)["surface_dice"] - s["surface_dice"])
+        scans: Dict[tuple, List[dict]] = {}
+        for r in shifts_rows:
+            if r["method"].startswith("cand:fast:") and "contrast" in r:
+                scans.setdefault((r["head"], r["family"], r["seed"], r["volume"]), []).append(r)
+        groups = lambda f: [([f(v) for v in g], [v["surface_dice"] for v in g])  # noqa: E731
+                            for g in scans.values()]
+        out["shifts"] = {
+            "tasks": len(per_task),
+            "rules": {rule: _outcome([float(np.mean(t[rule])) for t in per_task.values()])
+                      for rule in ("product check", "C1", "C2") if per_task},
+            "spearman": {"product score (on the scan)": rank_correlation(
+                             groups(lambda v: 0.5 * (v["label_free"] + v["tta"]))),
+                         "contrast (on the scan)": rank_correlation(groups(lambda v: v["contrast"]))}}
+    return out
+
+
 def main(argv=None) -> int:
     import argparse
     import json
@@ -188,7 +254,19 @@ def main(argv=None) -> int:
     ap.add_argument("rows", nargs="+")
     ap.add_argument("--methods", nargs="*", help="only these methods' rows (default: every adapted method)")
     ap.add_argument("--out", help="write the report as JSON here")
+    ap.add_argument("--contrast", action="store_true",
+                    help="judge the boundary-contrast rules C1 and C2 instead (the rows: Table 1's; see --shifts)")
+    ap.add_argument("--shifts", nargs="*", default=[], help="with --contrast: shifts.py row caches too")
     a = ap.parse_args(argv)
+    if a.contrast:
+        load = lambda paths: list({r["key"]: r for p in paths for line in open(p) if line.strip()  # noqa: E731
+                                   for r in [json.loads(line)]}.values())
+        rep = contrast_report(load(a.rows), load(a.shifts))
+        print(json.dumps(rep, indent=1))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(rep, f, indent=1)
+        return 0
     rows = [json.loads(line) for p in a.rows for line in open(p) if line.strip()]
     rows = list({r["key"]: r for r in rows}.values())
     if a.methods:
