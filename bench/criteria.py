@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     import json
 
     ap = argparse.ArgumentParser(description="judge the criteria on a Table 1 row cache (rows.jsonl)")
-    ap.add_argument("rows", nargs="+")
+    ap.add_argument("rows", nargs="*", help="Table 1 row caches (rows.jsonl)")
     ap.add_argument("--methods", nargs="*", help="only these methods' rows (default: every adapted method)")
     ap.add_argument("--out", help="write the report as JSON here")
     ap.add_argument("--contrast", action="store_true",
@@ -267,6 +267,8 @@ def main(argv=None) -> int:
             with open(a.out, "w") as f:
                 json.dump(rep, f, indent=1)
         return 0
+    if not a.rows:
+        ap.error("give at least one Table 1 row cache")
     rows = [json.loads(line) for p in a.rows for line in open(p) if line.strip()]
     rows = list({r["key"]: r for r in rows}.values())
     if a.methods:
