@@ -45,6 +45,7 @@ Otherwise it stays here, reported.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -186,6 +187,13 @@ def _outcome(deltas: List[float]) -> Dict[str, object]:
             "below_source_0.005": int(np.sum(g < -0.005))}
 
 
+def _contrast_rule(rule: str, source: Dict[str, float], adapted: Dict[str, float]) -> str:
+    """:func:`contrast_pick` on top of the product's per-scan check, from the two per-scan score dicts."""
+    from table1 import checked_pick
+
+    return contrast_pick(source, adapted, checked_pick({"source": source, "selected": adapted}), rule)
+
+
 def contrast_report(table1_rows: Sequence[dict] = (), shifts_rows: Sequence[dict] = ()) -> Dict[str, object]:
     """Rules C1 and C2 (module docstring) against the product's per-scan check, and the Spearman of the boundary
     contrast with the true surface Dice within one scan's candidates beside the product score's.
@@ -216,20 +224,11 @@ def contrast_report(table1_rows: Sequence[dict] = (), shifts_rows: Sequence[dict
                          "spearman": {"label_free (scoring volumes)": rank_correlation(groups("label_free")),
                                       "contrast (evaluation scan)": rank_correlation(groups("contrast"))}}
     if shifts_rows:
-        src = {(r["head"], r["family"], r["seed"], r["volume"]): r for r in shifts_rows
-               if r["method"] == "source" and "contrast" in (r.get("scan_check") or {})}
-        per_task: Dict[tuple, Dict[str, list]] = {}
-        for r in shifts_rows:
-            key = (r["head"], r["family"], r["seed"], r["volume"])
-            if r["method"] != "convlora-adabn-fast" or key not in src or "contrast" not in (r.get("scan_check") or {}):
-                continue
-            s = src[key]
-            prod = checked_pick({"source": s["scan_check"], "selected": r["scan_check"]})
-            picks = {"product check": prod, **{rule: contrast_pick(s["scan_check"], r["scan_check"], prod, rule)
-                                               for rule in ("C1", "C2")}}
-            t = per_task.setdefault(key[:3], {})
-            for rule, pick in picks.items():
-                t.setdefault(rule, []).append((r if pick == "selected" else s)["surface_dice"] - s["surface_dice"])
+        from shifts import user_gets  # the per-task pairing of source and adapted scans the shift report uses
+
+        checked = [r for r in shifts_rows if "contrast" in (r.get("scan_check") or {})]
+        rules = {"product check": None, **{rule: functools.partial(_contrast_rule, rule) for rule in ("C1", "C2")}}
+        gets = {rule: user_gets(checked, pick=p).get("convlora-adabn-fast") for rule, p in rules.items()}
         scans: Dict[tuple, List[dict]] = {}
         for r in shifts_rows:
             if r["method"].startswith("cand:fast:") and "contrast" in r:
@@ -237,9 +236,10 @@ def contrast_report(table1_rows: Sequence[dict] = (), shifts_rows: Sequence[dict
         groups = lambda f: [([f(v) for v in g], [v["surface_dice"] for v in g])  # noqa: E731
                             for g in scans.values()]
         out["shifts"] = {
-            "tasks": len(per_task),
-            "rules": {rule: _outcome([float(np.mean(t[rule])) for t in per_task.values()])
-                      for rule in ("product check", "C1", "C2") if per_task},
+            "tasks": gets["product check"]["n_tasks"] if gets["product check"] else 0,
+            "rules": {rule: {"n": g["n_tasks"], "mean_gain": round(g["checked_mean_delta"], 4),
+                             "worst": round(g["checked_worst"], 4), "below_source_0.005": g["checked_below"]}
+                      for rule, g in gets.items() if g},
             "spearman": {"product score (on the scan)": rank_correlation(
                              groups(lambda v: 0.5 * (v["label_free"] + v["tta"]))),
                          "contrast (on the scan)": rank_correlation(groups(lambda v: v["contrast"]))}}
@@ -258,22 +258,17 @@ def main(argv=None) -> int:
                     help="judge the boundary-contrast rules C1 and C2 instead (the rows: Table 1's; see --shifts)")
     ap.add_argument("--shifts", nargs="*", default=[], help="with --contrast: shifts.py row caches too")
     a = ap.parse_args(argv)
-    if a.contrast:
-        load = lambda paths: list({r["key"]: r for p in paths for line in open(p) if line.strip()  # noqa: E731
-                                   for r in [json.loads(line)]}.values())
-        rep = contrast_report(load(a.rows), load(a.shifts))
-        print(json.dumps(rep, indent=1))
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(rep, f, indent=1)
-        return 0
-    if not a.rows:
-        ap.error("give at least one Table 1 row cache")
-    rows = [json.loads(line) for p in a.rows for line in open(p) if line.strip()]
-    rows = list({r["key"]: r for r in rows}.values())
+    load = lambda paths: list({r["key"]: r for p in paths for line in open(p) if line.strip()  # noqa: E731
+                               for r in [json.loads(line)]}.values())
+    rows = load(a.rows)
     if a.methods:
         rows = [r for r in rows if r["method"] in a.methods]
-    rep = report(rows)
+    if a.contrast:
+        rep = contrast_report(rows, load(a.shifts))
+    elif not rows:
+        ap.error("give at least one Table 1 row cache")
+    else:
+        rep = report(rows)
     print(json.dumps(rep, indent=1))
     if a.out:
         with open(a.out, "w") as f:

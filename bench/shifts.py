@@ -29,7 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -358,11 +358,14 @@ def per_scan_selection(cand_rows: Sequence[dict]) -> Dict[str, object]:
     return out
 
 
-def user_gets(rows: Sequence[dict]) -> Dict[str, Dict[str, object]]:
+def user_gets(rows: Sequence[dict], pick: Optional[Callable[[dict, dict], str]] = None,
+              ) -> Dict[str, Dict[str, object]]:
     """Per method of :data:`SCAN_CHECKED` (not the source): what a user gets with ``segment --adapter FILE``'s
     per-scan check on each test scan (``table1.checked_pick``: the adapted result if it beats the source model's
     label-free score on that scan, else the source model), against the source model; per (head, family, seed) task,
-    the mean over its test scans. "below": tasks more than 0.005 surface Dice under the source (issue 10's goal)."""
+    the mean over its test scans. "below": tasks more than 0.005 surface Dice under the source (issue 10's goal).
+    ``pick(source scores, adapted scores)`` -> ``"source"`` or ``"selected"``: another per-scan rule than the
+    product's (bench/criteria.py's contrast rules)."""
     from table1 import checked_pick
 
     out: Dict[str, Dict[str, object]] = {}
@@ -376,12 +379,13 @@ def user_gets(rows: Sequence[dict]) -> Dict[str, Dict[str, object]]:
             if r["method"] != method or not r.get("scan_check") or key not in src:
                 continue
             s = src[key]
-            pick = checked_pick({"source": s["scan_check"], "selected": r["scan_check"]})
-            kept += pick == "source"
+            got = pick(s["scan_check"], r["scan_check"]) if pick else \
+                checked_pick({"source": s["scan_check"], "selected": r["scan_check"]})
+            kept += got == "source"
             t = per_task.setdefault(key[:3], {"source": [], "plain": [], "checked": []})
             t["source"].append(s["surface_dice"])
             t["plain"].append(r["surface_dice"])
-            t["checked"].append(s["surface_dice"] if pick == "source" else r["surface_dice"])
+            t["checked"].append(s["surface_dice"] if got == "source" else r["surface_dice"])
         if not per_task:
             continue
         rows_out = []
