@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,6 +24,7 @@ from .model import ConvLoRASegModel
 from .store import AdapterInfo, load_adapter
 
 if TYPE_CHECKING:
+    from .selection import VolumeScore
     from .volumes import VolumeSlices
 
 AdapterLike = Union[None, str, Path, AdapterInfo]
@@ -392,22 +393,38 @@ def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequenc
     scoring computes them; the caller then needs no further pass for the winner's mask).
     The model's active adapter is the same afterwards as before.
     """
-    from .selection import SOURCE, choose_volume_scores, score_model
+    from .selection import SOURCE, choose_volume_scores
     from .volumes import to_slices
 
     vs = working if working is not None else to_slices(image, model.grid)
     was_active = model.adapters.active
-    got = {}
     infos: Dict[str, Optional[AdapterInfo]] = {}
-    try:
+
+    def activated() -> Iterator[Tuple[str, ConvLoRASegModel]]:
         for candidate in [None, *adapters]:
             info = activate_adapter(model, candidate)
             name = SOURCE if info is None else info.name
-            predicted = predict_slices(model, vs.slices, device, with_esh=True)
-            got[name] = score_model(model, vs.slices, device, predicted=predicted)
             infos[name] = info
-            if predictions is not None:
-                predictions[name] = predicted
+            yield name, model
+
+    try:
+        got = scan_scores(activated(), vs.slices, device, predictions)
     finally:
         model.adapters.set_adapter(was_active)
     return infos[choose_volume_scores(got)], {n: s.value for n, s in got.items()}
+
+
+def scan_scores(candidates: Iterable[Tuple[str, ConvLoRASegModel]], slices: np.ndarray,
+                device: Union[str, torch.device] = "auto",
+                predictions: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None) -> Dict[str, "VolumeScore"]:
+    """The label-free score (:func:`~ConvLoRASegLib.selection.score_model`) of each (name, model) on one scan's
+    working ``slices``; ``predictions`` receives each one's (final, ESH) probabilities."""
+    from .selection import score_model
+
+    got = {}
+    for name, m in candidates:
+        predicted = predict_slices(m, slices, device, with_esh=True)
+        got[name] = score_model(m, slices, device, predicted=predicted)
+        if predictions is not None:
+            predictions[name] = predicted
+    return got
