@@ -502,6 +502,7 @@ def read_target(paths: Sequence[Path], grid, rep: Reporter) -> Tuple[List[Any], 
 
 def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     from .atomic import check_output_path
+    from .labelled_check import apply_check, check_adaptation, read_labelled_scans
     from .selftrain import adapt
     from .segment import resolve_device
     from .store import AdapterStore, check_adapter_name, load_model, save_adapter
@@ -519,6 +520,7 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
         dest = AdapterStore(args.adapters).path_for(model.sha256, name)
         dest.parent.mkdir(parents=True, exist_ok=True)
     check_output_path(dest, args.overwrite)
+    labelled = read_labelled_scans(args.check) if args.check else []  # bad check files fail before the work
     paths = target_paths(args.targets)
     stacks, used, skipped = read_target(paths, model.grid, rep)
 
@@ -527,6 +529,11 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
         if getattr(args, k) is not None:
             kwargs[k] = getattr(args, k)
     result = adapt(model, stacks, device=device, progress=rep, **kwargs)
+    label_free = result.selected
+    check = None
+    if labelled:
+        check = check_adaptation(model, result, labelled, device, progress=rep)
+        result = apply_check(model, result, check)
     rep({"event": "progress", "stage": "save", "step": 0, "total": 1})
     details = {**result.summary(),
                "target": {"n_volumes": len(used), "files": [p.name for p in used],
@@ -542,19 +549,29 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
         "best_epoch": result.best_epoch, "epochs": result.epochs, "trainable_params": result.trainable_params,
         "trainable_percent": 100.0 * result.trainable_params / base_params, "adapter_bytes": info.bytes,
         "model_bytes": model_bytes, "seconds": round(result.seconds, 1), "n_volumes": len(used),
-        "n_skipped": len(skipped)}
+        "n_skipped": len(skipped), "label_free_selected": label_free,
+        "labelled_check": check.to_dict() if check else None}
     scores = ", ".join(f"{k} {v:.3f}" for k, v in result.candidates.items())
+    checked = [] if check is None else [
+        f"  labelled check on {len(check.scans)} scan(s), surface Dice at 1 mm as segment --adapter delivers it: "
+        + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in check.surface_dice.items()),
+        f"  label-free selection {label_free}; after the labelled check: {check.selected} ({check.reason})"]
     rep.info("\n".join([
         f"adapter {info.name!r} written to {info.path}",
         f"  target: {len(used)} volumes ({result.n_slices} slices), {len(skipped)} skipped",
         f"  method {result.method} ({result.mode}), rank {result.rank}, placement {result.placement}",
         f"  label-free score of each candidate (ESH agreement + gamma consistency): {scores}",
+        *checked,
         f"  selected: {result.selected}",
         f"  trainable parameters: {result.trainable_params:,} = {summary['trainable_percent']:.2f} % of the "
         f"base model's {base_params:,}",
         f"  adapter file {_fmt_bytes(info.bytes)} vs model file {_fmt_bytes(model_bytes)}",
         f"  time {result.seconds:.1f} s"]))
-    if not result.adapted:
+    if check is not None and not result.adapted and label_free != "source":
+        rep.warn(f"the adapted model was worse than the unadapted one on the labelled check scans "
+                 f"({check.reason}): the adapter {info.name!r} changes nothing; segmenting without it gives the "
+                 "same masks")
+    elif not result.adapted:
         best = max((v for k, v in result.candidates.items() if k != "source"), default=float("nan"))
         rep.warn(f"adaptation did not beat the unadapted model on the label-free score (source "
                  f"{result.agreement_source:.3f}, best adapted candidate {best:.3f}): the adapter {info.name!r} "
@@ -569,6 +586,9 @@ def cmd_adapt_dispatch(args: argparse.Namespace, rep: Reporter) -> int:
         if args.targets or args.output or args.name:
             raise ConvLoRASegError("--sites names the targets and the adapters (one per site, named after it): "
                                    "give no TARGET, -o or --name with it")
+        if args.check:
+            raise ConvLoRASegError("--check scans belong to one site: adapt that site on its own (TARGET... -o) "
+                                   "to check it")
         return cmd_adapt_sites(args, rep)
     if not args.targets:
         raise ConvLoRASegError("adapt needs TARGET volumes (or --sites CSV|DIR for several sites)")
@@ -1009,6 +1029,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=2, metavar="R", help="ConvLoRA rank (default 2)")
     p.add_argument("--placement", default="init_path", metavar="P", help="where ConvLoRA goes (default init_path)")
     p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--check", nargs=2, action="append", metavar=("IMAGE", "MASK"),
+                   help="a labelled scan of the target site and its brain mask (repeatable): every candidate is "
+                        "checked on it and the adapter never ends worse than no adapter there (optional; the "
+                        "adaptation itself needs no labels)")
     p.add_argument("--overwrite", action="store_true")
     _cluster_options(p)
     _common(p)

@@ -154,7 +154,8 @@ def check_adaptation(model, result, scans: Sequence[LabelledScan], device="auto"
         check_geometry(s.image, s.mask, s.name)
     dev = resolve_device(device)
     names = [SOURCE] + [n for n in result.candidate_states if n != SOURCE]
-    candidates = {n: candidate_model(model, result, n) for n in names}
+    stored = _as_stored(result)
+    candidates = {n: candidate_model(model, stored, n) for n in names}
     out = LabelledCheck([s.name for s in scans], {n: [] for n in names}, {n: [] for n in names},
                         {n: [] for n in names}, result.selected, rule)
     for i, scan in enumerate(scans):
@@ -169,13 +170,22 @@ def check_adaptation(model, result, scans: Sequence[LabelledScan], device="auto"
     return out
 
 
+def _as_stored(result):
+    """``result`` with every candidate's tensors as its adapter file would hold them (the check measures what the
+    user will load)."""
+    from .store import stored_form
+
+    return dataclasses.replace(result, candidate_states={n: stored_form(s) for n, s in result.candidate_states.items()})
+
+
 def apply_check(model, result, check: LabelledCheck):
-    """``result`` with the candidate the check chose as its selection (model and adapter state), the check recorded
-    in its details."""
+    """``result`` with the candidate the check chose as its selection (model and adapter state as the adapter file
+    holds them), the check recorded in its details."""
     from .selftrain import candidate_model
 
-    return dataclasses.replace(result, selected=check.selected, state=result.candidate_states[check.selected],
-                               model=candidate_model(model, result, check.selected),
+    stored = _as_stored(result)
+    return dataclasses.replace(stored, selected=check.selected, state=stored.candidate_states[check.selected],
+                               model=candidate_model(model, stored, check.selected),
                                details={**result.details, "labelled_check": check.to_dict()})
 
 

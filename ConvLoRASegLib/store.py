@@ -234,7 +234,7 @@ def save_adapter(model: ConvLoRASegModel, state: Dict[str, torch.Tensor], path: 
     """Write an adapter (``state`` from :func:`~ConvLoRASegLib.convlora.adapter_state`) bound to ``model``."""
     details = dict(details or {})
     agreement = details.get("agreement")
-    state = {k: _adapter_dtype(k, v) for k, v in state.items()}
+    state = stored_form(state)
     meta = {
         "format": ADAPTER_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -255,13 +255,12 @@ def save_adapter(model: ConvLoRASegModel, state: Dict[str, torch.Tensor], path: 
     return read_adapter_info(path)
 
 
-def _adapter_dtype(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """BatchNorm statistics are stored in float16 (estimates from the target's slices: their sampling noise is far
-    above fp16's 1e-3 relative precision; this halves the file to ~0.7 % of the fp16 model); trained tensors
-    (LoRA factors, BN affine) stay float32."""
-    if key.endswith(("running_mean", "running_var")):
-        return tensor.detach().to(torch.float16)
-    return tensor.detach().float()
+def stored_form(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Adapter tensors as an adapter file holds them. BatchNorm statistics are stored in float16 (estimates from the
+    target's slices: their sampling noise is far above fp16's 1e-3 relative precision; this halves the file to
+    ~0.7 % of the fp16 model); trained tensors (LoRA factors, BN affine) stay float32."""
+    return {k: v.detach().to(torch.float16) if k.endswith(("running_mean", "running_var")) else v.detach().float()
+            for k, v in state.items()}
 
 
 def _adapter_info(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> AdapterInfo:
