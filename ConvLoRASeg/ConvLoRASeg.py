@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -45,7 +46,7 @@ try:
 except ImportError:  # Python < 3.9
     from typing_extensions import Annotated
 
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 _MODULE_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -106,6 +107,8 @@ class ConvLoRASeg(ScriptedLoadableModule):
             "Brain mask of a T1-weighted head MRI with a 2D U-Net. When scans come from a new scanner, "
             "<b>Adapt</b> learns a small ConvLoRA adapter (plus AdaBN statistics) from unlabelled scans of that "
             "scanner; adapters are kept per user and per model, and can be chosen automatically per scan. "
+            "Optionally, one scan of that scanner with a trusted brain mask checks the adaptation: the adapter then "
+            "never ends worse than no adapter on it. "
             "See the <a href=\"https://github.com/convloraseg/SlicerConvLoRA#readme\">documentation</a>.")
         self.parent.acknowledgementText = (
             "Method: Sidra Aleem et al., \"ConvLoRA and AdaBN based Domain Adaptation via Self-Training\", "
@@ -144,6 +147,10 @@ class ConvLoRASegParameterNode:
     newAdapterName: str
     method: Annotated[str, Choice(list(METHODS)), Default("convlora-adabn")]
     epochs: Annotated[int, WithinRange(0, 1000), Default(0)]
+    # optional labelled check of an adaptation (adapt --check): a scan of the target site and its trusted brain
+    # mask; None is part of the union so that the selector can be cleared (parameterNodeWrapper needs it there)
+    checkScan: vtkMRMLScalarVolumeNode
+    checkMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     selectedAdapter: str
     autoAdapter: bool
     outputLabelmap: vtkMRMLLabelMapVolumeNode
@@ -206,6 +213,19 @@ def targetFromParameters(targetType: Optional[TargetType], cohortFolder: str, cc
     raise ConvLoRASegError("choose where the target cohort comes from")
 
 
+def checkScansFromParameters(checkScan: Any, checkMask: Any) -> List[Tuple[Any, Any]]:
+    """What ``ConvLoRASegLogic.adapt`` gets as ``checkScans`` from the optional check selectors: nothing when
+    neither is set, the pair when both are; ConvLoRASegError (one line) when only one is (a check the user asked
+    for is never dropped silently)."""
+    if checkScan is None and checkMask is None:
+        return []
+    if checkScan is None:
+        raise ConvLoRASegError("choose the check scan for the check mask (or clear the check mask)")
+    if checkMask is None:
+        raise ConvLoRASegError("choose the check mask of the check scan (or clear the check scan)")
+    return [(checkScan, checkMask)]
+
+
 #: Run button -> (the job it starts and cancels, its text when idle).
 JOB_BUTTONS = {"adaptButton": ("adapt", "Adapt"), "segmentButton": ("segment", "Segment"),
                "segmentCohortButton": ("cohort", "Segment cohort")}
@@ -261,12 +281,61 @@ def outputNodeForSegment(inputVolume, selectedOutput, autoOutputID: Optional[str
     return selectedOutput
 
 
+def _meanScore(values: Any) -> Optional[float]:
+    """Mean of a list of numbers (a candidate's per-scan surface Dice), or None when it is not one."""
+    if not isinstance(values, (list, tuple)) or not values:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return float(sum(values)) / len(values)
+
+
+def _labelledCheckMessage(name: Any, summary: Dict[str, Any], check: Dict[str, Any]) -> Tuple[str, bool]:
+    """:func:`adaptationMessage` when the adaptation was checked on labelled scans (``adapt --check``)."""
+    scans = check.get("scans") or []
+    count = len(scans) if isinstance(scans, (list, tuple)) else 0
+    scansText = f"{count} labelled check scan{'' if count == 1 else 's'}"
+    table = check.get("surface_dice") if isinstance(check.get("surface_dice"), dict) else {}
+    tolerance = check.get("tolerance_mm")
+    metric = f"surface Dice at {tolerance:g} mm" if isinstance(tolerance, (int, float)) else "surface Dice"
+    labelFree = summary.get("label_free_selected") or check.get("label_free_selected")
+    selected = summary.get("selected") or check.get("selected")
+    source = _meanScore(table.get("source"))
+    sourceText = f"{source:.3f}" if source is not None else "?"
+    if summary.get("adapted") is False:
+        if labelFree and labelFree != "source":
+            chosen = _meanScore(table.get(labelFree))
+            chosenText = f" {chosen:.3f}" if chosen is not None else ""
+            return (f"Adapter '{name}' saved, but the label-free choice ({labelFree}) was worse than the unadapted "
+                    f"model on the {scansText} ({metric}{chosenText} vs. unadapted {sourceText}): it changes "
+                    "nothing; segment without it.", True)
+        best = max((v for v in (_meanScore(s) for k, s in table.items() if k != "source") if v is not None),
+                   default=None)
+        bestText = f", best adapted candidate {best:.3f}" if best is not None else ""
+        return (f"Adapter '{name}' saved, but no adapted candidate beat the unadapted model, neither on the "
+                f"label-free score nor on the {scansText} ({metric}: unadapted {sourceText}{bestText}): it changes "
+                "nothing; segment without it.", True)
+    score = _meanScore(table.get(selected))
+    scoreText = f"{score:.3f}" if score is not None else "?"
+    changed = (f"; the check chose it over the label-free choice {labelFree}"
+               if labelFree and selected and labelFree != selected else "")
+    return (f"Adapter '{name}' saved (selected: {selected or '?'}; on the {scansText}, {metric} {scoreText} vs. "
+            f"unadapted {sourceText}{changed}).", False)
+
+
 def adaptationMessage(done: Dict[str, Any]) -> Tuple[str, bool]:
     """The status line after an adaptation job and whether it is a warning: the label-free selection may have
-    kept the unadapted model (``summary.adapted`` false), and the user must see that the adapter changes nothing."""
+    kept the unadapted model (``summary.adapted`` false), and the user must see that the adapter changes nothing.
+
+    With a labelled check (``summary.labelled_check``, ``adapt --check``) the line says what the check measured on
+    the labelled scans, and warns when the check refused the label-free choice (the adapter then changes nothing).
+    """
     adapter = done.get("adapter") or {}
     summary = done.get("summary") or {}
     name = adapter.get("name")
+    check = summary.get("labelled_check")
+    if isinstance(check, dict):
+        return _labelledCheckMessage(name, summary, check)
     if summary.get("adapted") is False:
         scores = summary.get("candidates") or {}
         best = max((v for k, v in scores.items() if k != "source"), default=None)
@@ -834,6 +903,118 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         sitk.WriteImage(self.imageFromVolumeNode(volumeNode), str(path), useCompression=False)
         return path
 
+    @staticmethod
+    def _isPath(item: Any) -> bool:
+        return isinstance(item, (str, pathlib.Path))
+
+    def _checkPairs(self, checkScans: Sequence[Tuple[Any, Any]]) -> List[Tuple[Any, Any]]:
+        """The labelled check scans of :meth:`adapt`, checked before anything starts (ConvLoRASegError, one line)."""
+        pairs = []
+        for index, pair in enumerate(checkScans or (), start=1):
+            try:
+                image, mask = pair
+            except (TypeError, ValueError):
+                raise ConvLoRASegError(f"check scan {index}: give a pair (image, mask)") from None
+            for role, item in (("image", image), ("mask", mask)):
+                if item is None:
+                    raise ConvLoRASegError(f"check scan {index}: its {role} is not chosen")
+                if self._isPath(item) and (not str(item).strip()
+                                           or not os.path.isfile(os.path.expanduser(str(item)))):
+                    raise ConvLoRASegError(f"check {role} not found: {item}")
+            if not self._isPath(image) and not (hasattr(image, "IsA") and image.IsA("vtkMRMLScalarVolumeNode")):
+                raise ConvLoRASegError(f"check scan {index}: the image must be a scalar volume node or a file")
+            if not self._isPath(mask) and not (hasattr(mask, "IsA") and (mask.IsA("vtkMRMLLabelMapVolumeNode")
+                                                                          or mask.IsA("vtkMRMLSegmentationNode"))):
+                raise ConvLoRASegError(f"check scan {index}: the mask must be a labelmap or segmentation node, or a "
+                                       "file")
+            if self._isPath(image) and not self._isPath(mask) and mask.IsA("vtkMRMLSegmentationNode"):
+                raise ConvLoRASegError(f"check scan {index}: a segmentation node as mask needs its image as a volume "
+                                       "node (the mask is exported on the image's grid)")
+            pairs.append((image, mask))
+        return pairs
+
+    def _checkArguments(self, pairs: Sequence[Tuple[Any, Any]], tempDir: pathlib.Path) -> List[str]:
+        """``--check IMAGE MASK`` per pair; nodes are written to ``tempDir`` (each pair in its own folder, so the
+        check names a scan after its node)."""
+        arguments = []
+        for index, (image, mask) in enumerate(pairs, start=1):
+            folder = tempDir / f"check_{index:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if self._isPath(image):
+                imagePath = os.path.expanduser(str(image))
+            else:
+                imagePath = str(self._saveVolumeNode(image, folder / f"{_fileStem(image.GetName())}.nrrd"))
+            if self._isPath(mask):
+                maskPath = os.path.expanduser(str(mask))
+            else:
+                maskPath = str(self._saveMaskNode(mask, image, folder / f"{_fileStem(mask.GetName())}_mask.nrrd"))
+            arguments += ["--check", imagePath, maskPath]
+        return arguments
+
+    def _saveMaskNode(self, maskNode, imageNode, path: pathlib.Path) -> pathlib.Path:
+        """Write a check mask (labelmap node, or segmentation node exported on ``imageNode``'s grid) as a 0/1
+        image with its world geometry."""
+        import SimpleITK as sitk
+
+        if maskNode.IsA("vtkMRMLSegmentationNode"):
+            labelmap = self._labelmapFromSegmentation(maskNode, imageNode)
+            try:
+                image = self._maskImage(labelmap, maskNode.GetName())
+            finally:
+                self._removeTemporaryLabelmap(labelmap)
+        else:
+            image = self._maskImage(maskNode, maskNode.GetName())
+        sitk.WriteImage(image, str(path), useCompression=True)
+        return path
+
+    @classmethod
+    def _maskImage(cls, labelmapNode, name: str):
+        import numpy as np
+        from ConvLoRASegLib.volumes import image_from_array
+
+        if labelmapNode.GetImageData() is None:
+            raise ConvLoRASegError(f"the check mask '{name}' has no image data")
+        array = (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
+        return image_from_array(array, cls.ijkToWorldMatrix(labelmapNode))
+
+    def _labelmapFromSegmentation(self, segmentationNode, referenceVolumeNode):
+        """All segments of ``segmentationNode`` in a temporary labelmap node with exactly the geometry (extent and
+        parent transform) of ``referenceVolumeNode``, by Slicer's own export (as ``slicer.util
+        .arrayFromSegmentBinaryLabelmap`` does); remove it with :meth:`_removeTemporaryLabelmap`."""
+        name = segmentationNode.GetName()
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentation is None or segmentation.GetNumberOfSegments() == 0:
+            raise ConvLoRASegError(f"the check mask '{name}' has no segments")
+        segmentIds = vtk.vtkStringArray()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segmentIds.InsertNextValue(segmentation.GetNthSegmentID(index))
+        scene = segmentationNode.GetScene() or self._sceneFor(referenceVolumeNode)
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"__{name} check mask__")
+        try:
+            exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, segmentIds, labelmap, referenceVolumeNode,
+                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        except Exception:
+            self._removeTemporaryLabelmap(labelmap)
+            raise
+        if not exported or labelmap.GetImageData() is None:
+            self._removeTemporaryLabelmap(labelmap)
+            raise ConvLoRASegError(f"the segmentation '{name}' could not be exported on the check scan's grid")
+        return labelmap
+
+    @staticmethod
+    def _removeTemporaryLabelmap(labelmap) -> None:
+        scene = labelmap.GetScene()
+        if scene is None:
+            return
+        display = labelmap.GetDisplayNode()
+        color = display.GetColorNode() if display is not None else None
+        if color is not None and color.GetScene() is scene and color.GetType() == color.User:
+            scene.RemoveNode(color)  # the color table the export made for it
+        if display is not None:
+            scene.RemoveNode(display)
+        scene.RemoveNode(labelmap)
+
     def _storeEnvironment(self) -> Dict[str, str]:
         libraryParent = str(pathlib.Path(sys.modules["ConvLoRASegLib"].__file__).resolve().parent.parent) \
             if "ConvLoRASegLib" in sys.modules else str(_MODULE_DIR)
@@ -851,7 +1032,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
               progress: Optional[Callable[[Dict[str, Any]], None]] = None, waitForCompletion: bool = True,
               device: str = "auto", epochs: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
               finished: Optional[Callable[[ProcessResult], None]] = None, extraArgs: Sequence[str] = (),
-              timeout: Optional[float] = None):
+              timeout: Optional[float] = None, checkScans: Sequence[Tuple[Any, Any]] = ()):
         """Learn an adapter ``name`` for the scanner of ``target`` in a background process (no labels needed).
 
         Args:
@@ -867,17 +1048,25 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             log: called with the process's other output lines; finished: called with the ProcessResult
                 (its ``value`` is the AdapterInfo).
             timeout: seconds before a blocking run is cancelled (None: no limit).
+            checkScans: optional labelled scans of the target site, pairs (image, mask): each a file path or a
+                node (the image a scalar volume node; the mask a labelmap node on the image's grid, or a
+                segmentation node, exported on the image's grid). Every candidate is then checked on them
+                (``adapt --check``) and the adapter never ends worse than no adapter there; the ``done`` event's
+                ``summary.labelled_check`` and the adapter's ``details["labelled_check"]`` hold the check.
         Raises:
-            ConvLoRASegError: bad target or name, another run in progress, or the process reported an error.
+            ConvLoRASegError: bad target, name or check scans, another run in progress, or the process reported an
+                error (e.g. a check mask that is not on its image's grid).
         """
         from ConvLoRASegLib.store import check_adapter_name
 
         name = check_adapter_name(name)
+        checks = self._checkPairs(checkScans)  # missing files fail here, before a process or a temp folder
         arguments = ["--name", name, "--json", "--method", method, "--device", device]
         if epochs:
             arguments += ["--epochs", str(int(epochs))]
         arguments += self._modelArguments() + list(extraArgs)
-        return self._runBackground("adapt", lambda tempDir: self._targetArguments(target, tempDir) + arguments,
+        return self._runBackground("adapt", lambda tempDir: (self._targetArguments(target, tempDir)
+                                                             + self._checkArguments(checks, tempDir) + arguments),
                                    progress, log, finished, waitForCompletion, timeout,
                                    lambda result, tempDir: self._adaptResult(result))
 
@@ -1432,10 +1621,11 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def start():
             target = targetFromParameters(p.targetType, p.cohortFolder, p.cc359Root, p.cc359Site,
                                           self.ui.targetVolumesCheckableComboBox.checkedNodes())
+            checkScans = checkScansFromParameters(p.checkScan, p.checkMask)
             return self.logic.adapt(target, p.newAdapterName, method=p.method, device=p.device,
                                     epochs=p.epochs or None, progress=self.onProcessEvent,
                                     log=self.ui.logTextEdit.appendPlainText, finished=self.onAdaptFinished,
-                                    waitForCompletion=False)
+                                    waitForCompletion=False, checkScans=checkScans)
 
         self._startJob("Starting the adaptation", start)
 
@@ -1575,6 +1765,12 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if loaded is not None:
             volume, labelmap = loaded
             slicer.util.setSliceViewerLayers(background=volume, label=labelmap, fit=True)
+
+
+def _fileStem(name: Optional[str]) -> str:
+    """A node name as a safe file name stem."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).strip("._")[:60]
+    return stem or "volume"
 
 
 def _traceback() -> str:

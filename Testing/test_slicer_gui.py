@@ -154,6 +154,61 @@ def test_an_adapter_that_changes_nothing_is_a_warning():
     assert not warn and "epoch 2" in text and "0.700" in text
 
 
+def _checked(adapted: bool, selected: str, label_free: str, surface_dice, scans=("scan1.nrrd",)):
+    """A ``done`` event of ``adapt --check`` (the CLI's shape: summary.labelled_check from LabelledCheck.to_dict)."""
+    return {"adapter": {"name": "siteB", "agreement": 0.7},
+            "summary": {"adapted": adapted, "selected": selected, "label_free_selected": label_free,
+                        "agreement_source": 0.61, "candidates": {"source": 0.61, "adabn": 0.65, "epoch 1": 0.7},
+                        "labelled_check": {"scans": list(scans), "tolerance_mm": 1.0, "margin": 0.005,
+                                           "rule": "pick", "label_free_selected": label_free, "selected": selected,
+                                           "reason": "...", "surface_dice": surface_dice, "dice": surface_dice,
+                                           "surface_dice_unchecked": surface_dice}}}
+
+
+def test_the_labelled_check_is_in_the_status_line():
+    """With ``adapt --check`` the status line says what the labelled scans measured; a check that refused the
+    label-free choice is a warning (the adapter changes nothing); without a check the line is as before."""
+    table = {"source": [0.80, 0.70], "adabn": [0.82, 0.74], "epoch 1": [0.60, 0.50]}
+    # the check refused the label-free choice (epoch 1): the adapter holds the unadapted model
+    text, warn = module.adaptationMessage(_checked(False, "source", "epoch 1", table, ("a.nrrd", "b.nrrd")))
+    assert warn and "label-free choice (epoch 1) was worse than the unadapted model" in text
+    assert "2 labelled check scans" in text and "0.550" in text and "0.750" in text
+    assert "changes nothing; segment without it" in text
+    # the check kept the label-free choice: not a warning, the selected candidate's surface Dice vs. the source's
+    text, warn = module.adaptationMessage(_checked(True, "adabn", "adabn", table))
+    assert not warn and "selected: adabn" in text and "1 labelled check scan" in text
+    assert "0.780" in text and "unadapted 0.750" in text and "label-free choice" not in text
+    # the check chose another candidate than the label-free selection: said so
+    text, warn = module.adaptationMessage(_checked(True, "adabn", "epoch 1", table))
+    assert not warn and "over the label-free choice epoch 1" in text
+    # neither the label-free score nor the labels found a better candidate: a warning with the labelled numbers
+    text, warn = module.adaptationMessage(_checked(False, "source", "source", {"source": [0.8], "adabn": [0.7]}))
+    assert warn and "no adapted candidate beat the unadapted model" in text and "0.800" in text and "0.700" in text
+    # no check (the key absent, or None as the CLI writes it): exactly the messages without a check
+    for extra in ({}, {"labelled_check": None, "label_free_selected": "epoch 2"}):
+        adapted = {"adapter": {"name": "siteB", "agreement": 0.7},
+                   "summary": {"adapted": True, "selected": "epoch 2", **extra}}
+        assert module.adaptationMessage(adapted) == ("Adapter 'siteB' saved (selected: epoch 2, label-free score "
+                                                     "0.700).", False)
+        kept = {"adapter": {"name": "siteB", "agreement": 0.61},
+                "summary": {"adapted": False, "selected": "source", "agreement_source": 0.61,
+                            "candidates": {"source": 0.61, "adabn": 0.58, "epoch 1": 0.6}, **extra}}
+        assert module.adaptationMessage(kept) == (
+            "Adapter 'siteB' saved, but adaptation did not beat the unadapted model on the label-free score (source "
+            "0.610, best adapted candidate 0.600): it changes nothing; segment without it.", True)
+
+
+def test_check_selectors_give_a_pair_or_nothing_never_half_a_check(scene):
+    scan = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+    mask = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mask")
+    assert module.checkScansFromParameters(None, None) == []
+    assert module.checkScansFromParameters(scan, mask) == [(scan, mask)]
+    with pytest.raises(ConvLoRASegError, match="choose the check mask"):
+        module.checkScansFromParameters(scan, None)
+    with pytest.raises(ConvLoRASegError, match="choose the check scan"):
+        module.checkScansFromParameters(None, mask)
+
+
 def test_heavy_self_test_runs_only_with_torch_or_when_asked():
     assert module.heavySelfTestWanted({}, torchInstalled=True)
     assert not module.heavySelfTestWanted({}, torchInstalled=False)

@@ -479,3 +479,120 @@ def test_adapt_refuses_bad_names_and_missing_targets_before_starting(logic, tmp_
     with pytest.raises(ConvLoRASegError, match="empty"):
         logic.adapt([], name="ok")
     assert not logic.isRunning()
+
+
+# ------------------------------------------------------------------------- adapt with a labelled check
+
+@pytest.fixture()
+def head_mask(scene):
+    """The head's trusted brain mask as a labelmap node on the head's (oblique, flipped) grid."""
+    node = load_volume(scene, HEAD / "mask.nii.gz", labelmap=True)
+    set_matrix(node, oblique_flipped_ijk_to_ras())
+    return node
+
+
+@needs_cli
+def test_adapt_with_a_labelled_check_given_as_nodes_passes_check_and_records_it(logic, head, head_mask,
+                                                                                 monkeypatch):
+    """A (volume node, labelmap node) check pair reaches the CLI as ``--check IMAGE MASK`` (written to the job's
+    temporary folder, on the same grid, else the CLI refuses the mask), and the check comes back in the ``done``
+    summary and in the stored adapter's details."""
+    commands = []
+    real = module.libraryCommand
+    monkeypatch.setattr(module, "libraryCommand", lambda *args: commands.append(args) or real(*args))
+    events = []
+    info = logic.adapt([head], name="siteX", device="cpu", epochs=1, progress=events.append, timeout=180,
+                       checkScans=[(head, head_mask)])
+    (command,) = commands
+    assert command[0] == "adapt" and command.count("--check") == 1
+    at = command.index("--check")
+    image_path, mask_path = Path(command[at + 1]), Path(command[at + 2])
+    assert image_path.name == f"{head.GetName()}.nrrd" and mask_path.name == f"{head_mask.GetName()}_mask.nrrd"
+    assert not image_path.exists() and not mask_path.exists()  # the job's temporary folder is gone
+
+    assert any(e["event"] == "progress" and e.get("stage") == "check" for e in events)
+    done = events[-1]
+    assert done["event"] == "done"
+    summary = done["summary"]
+    check = summary["labelled_check"]
+    assert check is not None and check["scans"] == [image_path.name]
+    assert set(check["surface_dice"]) >= {"source", "adabn"}
+    assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in check["surface_dice"].values())
+    assert summary["selected"] == check["selected"] and summary["adapted"] == (check["selected"] != "source")
+    assert summary["label_free_selected"] == check["label_free_selected"]
+    assert info.name == "siteX" and info.details["labelled_check"] == check
+    text, warn = module.adaptationMessage(done)
+    assert "1 labelled check scan" in text and "surface Dice" in text
+    assert warn == (summary["adapted"] is False)
+
+
+def test_a_segmentation_node_as_check_mask_is_exported_on_the_scan_grid(logic, scene, head, head_mask, tmp_path):
+    """A segmentation node is exported with Slicer's own API onto the check scan's grid: the file written for the
+    CLI equals the one written from the labelmap it was made of, and no temporary node stays in the scene."""
+    import SimpleITK as sitk
+
+    segmentation = logic.createSegmentation(head_mask, show3D=False)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")  # the pair under one linear transform
+    shift = np.eye(4)
+    shift[:3, 3] = [4.0, -2.0, 1.0]
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    for node in (head, head_mask, segmentation):
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    # the first export adds the scene's subject hierarchy (a singleton every Slicer scene has); nothing else stays
+    logic._checkArguments([(head, segmentation)], tmp_path / "first")
+    before = scene.GetNumberOfNodes()
+    from_labelmap = logic._checkArguments([(head, head_mask)], tmp_path / "a")
+    from_segmentation = logic._checkArguments([(head, segmentation)], tmp_path / "b")
+    assert scene.GetNumberOfNodes() == before
+    assert from_labelmap[0] == from_segmentation[0] == "--check"
+    image = sitk.ReadImage(from_segmentation[1])
+    a, b = sitk.ReadImage(from_labelmap[2]), sitk.ReadImage(from_segmentation[2])
+    for mask in (a, b):
+        assert mask.GetSize() == image.GetSize()
+        np.testing.assert_allclose(mask.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(mask.GetDirection(), image.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(mask.GetSpacing(), image.GetSpacing(), atol=1e-6)
+    assert np.count_nonzero(sitk.GetArrayFromImage(a)) > 1000
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(a), (slicer.util.arrayFromVolume(head_mask) > 0))
+
+    # a segmentation smaller than the scan (a box drawn on part of its grid) is padded onto the whole scan grid
+    box = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "box")
+    slicer.util.updateVolumeFromArray(box, np.ones((8, 12, 10), dtype=np.uint8))
+    m = get_matrix(head)
+    m[:3, 3] = (m @ np.array([10.0, 20.0, 5.0, 1.0]))[:3]  # voxel (i, j, k) = (10, 20, 5) of the scan
+    set_matrix(box, m)
+    box.SetAndObserveTransformNodeID(transform.GetID())
+    written = sitk.GetArrayFromImage(sitk.ReadImage(
+        logic._checkArguments([(head, logic.createSegmentation(box, show3D=False))], tmp_path / "box")[2]))
+    expected = np.zeros(slicer.util.arrayFromVolume(head).shape, dtype=np.uint8)
+    expected[5:13, 20:32, 10:20] = 1
+    np.testing.assert_array_equal(written, expected)
+
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    with pytest.raises(ConvLoRASegError, match="no segments"):
+        logic._checkArguments([(head, empty)], tmp_path / "c")
+
+
+def test_bad_check_scans_fail_in_one_line_before_anything_starts(logic, head, head_mask, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(module, "libraryCommand", lambda *args: started.append(args))
+    image = save_volume(head, tmp_path / "scan.nrrd")
+    temp_root = Path(os.environ.get("TMPDIR", "/tmp"))
+    before_tmp = set(temp_root.glob("ConvLoRASeg-*"))
+    cases = [
+        ([(tmp_path / "missing.nii.gz", tmp_path / "missing_mask.nii.gz")], "check image not found: .*missing.nii.gz"),
+        ([(image, str(tmp_path / "no_mask.nrrd"))], "check mask not found: .*no_mask.nrrd"),
+        ([(head, "")], "check mask not found"),
+        ([(head, None)], "check scan 1: its mask is not chosen"),
+        ([(head,)], "check scan 1: give a pair"),
+        ([(head, head)], "check scan 1: the mask must be a labelmap or segmentation node"),
+        ([(image, head_mask.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode"))],
+         "needs its image as a volume node"),
+    ]
+    for checkScans, message in cases:
+        with pytest.raises(ConvLoRASegError, match=message) as raised:
+            logic.adapt([head], name="siteX", device="cpu", checkScans=checkScans)
+        assert "\n" not in str(raised.value)
+    assert started == [] and not logic.isRunning()
+    assert set(temp_root.glob("ConvLoRASeg-*")) == before_tmp

@@ -142,6 +142,31 @@ def test_every_widget_the_module_names_exists_in_the_ui():
     assert not missing, f"used by ConvLoRASeg.py but absent from the .ui: {missing}"
 
 
+def test_the_labelled_check_selectors_are_optional_and_offer_the_node_types_the_logic_takes():
+    """The check (adapt --check) is optional: its group starts collapsed, both selectors offer "none", and they
+    list exactly the node classes of their parameters (a scalar volume; a labelmap or a segmentation)."""
+    widgets, fields = ui_widgets(), field_types()
+    group = widgets["checkCollapsibleButton"]
+    collapsed = [p for p in group.findall("property") if p.get("name") == "collapsed"]
+    assert collapsed and collapsed[0].find("bool").text == "true"
+    assert "optional" in group.find("property[@name='text']/string").text.lower()
+    for widget, name in (("checkScanSelector", "checkScan"), ("checkMaskSelector", "checkMask")):
+        assert parameter_names()[widget] == ("qMRMLNodeComboBox", name)
+        assert group.find(f".//widget[@name='{widget}']") is not None, f"{widget} is outside the check group"
+        props = {p.get("name"): p for p in widgets[widget].findall("property")}
+        assert props["noneEnabled"].find("bool").text == "true"
+        listed = {s.text for s in props["nodeTypes"].iter("string")}
+        base, _ = split(fields[name])
+        members = typing.get_args(base) if typing.get_origin(base) is typing.Union else (base,)
+        assert listed == {m.__name__ for m in members if m is not type(None)}
+    # a Union of node types can only be cleared when None is part of it (parameterNodeWrapper's UnionSerializer)
+    assert type(None) in typing.get_args(split(fields["checkMask"])[0])
+    # the selectors get the scene like the module's other node selectors
+    receivers = {c.findtext("receiver") for c in ET.parse(UI_FILE).iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    assert {"checkScanSelector", "checkMaskSelector"} <= receivers
+
+
 def _calls(name: str):
     tree = ast.parse(MODULE_FILE.read_text())
     for node in ast.walk(tree):
