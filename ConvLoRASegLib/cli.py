@@ -769,11 +769,10 @@ def evaluate_pair(pred_path: Path, truth_path: Path, tolerance_mm: float) -> Dic
     import SimpleITK as sitk
 
     from .metrics import dice, hd95, surface_dice, volume_difference
+    from .volumes import same_grid
 
     pred, truth = _read_mask(pred_path), _read_mask(truth_path)
-    same = (pred.GetSize() == truth.GetSize() and np.allclose(pred.GetSpacing(), truth.GetSpacing(), atol=1e-4)
-            and np.allclose(pred.GetOrigin(), truth.GetOrigin(), atol=1e-3)
-            and np.allclose(pred.GetDirection(), truth.GetDirection(), atol=1e-4))
+    same = same_grid(pred, truth)
     if not same:
         pred = sitk.Resample(pred, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     p = sitk.GetArrayViewFromImage(pred) > 0

@@ -79,11 +79,9 @@ class LabelledCheck:
 
 def check_geometry(image: sitk.Image, mask: sitk.Image, name: str) -> None:
     """A labelled scan's mask must lie on its image's grid (one clear line otherwise)."""
-    same = (image.GetSize() == mask.GetSize()
-            and np.allclose(image.GetSpacing(), mask.GetSpacing(), atol=1e-4)
-            and np.allclose(image.GetOrigin(), mask.GetOrigin(), atol=1e-3)
-            and np.allclose(image.GetDirection(), mask.GetDirection(), atol=1e-4))
-    if not same:
+    from .volumes import same_grid
+
+    if not same_grid(image, mask):
         raise ConvLoRASegError(f"{name}: the check mask is not on its image's grid (size, spacing, origin or "
                                "direction differ); resample it onto the image first")
     if not (sitk.GetArrayViewFromImage(mask) > 0).any():

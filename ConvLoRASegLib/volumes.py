@@ -358,6 +358,13 @@ class VolumeSlices:
     native: sitk.Image
 
 
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """Do two images lie on the same voxel grid (size, spacing, origin, direction, within file-rounding tolerances)?"""
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
+
+
 def _resample(image: sitk.Image, reference: sitk.Image, interpolator: int, default: float,
               pixel: int = sitk.sitkFloat32) -> sitk.Image:
     f = sitk.ResampleImageFilter()

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from ConvLoRASegLib import cli
 from ConvLoRASegLib.errors import ConvLoRASegError
@@ -19,14 +18,7 @@ from ConvLoRASegLib.selftrain import adapt
 from ConvLoRASegLib.sites import demo_heads, simulate_site
 from ConvLoRASegLib.store import default_model_path, load_model, read_adapter_info, save_adapter
 from ConvLoRASegLib.volumes import read_image, to_slices
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_cli import _one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 
 # ---------------------------------------------------------------------------------------------------------------
