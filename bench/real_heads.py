@@ -1,0 +1,214 @@
+"""The real heads (``../shared/data/heads``): the fixed grouped 5-fold split, and the cross-validation of a recipe
+on it beside deepbet and ROBEX.
+
+    python bench/real_heads.py folds                       # print the split
+    python bench/real_heads.py evaluate --models DIR       # DIR/fold{0..4}.safetensors -> bench/results/real_heads/
+
+The split was written down before any model was trained or tuned on these heads, and it stays fixed:
+
+* one person, one fold (the two Prisma volumes are one scan of one person: they go together);
+* every acquisition group other than NiChart's larger one is held out as a whole, so each of those folds
+  measures a scanner (or template) that the fold's model never saw;
+* ``nichart_a`` (15 people, one grid) is spread over the five folds, three people each: those are the heads of
+  a scanner the model has seen (other people of it), the closest thing here to "the same site";
+* ``nichart_b`` (3 people, another grid) is held out as a whole (the one left-out group with >= 3 scans, so
+  cohort adaptation can be measured on it).
+
+Scoring: each volume on its own native grid against its silver mask (STAPLE of ROBEX, deepbet and the shipped
+mask where one ships): Dice, surface Dice at 1 mm and 2 mm. deepbet and ROBEX are two of the silver raters, so
+their scores are biased upwards; they are shown because they are what a user would run instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+HEADS = Path(os.environ.get("CONVLORASEG_HEADS", ROOT.parent / "shared" / "data" / "heads"))
+RESULTS = ROOT / "bench" / "results" / "real_heads"
+
+#: The groups held out as a whole, per fold (fixed before any training on these heads).
+HELD_OUT_GROUPS = (
+    ("colin27", "siemens_trio"),
+    ("mni152_template", "philips_elitionx"),
+    ("robex_atlas", "niivue_otsu"),
+    ("siemens_prisma_xa30", "itk_kmeans"),
+    ("nichart_b",),
+)
+#: The group spread over the folds by person (in index.csv order, three people per fold).
+SPREAD_GROUP = "nichart_a"
+
+
+def index() -> List[Dict[str, str]]:
+    """The rows of ``index.csv`` (name, group, person, scanner, ...)."""
+    with open(HEADS / "index.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def folds() -> List[List[str]]:
+    """The five folds: the volume names each one holds out."""
+    rows = index()
+    out: List[List[str]] = [[r["name"] for r in rows if r["group"] in groups] for groups in HELD_OUT_GROUPS]
+    spread = [r for r in rows if r["group"] == SPREAD_GROUP]
+    persons = sorted({r["person"] for r in spread}, key=lambda p: [r["person"] for r in spread].index(p))
+    for i, person in enumerate(persons):
+        out[i % len(out)] += [r["name"] for r in spread if r["person"] == person]
+    known = {g for gs in HELD_OUT_GROUPS for g in gs} | {SPREAD_GROUP}
+    missing = sorted({r["group"] for r in rows} - known)
+    if missing:
+        raise SystemExit(f"groups in index.csv that no fold holds: {', '.join(missing)}")
+    return out
+
+
+def check_split(fs: List[List[str]]) -> None:
+    """Every volume in exactly one fold; no person and no held-out group in two folds."""
+    rows = {r["name"]: r for r in index()}
+    flat = [n for f in fs for n in f]
+    assert sorted(flat) == sorted(rows), "every volume in exactly one fold"
+    for key in ("person", "group"):
+        where: Dict[str, set] = {}
+        for k, f in enumerate(fs):
+            for n in f:
+                where.setdefault(rows[n][key], set()).add(k)
+        split = {v: ks for v, ks in where.items() if len(ks) > 1 and not (key == "group" and v == SPREAD_GROUP)}
+        assert not split, f"{key} in several folds: {split}"
+
+
+def train_names(fold: int) -> List[str]:
+    """The volumes fold ``fold``'s model trains on (all the others)."""
+    held = set(folds()[fold])
+    return [r["name"] for r in index() if r["name"] not in held]
+
+
+def fold_of(name: str) -> int:
+    for k, f in enumerate(folds()):
+        if name in f:
+            return k
+    raise KeyError(name)
+
+
+def score_volume(mask, name: str) -> Dict[str, float]:
+    """Dice and surface Dice (1, 2 mm) of a boolean native-grid mask against the head's silver mask."""
+    import SimpleITK as sitk
+
+    from peers import scores
+
+    ref = sitk.ReadImage(str(HEADS / name / "mask_silver.nii.gz"))
+    sp = tuple(reversed(ref.GetSpacing()))
+    return scores(mask, sitk.GetArrayFromImage(ref) > 0, sp)
+
+
+def evaluate(models: Path, out: Path, robex: bool, cache: Path) -> dict:
+    """Every volume segmented by the model of the fold that holds it out; deepbet and ROBEX beside."""
+    import SimpleITK as sitk
+
+    from ConvLoRASegLib import store
+    from ConvLoRASegLib.segment import segment_image
+    from ConvLoRASegLib.volumes import read_image
+    from peers import cached_mask
+
+    fs = folds()
+    check_split(fs)
+    meta = {r["name"]: r for r in index()}
+    rows, trained = [], {}
+    for k, names in enumerate(fs):
+        path = models / f"fold{k}.safetensors"
+        if not path.is_file():
+            print(f"fold {k}: no {path}, skipped", flush=True)
+            continue
+        model = store.load_model(path)
+        trained[k] = {"model": path.name, "sha256": model.sha256, "training": {
+            key: model.info.get("training", {}).get(key) for key in (
+                "epochs", "steps_per_epoch", "batch_size", "total_steps", "seconds", "n_train_volumes",
+                "precision", "lr", "augment_3d", "best_epoch")}}
+        for name in names:
+            img_path = HEADS / name / "image.nii.gz"
+            t = time.perf_counter()
+            ours = sitk.GetArrayFromImage(segment_image(model, read_image(img_path), device="cpu")) > 0
+            row = {"volume": name, "group": meta[name]["group"], "fold": k,
+                   "ours": dict(score_volume(ours, name), seconds=round(time.perf_counter() - t, 2))}
+            for tool in ("deepbet",) + (("robex",) if robex else ()):
+                mask, secs = cached_mask(tool, img_path, cache)
+                row[tool] = dict(score_volume(mask, name), seconds=round(secs, 2))
+            rows.append(row)
+            print(f"fold {k} {name:30} " + " | ".join(
+                f"{t} {row[t]['dice']:.4f} {row[t]['surface_dice_1mm']:.4f}" for t in ("ours", "deepbet", "robex")
+                if t in row), flush=True)
+    summary = {}
+    for tool in ("ours", "deepbet", "robex"):
+        rs = [r for r in rows if tool in r]
+        if rs:
+            summary[tool] = {
+                "volumes": len(rs),
+                "mean_dice": round(sum(r[tool]["dice"] for r in rs) / len(rs), 4),
+                "min_dice": round(min(r[tool]["dice"] for r in rs), 4),
+                "mean_surface_dice_1mm": round(sum(r[tool]["surface_dice_1mm"] for r in rs) / len(rs), 4),
+                "mean_surface_dice_2mm": round(sum(r[tool]["surface_dice_2mm"] for r in rs) / len(rs), 4),
+                "below_0.95": sum(r[tool]["dice"] < 0.95 for r in rs)}
+    card = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "command": "python bench/real_heads.py " + " ".join(sys.argv[1:]),
+            "folds": fs, "models": trained, "rows": rows, "summary": summary,
+            "note": "silver masks are STAPLE over ROBEX, deepbet (and the shipped mask): those two tools' scores "
+                    "are biased upwards"}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "cv.json.partial"
+    tmp.write_text(json.dumps(card, indent=1))
+    os.replace(tmp, out / "cv.json")
+    (out / "cv.md").write_text(markdown(card))
+    return card
+
+
+def markdown(card: dict) -> str:
+    tools = [t for t in ("ours", "deepbet", "robex") if t in card["summary"]]
+    lines = [f"Grouped 5-fold cross-validation on the real heads ({card['date']}, {card['machine']}; "
+             f"`{card['command']}`). Native grid, silver masks.", "",
+             "| tool | volumes | mean Dice | worst Dice | heads < 0.95 | mean surface Dice 1 mm | 2 mm |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for t in tools:
+        s = card["summary"][t]
+        lines.append(f"| {t} | {s['volumes']} | {s['mean_dice']:.4f} | {s['min_dice']:.4f} | {s['below_0.95']} | "
+                     f"{s['mean_surface_dice_1mm']:.4f} | {s['mean_surface_dice_2mm']:.4f} |")
+    lines += ["", "| fold | volume | group | " + " | ".join(f"{t} Dice | {t} sD 1 mm" for t in tools) + " |",
+              "|---:|---|---|" + "---:|" * (2 * len(tools))]
+    for r in card["rows"]:
+        lines.append(f"| {r['fold']} | {r['volume']} | {r['group']} | " + " | ".join(
+            f"{r[t]['dice']:.4f} | {r[t]['surface_dice_1mm']:.4f}" if t in r else "- | -" for t in tools) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("folds")
+    p = sub.add_parser("evaluate")
+    p.add_argument("--models", type=Path, required=True, help="folder with fold0..fold4.safetensors")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-robex", action="store_true")
+    p.add_argument("--cache", type=Path, default=Path("/work/cache/peers"), help="peer masks cache")
+    a = ap.parse_args()
+    if a.cmd == "folds":
+        fs = folds()
+        check_split(fs)
+        for k, f in enumerate(fs):
+            print(f"fold {k} ({len(f)}): {' '.join(f)}")
+        return 0
+    card = evaluate(a.models, a.out, not a.no_robex, a.cache)
+    print(markdown(card))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
