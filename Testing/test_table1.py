@@ -153,6 +153,25 @@ def test_ranking_of_the_label_free_score():
     assert rank["selected_worse_than_source"] == 1  # the second run chose 0.5 over the source's 0.6
 
 
+def _head(shift: int = 0):
+    """A synthetic T1-like head on a 2 mm grid: grey-matter ball (0.45) in CSF (0.1), a dark skull shell (0.05)
+    and bright scalp (0.8); and the ball's mask grown or shrunk by ``shift`` voxels."""
+    z, y, x = np.mgrid[:40, :40, :40]
+    r = np.sqrt((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2)
+    img = np.select([r < 10, r < 12, r < 14, r < 17], [0.45, 0.1, 0.05, 0.8], 0.0).astype(np.float32)
+    return img, (r < 10 + shift).astype(np.float32)
+
+
+def test_boundary_contrast_peaks_at_the_true_boundary():
+    img, truth = _head()
+    right = table1.boundary_contrast(truth, img)
+    assert right > 0.3  # grey matter in, CSF out
+    for shift in (-2, -1, 1, 2, 3):
+        assert table1.boundary_contrast(_head(shift)[1], img) < right - 0.05
+    assert np.isnan(table1.boundary_contrast(np.zeros_like(img), img))
+    assert np.isnan(table1.boundary_contrast(np.ones_like(img), img))
+
+
 def test_the_per_scan_check_keeps_the_source_where_it_scores_better_on_the_scan():
     def score(value, ml=1400.0):
         return {"value": value, "agreement": value, "consistency": value, "brain_ml": ml, "plausible": True}

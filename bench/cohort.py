@@ -4,7 +4,7 @@ side in one run on the same cohort, plus each worker's model-loading cost and th
 Cohort: the bundled demo heads as simulated scanner sites (``sites.simulate_site``), ``--n`` volumes.
 Both CLI runs are real subprocesses (what a user types, Python start-up and model loading included); a third,
 library-level run on one cluster separates start-up, model loading and steady-state throughput.
-Writes ``bench/results/cohort.json`` and ``cohort.md``.
+Writes ``bench/results/cohort/cohort.json`` and ``cohort.md`` (``--out`` names another folder).
 
     OMP_NUM_THREADS=1 python bench/cohort.py --n 12
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=12, help="volumes in the cohort (default 12)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cohort"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cohort"), help="folder for cohort.json/.md")
     args = ap.parse_args(argv)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     load_before = os.getloadavg()
@@ -112,8 +112,8 @@ def main(argv=None) -> int:
         "steady_state_volumes_per_hour": round(3600 * args.n / lib["run_s"]),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cohort.json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"# Cohort throughput ({result['date']}, {result['machine']})", "",
           f"{args.n} volumes (demo heads as simulated sites), default model, CPU; load average before "
           f"{result['load_average_before']}, after {result['load_average_after']}", "",
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
           f"{result['steady_state_volumes_per_hour']} | {single / lib['run_s']:.2f} |", "",
           f"cluster start-up {lib['cluster_start_s']} s, close {lib['close_s']} s; model loading per worker "
           f"{lib['model_load_s_per_worker']} s; mean seconds per case on a worker {lib['case_seconds_mean']}", ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    (out / "cohort.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -1,7 +1,7 @@
-"""Issue 10: does one labelled scan of the target site stop the adapters that make masks worse? (pre-registered)
+"""Does one labelled scan of the target site stop the adapters that make masks worse? (pre-registered)
 
 Seven label-free criteria could not tell, on the semi-synthetic Table 1, the adaptations that end below the source
-model from those that gain (BENCHMARKS.md, issue 10). ``ConvLoRASegLib/labelled_check.py`` lets a site with one or
+model from those that gain (BENCHMARKS.md, "Answered once"). ``ConvLoRASegLib/labelled_check.py`` lets a site with one or
 more trusted masks check an adaptation (``convlora-seg adapt --check IMAGE MASK``). This benchmark measures what that
 buys on Table 1, and chooses the product's rule. Written down, with the adoption rule, before the first run:
 

@@ -1,4 +1,4 @@
-"""Evaluation shifts nobody tuned for (issue 10, section 4): does adaptation ever make a mask worse?
+"""Evaluation shifts nobody tuned for: does adaptation ever make a mask worse than no adaptation?
 
     python bench/shifts.py make --work /work/cache/shifts                       # the fixed cohorts (once)
     python bench/shifts.py run --work /work/cache/shifts --models /work/cache/models
@@ -29,7 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -170,11 +170,12 @@ def cmd_make(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------- run
 
-#: Methods of ``run``, in table order. ``-img`` variants use the image-centred working grid of before (issue 10's
-#: first suspect); ``adabn-all`` re-estimates every BatchNorm, the output BatchNorm(1) included (the third);
-#: ``convlora-adabn-fast`` is the product's default (``adapt``: AdaBN, ConvLoRA, the label-free selection), and from
-#: the same run ``convlora-adabn-fast-trained`` is its best-scoring epoch without the selection (what ConvLoRA adds
-#: on top of AdaBN), and ``cand:<name>`` every candidate the selection saw (for the Spearman correlation).
+#: Methods of ``run``, in table order. ``-img`` variants use the image-centred working grid of before (a suspect
+#: of AdaBN's losses, answered: BENCHMARKS.md); ``adabn-all`` re-estimates every BatchNorm, the output
+#: BatchNorm(1) included (another suspect); ``convlora-adabn-fast`` is the product's default (``adapt``: AdaBN,
+#: ConvLoRA, the label-free selection), and from the same run ``convlora-adabn-fast-trained`` is its best-scoring
+#: epoch without the selection (what ConvLoRA adds on top of AdaBN), and ``cand:<name>`` every candidate the
+#: selection saw (for the Spearman correlation).
 #: ``deepbet`` is the peer a user would run instead (PyPI deepbet, bench/peers.py; never part of the product), on
 #: the test volumes' own files, its masks cached in ``<work>/peers/deepbet``.
 RUN_METHODS = ("source", "adabn", "convlora-adabn-fast-trained", "convlora-adabn-fast", "adabn-all",
@@ -194,7 +195,7 @@ def _score(pred: np.ndarray, truth: np.ndarray, spacing_zyx) -> Tuple[float, flo
 
 
 def _image_centred():
-    """Context: the working grid centred on the image's centre, as before issue 10."""
+    """Context: the working grid centred on the image's centre, as before the head-centred grid (commit a0d3ade)."""
     import contextlib
 
     from ConvLoRASegLib import volumes
@@ -219,7 +220,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
     from ConvLoRASegLib.selection import agreement, score_model, score_volume
     from ConvLoRASegLib.selftrain import adapt, source_copy
     from ConvLoRASegLib.volumes import brain_mask, read_image, to_slices
-    from criteria import boundary_contrast
+    from table1 import boundary_contrast
 
     d = cohort_dir(work, head, family, seed)
     base = store.load_model(models / f"loho_{head}.safetensors")
@@ -249,7 +250,7 @@ def run_task(head: str, family: str, seed: int, models: Path, work: Path, rows, 
             pred = sitk.GetArrayFromImage(brain_mask(final, vs)) > 0
             dsc, sd1, sd2 = _score(pred, truth, sp)
             lf = score_volume(final, early, base.grid.spacing_mm)
-            contrast = boundary_contrast(final, vs.slices)  # label-free (bench/criteria.py), judged on these rows
+            contrast = boundary_contrast(final, vs.slices)  # label-free (table1.boundary_contrast)
             check = {}
             if method in SCAN_CHECKED:  # the scores segment --adapter's per-scan check compares on this scan
                 check = {"scan_check": {**score_model(model, vs.slices, "cpu", predicted=(final, early)).to_dict(),
@@ -358,14 +359,12 @@ def per_scan_selection(cand_rows: Sequence[dict]) -> Dict[str, object]:
     return out
 
 
-def user_gets(rows: Sequence[dict], pick: Optional[Callable[[dict, dict], str]] = None,
-              ) -> Dict[str, Dict[str, object]]:
+def user_gets(rows: Sequence[dict]) -> Dict[str, Dict[str, object]]:
     """Per method of :data:`SCAN_CHECKED` (not the source): what a user gets with ``segment --adapter FILE``'s
     per-scan check on each test scan (``table1.checked_pick``: the adapted result if it beats the source model's
     label-free score on that scan, else the source model), against the source model; per (head, family, seed) task,
-    the mean over its test scans. "below": tasks more than 0.005 surface Dice under the source (issue 10's goal).
-    ``pick(source scores, adapted scores)`` -> ``"source"`` or ``"selected"``: another per-scan rule than the
-    product's (bench/criteria.py's contrast rules)."""
+    the mean over its test scans. "below": tasks more than 0.005 surface Dice under the source (the never-worse
+    goal)."""
     from table1 import checked_pick
 
     out: Dict[str, Dict[str, object]] = {}
@@ -379,8 +378,7 @@ def user_gets(rows: Sequence[dict], pick: Optional[Callable[[dict, dict], str]] 
             if r["method"] != method or not r.get("scan_check") or key not in src:
                 continue
             s = src[key]
-            got = pick(s["scan_check"], r["scan_check"]) if pick else \
-                checked_pick({"source": s["scan_check"], "selected": r["scan_check"]})
+            got = checked_pick({"source": s["scan_check"], "selected": r["scan_check"]})
             kept += got == "source"
             t = per_task.setdefault(key[:3], {"source": [], "plain": [], "checked": []})
             t["source"].append(s["surface_dice"])
@@ -545,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p = sub.add_parser(name)
         p.add_argument("--work", type=Path, default=Path("/tmp/convlora-shifts"))
         if name == "report":  # the tables of every row cached so far (runs of several processes), nothing computed
-            p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+            p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shifts")
             continue
         p.add_argument("--heads", nargs="+", default=["colin27", "mni152_nlin6asym"])
         p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
@@ -553,7 +551,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name == "run":
             p.add_argument("--models", type=Path, required=True, help="folder with loho_<head>.safetensors")
             p.add_argument("--methods", nargs="+", default=None)
-            p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+            p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shifts")
     return ap.parse_args(argv)
 
 

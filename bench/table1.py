@@ -20,7 +20,7 @@ CC359 mode. Source domain GE 3 T; per target domain a seeded subject split (``co
 part adapts (labels only for the oracle), the test part evaluates. The source model is trained on GE 3 T's
 train + val part when ``<models>/cc359_ge3.safetensors`` is absent.
 
-Outputs (``--out``, default bench/results): ``table1.csv`` (one row per site, method, seed; columns
+Outputs (``--out``, default bench/results/table1): ``table1.csv`` (one row per site, method, seed; columns
 ``site,method,seed,surface_dice,dice,trainable_params,adapter_bytes,adapt_seconds``; the mean over rotations and
 evaluation volumes), ``table1_volumes.csv`` (one row per evaluation volume), ``table1.md`` (mean +- std over seeds),
 ``table1.png`` and ``table1.json`` (the configuration and stage times). Every evaluated volume is cached in the
@@ -81,11 +81,11 @@ NO_ADAPTATION = ("source", "robex", "deepbet")
 #: Bumped when a method's code changes its results, so that cached rows of the old code are recomputed.
 ROW_VERSIONS: Dict[str, List[str]] = {"oracle": ["adabn-after-finetune"], "adabn": ["fast-infer-precision"],
                                       "convlora-adabn-fast": ["fast-infer-precision"]}
-#: The label-free selection's version (issue 10: source and AdaBN candidates, consistency on interleaved shares,
+#: The label-free selection's version (source and AdaBN candidates, consistency on interleaved shares,
 #: spread scoring volumes, no candidate that shrinks the brain; every candidate is scored against the labels too;
 #: AdaBN from the layers' own batch statistics; every candidate records its boundary contrast, 2026-12-05): part of
 #: every adapted row's key, with the library's
-#: ``selection.SCORE_SLICE_STEP`` (the rows of 2026-12-02e were scored on every other slice).
+#: ``selection.SCORE_SLICE_STEP`` (rows scored on every other slice, step 2, have other keys).
 SELECTION_VERSION = "selection-v5-one-pass-adabn-contrast"
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
@@ -303,7 +303,7 @@ def score_mask(pred: np.ndarray, ev: EvalVolume) -> Tuple[float, float]:
 def evaluate(model, ev: EvalVolume, device, contrast: bool = False) -> Tuple[float, ...]:
     """Segment the evaluation volume with ``model`` (as segment_image does: native grid, post-processed): (surface
     Dice, Dice), and with ``contrast`` the label-free boundary contrast of its working-grid mask
-    (``criteria.boundary_contrast``)."""
+    (:func:`boundary_contrast`)."""
     from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.volumes import brain_mask
 
@@ -311,9 +311,37 @@ def evaluate(model, ev: EvalVolume, device, contrast: bool = False) -> Tuple[flo
     mask = sitk.GetArrayFromImage(brain_mask(probs, ev.vs)) > 0
     if not contrast:
         return score_mask(mask, ev)
-    from criteria import boundary_contrast
-
     return (*score_mask(mask, ev), boundary_contrast(probs, ev.vs.slices))
+
+
+def boundary_contrast(probs: np.ndarray, slices: np.ndarray) -> float:
+    """Mean intensity (working grid, clipped to [0, 1]) of the one-voxel inner shell of the mask ``probs >= 0.5``
+    minus that of its one-voxel outer shell (6-connected); NaN for an empty mask or one that fills the grid.
+
+    A label-free signal that asks the image rather than the network: recorded for every candidate and in the
+    per-scan check's scores of Table 1 and the shift tasks. Judged on those rows and rejected as a rule for the
+    product (BENCHMARKS.md, "Answered once": boundary contrast); it costs no network pass, so the rows keep it."""
+    from scipy import ndimage
+
+    m = probs >= 0.5
+    if not m.any() or m.all():
+        return float("nan")
+    x = np.clip(slices, 0.0, 1.0)
+    inner = m & ~ndimage.binary_erosion(m)
+    outer = ndimage.binary_dilation(m) & ~m
+    return float(x[inner].mean() - x[outer].mean())
+
+
+def rank_correlation(groups) -> Dict[str, object]:
+    """Spearman of x with y over ``groups`` = [(xs, ys), ...] (one group per adaptation): pooled over every pair,
+    and the mean of the within-group correlations (groups of >= 3 pairs with a defined correlation)."""
+    from ConvLoRASegLib.selection import spearman
+
+    xs = [v for x, _ in groups for v in x]
+    ys = [v for _, y in groups for v in y]
+    within = [rho for x, y in groups if len(x) >= 3 for rho in [spearman(x, y)] if np.isfinite(rho)]
+    return {"pooled": round(spearman(xs, ys), 3) if xs else None,
+            "within": round(float(np.mean(within)), 3) if within else None, "pairs": len(xs)}
 
 
 def seed_free_once(shared: Dict[Tuple[str, str], object], key: Tuple[str, str], compute):
@@ -327,24 +355,17 @@ def seed_free_once(shared: Dict[Tuple[str, str], object], key: Tuple[str, str], 
 
 
 def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, float, float], device,
-                     shared: Dict[Tuple[str, str], object], probe: Optional[np.ndarray] = None,
-                     ) -> Dict[str, Dict[str, float]]:
+                     shared: Dict[Tuple[str, str], object]) -> Dict[str, Dict[str, float]]:
     """Every candidate of an adaptation (source, AdaBN, each epoch) scored against the evaluation volume's labels,
-    beside its label-free score on the adaptation volumes: how well does the label-free score rank them? With
-    ``probe`` (the slices of the adaptation volume the selection scored) each candidate also records the
-    experimental criteria of ``bench/criteria.py`` there (``criteria``). Each also records its boundary contrast
-    on the evaluation scan (``criteria.boundary_contrast``: label-free). The source and AdaBN candidates do not
-    depend on the method's training or seed: they are computed once per task."""
-    from ConvLoRASegLib.segment import predict_slices
+    beside its label-free score on the adaptation volumes: how well does the label-free score rank them? Each also
+    records its boundary contrast on the evaluation scan (:func:`boundary_contrast`: label-free). The source and
+    AdaBN candidates do not depend on the method's training or seed: they are computed once per task."""
     from ConvLoRASegLib.selftrain import candidate_model
-    from criteria import criteria
 
     def once(key: Tuple[str, str], compute):
         return seed_free_once(shared, key, compute)
 
     out = {}
-    source_final = once(("source", "probe final"), lambda: predict_slices(base, probe, device)) \
-        if probe is not None else None
     for name, label_free in res.candidates.items():
         model = functools.lru_cache(maxsize=None)(functools.partial(candidate_model, base, res, name))
         if name == res.selected:
@@ -355,19 +376,15 @@ def candidate_scores(base, res, ev: EvalVolume, selected_scores: Tuple[float, fl
             got = once((name, ev.name), lambda: evaluate(model(), ev, device, contrast=True))
         out[name] = {"label_free": round(float(label_free), 4), "surface_dice": round(float(got[0]), 4),
                      "dice": round(float(got[1]), 4), "contrast": round(float(got[2]), 4)}
-        if probe is not None:
-            out[name]["criteria"] = once((name, "criteria"),
-                                         lambda: criteria(model(), probe, device, source_final=source_final))
     return out
 
 
 def scan_check(base, res, ev: EvalVolume, device, shared: Dict[Tuple[str, str], object]) -> Dict[str, dict]:
     """The label-free scores ``segment --adapter auto`` compares on the evaluation scan itself (its working-grid
     slices, every slice): the source model's and the selected result's, for the per-scan check (:func:`ranking`),
-    each with its mask's boundary contrast there (``criteria.boundary_contrast``)."""
+    each with its mask's boundary contrast there (:func:`boundary_contrast`)."""
     from ConvLoRASegLib.segment import predict_slices
     from ConvLoRASegLib.selection import SOURCE, score_model
-    from criteria import boundary_contrast
 
     def compute(model) -> dict:
         final, early = predict_slices(model, ev.vs.slices, device, with_esh=True)
@@ -393,8 +410,6 @@ def ranking(rows: Sequence[dict]) -> Dict[str, object]:
     """Spearman correlation of the label-free score with the true surface Dice over every (volume, candidate) of
     the adapted rows (pooled, and the mean within one adaptation run), and how often the selected candidate was
     worse than the source by more than 0.005."""
-    from criteria import rank_correlation
-
     runs = [r for r in rows if r.get("candidates")]
     rk = rank_correlation([([v["label_free"] for v in r["candidates"].values()],
                             [v["surface_dice"] for v in r["candidates"].values()]) for r in runs])
@@ -572,9 +587,8 @@ def row_key(model_sha: str, budget: Budget, task: Task, method: str, seed: int, 
 
 
 def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache, robex_cache: Path,
-             robex_budget: List[int], device, timer: Timer, criteria: bool = False) -> List[dict]:
-    """Every method x seed on one task; returns per-volume rows (also written to ``cache``). With ``criteria`` every
-    candidate also records the experimental criteria of ``bench/criteria.py`` (slow: several passes each)."""
+             robex_budget: List[int], device, timer: Timer) -> List[dict]:
+    """Every method x seed on one task; returns per-volume rows (also written to ``cache``)."""
     from ConvLoRASegLib.selftrain import adapt
     from ConvLoRASegLib.store import load_model
     from ConvLoRASegLib.volumes import mask_to_slices, read_image, to_slices
@@ -606,7 +620,7 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
         cache.put(row)
         rows.append(row)
 
-    shared: Dict[Tuple[str, str], object] = {}  # (seed-free candidate, volume or what) -> scores, criteria, masks
+    shared: Dict[Tuple[str, str], object] = {}  # (seed-free candidate, volume or what) -> scores
 
     def cached(method: str, seed: int) -> Optional[List[dict]]:
         found = [cache.get(row_key(base.sha256, budget, task, method, seed, v.name, adapt_names))
@@ -655,8 +669,7 @@ def run_task(task: Task, methods: Sequence[str], budget: Budget, cache: RowCache
                     got = evaluate(res.model, ev, device, contrast=True)
                     extra = {"best_epoch": res.best_epoch, "agreement": round(res.best_agreement, 4),
                              "selected": res.selected,
-                             "candidates": candidate_scores(base, res, ev, got, device, shared,
-                                                           probe=adapt_slices[0] if criteria else None),
+                             "candidates": candidate_scores(base, res, ev, got, device, shared),
                              "scan_check": scan_check(base, res, ev, device, shared)}
                     record(method, s, ev.name, *got[:2], res.trainable_params, nbytes, res.seconds, extra)
             secs = time.perf_counter() - t
@@ -786,7 +799,8 @@ def read_table(path: Path) -> List[dict]:
 
 
 def expectations(table: Sequence[dict]) -> List[str]:
-    """The issue's three checks on surface Dice (means over seeds), as lines of text."""
+    """The paper's three expectations on surface Dice (means over seeds: >= source per site, the mean gain, better
+    than UDAS), as lines of text."""
     s = summarise(table, "surface_dice")
     if "source" not in s or "convlora-adabn-fast" not in s:
         return []
@@ -816,7 +830,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--cc359", type=Path, default=None, help="run on a real CC359 tree instead of simulated sites")
     ap.add_argument("--work", type=Path, default=Path("/tmp/convlora-work"), help="cache folder (cohorts, rows)")
     ap.add_argument("--models", type=Path, default=None, help="folder of source models (default: --work)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where table1.* go")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "table1", help="where table1.* go")
     ap.add_argument("--sites", nargs="+", default=None, choices=TARGET_SITES)
     ap.add_argument("--methods", nargs="+", default=None, choices=METHOD_COLUMNS)
     ap.add_argument("--rotations", nargs="+", default=None, help="held-out heads (default: all; quick: colin27)")
@@ -832,8 +846,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--severity", type=float, default=1.0, help="the site simulator's global severity")
     ap.add_argument("--robex-volumes", type=int, default=None, help="most new ROBEX runs (cached ones are free)")
     ap.add_argument("--no-robex", action="store_true")
-    ap.add_argument("--criteria", action="store_true",
-                    help="also record bench/criteria.py's experimental label-free criteria for every candidate (slow)")
     ap.add_argument("--no-deepbet", action="store_true", help="leave out the deepbet column (PyPI deepbet)")
     ap.add_argument("--max-adapt", type=int, default=20, help="CC359: most adaptation volumes per domain")
     ap.add_argument("--max-eval", type=int, default=12, help="CC359: most evaluation volumes per domain")
@@ -909,7 +921,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[dict] = []
     for task in tasks:
         t = time.perf_counter()
-        rows += run_task(task, cfg["methods"], budget, cache, robex_cache, robex_budget, device, timer, a.criteria)
+        rows += run_task(task, cfg["methods"], budget, cache, robex_cache, robex_budget, device, timer)
         done = tasks.index(task) + 1
         elapsed = time.perf_counter() - t_start
         print(f"task {task.site} / hold-out {task.rotation}: {time.perf_counter() - t:.0f} s "
