@@ -92,7 +92,10 @@ def test_module_name_is_convloraseg(module_lists):
 
 
 def test_module_scripts_match_disk(module_lists):
-    on_disk = {p for p in files_on_disk(MODULE_DIR, MODULE_DIR) if p.endswith(".py") and "/" not in p}
+    """The module file and every file of the package beside it (ConvLoRASegModuleLib/) are installed."""
+    on_disk = {p for p in files_on_disk(MODULE_DIR, MODULE_DIR) if p.endswith(".py")}
+    assert {p for p in on_disk if "/" not in p} == {"ConvLoRASeg.py"}, "Slicer loads every top-level .py as a module"
+    assert "ConvLoRASegModuleLib/__init__.py" in on_disk
     assert module_lists["MODULE_PYTHON_SCRIPTS"] == on_disk
 
 
@@ -166,13 +169,19 @@ def ui_widgets() -> Dict[str, ET.Element]:
     return {w.get("name"): w for w in tree.iter("widget")}
 
 
+def module_sources() -> str:
+    """The module file and its package (ConvLoRASegModuleLib/), concatenated."""
+    paths = [MODULE_DIR / "ConvLoRASeg.py"] + sorted((MODULE_DIR / "ConvLoRASegModuleLib").glob("*.py"))
+    return "\n".join(path.read_text() for path in paths)
+
+
 def test_ui_is_wellformed_and_has_the_module_widgets():
     widgets = ui_widgets()
-    source = (MODULE_DIR / "ConvLoRASeg.py").read_text()
+    source = module_sources()
     used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", source))
     assert used, "the module uses no self.ui.<widget> at all?"
     missing = sorted(used - set(widgets))
-    assert not missing, f"widgets used by ConvLoRASeg.py but absent from the .ui: {missing}"
+    assert not missing, f"widgets used by the module but absent from the .ui: {missing}"
 
 
 def test_ui_parameter_names_match_the_parameter_node():
@@ -183,9 +192,9 @@ def test_ui_parameter_names_match_the_parameter_node():
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 names.add(prop.find("string").text)
-    source = (MODULE_DIR / "ConvLoRASeg.py").read_text()
+    source = module_sources()
     match = re.search(r"@parameterNodeWrapper\s*\nclass \w+:\n(.*?)\n\n\n", source, flags=re.S)
-    assert match, "no @parameterNodeWrapper class in ConvLoRASeg.py"
+    assert match, "no @parameterNodeWrapper class in the module"
     fields = set(re.findall(r"^    ([a-zA-Z_][a-zA-Z0-9_]*)\s*:", match.group(1), flags=re.M))
     assert names, "the .ui binds nothing to the parameter node"
     assert not (names - fields), f"SlicerParameterName without a parameter: {sorted(names - fields)}"

@@ -31,14 +31,15 @@ slicer_stubs.install()
 
 import slicer  # noqa: E402
 
-import ConvLoRASeg as module  # noqa: E402
+from ConvLoRASegModuleLib import dependencies, manifest, parameters, presenters  # noqa: E402
+from ConvLoRASegModuleLib import logic as module_logic  # noqa: E402
 from ConvLoRASegLib import TORCH_MIN  # noqa: E402
 from ConvLoRASegLib import jobs  # noqa: E402
 from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
 from test_slicer_logic import HEAD, _alive, adapter_file, load_volume, oblique_flipped_ijk_to_ras, set_matrix, \
     tiny_model_file  # noqa: E402
 
-T = module.TargetType
+T = parameters.TargetType
 
 
 @pytest.fixture()
@@ -55,7 +56,7 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture()
 def logic(tmp_path, model_file, scene):
-    lg = module.ConvLoRASegLogic(scene=scene, storeRoot=tmp_path / "store")
+    lg = module_logic.ConvLoRASegLogic(scene=scene, storeRoot=tmp_path / "store")
     lg.setModelPath(model_file)
     yield lg
     lg.shutdown()
@@ -76,68 +77,68 @@ def head(scene):
     (T.CC359, {"cc359RootPathLineEdit", "cc359SiteComboBox"}),
 ])
 def test_target_widgets_follow_the_target_type(kind, enabled):
-    states = module.targetWidgetStates(kind)
+    states = presenters.targetWidgetStates(kind)
     assert {name for name, on in states.items() if on} == enabled
 
 
 def test_target_needs_a_chosen_path_and_never_means_the_working_folder(tmp_path):
     for empty in ("", ".", "  "):
         with pytest.raises(ConvLoRASegError, match="choose the folder"):
-            module.targetFromParameters(T.FOLDER, empty, "", "ge15", [])
+            presenters.targetFromParameters(T.FOLDER, empty, "", "ge15", [])
         with pytest.raises(ConvLoRASegError, match="CC359 root"):
-            module.targetFromParameters(T.CC359, "", empty, "ge15", [])
+            presenters.targetFromParameters(T.CC359, "", empty, "ge15", [])
     with pytest.raises(ConvLoRASegError, match="at least one volume"):
-        module.targetFromParameters(T.SCENE, "", "", "ge15", [])
-    assert module.targetFromParameters(T.FOLDER, str(tmp_path), "", "ge15", []) == str(tmp_path)
-    assert module.targetFromParameters(T.CC359, "", "/data/cc359", "siemens3", []) == "cc359:/data/cc359:siemens3"
-    assert module.targetFromParameters(T.SCENE, "", "", "ge15", ["a", "b"]) == ["a", "b"]
+        presenters.targetFromParameters(T.SCENE, "", "", "ge15", [])
+    assert presenters.targetFromParameters(T.FOLDER, str(tmp_path), "", "ge15", []) == str(tmp_path)
+    assert presenters.targetFromParameters(T.CC359, "", "/data/cc359", "siemens3", []) == "cc359:/data/cc359:siemens3"
+    assert presenters.targetFromParameters(T.SCENE, "", "", "ge15", ["a", "b"]) == ["a", "b"]
 
 
 def test_optional_paths_are_empty_not_dot():
-    assert module._pathOrNone("") is None and module._pathOrNone(".") is None
-    assert module.modelInfoText("") == "Model: bundled default" == module.modelInfoText(".")
-    assert module.modelInfoText("/m/model.safetensors") == "Model: /m/model.safetensors"
+    assert parameters.pathOrNone("") is None and parameters.pathOrNone(".") is None
+    assert presenters.modelInfoText("") == "Model: bundled default" == presenters.modelInfoText(".")
+    assert presenters.modelInfoText("/m/model.safetensors") == "Model: /m/model.safetensors"
 
 
 def test_run_buttons_start_or_cancel_their_job_one_job_at_a_time():
-    idle = module.actionButtonStates(None, False, hasInputVolume=False)
+    idle = presenters.actionButtonStates(None, False, hasInputVolume=False)
     assert idle == {"adaptButton": ("Adapt", True), "segmentButton": ("Segment", False),
                     "segmentCohortButton": ("Segment cohort", True)}
-    running = module.actionButtonStates("segment", False, True)
+    running = presenters.actionButtonStates("segment", False, True)
     assert running["segmentButton"] == ("Cancel", True)
     assert running["adaptButton"] == ("Adapt", False) and running["segmentCohortButton"][1] is False
-    assert module.actionButtonStates("segment", True, True)["segmentButton"] == ("Cancelling...", False)
-    assert module.actionButtonStates("cohort", False, True)["segmentCohortButton"] == ("Cancel", True)
+    assert presenters.actionButtonStates("segment", True, True)["segmentButton"] == ("Cancelling...", False)
+    assert presenters.actionButtonStates("cohort", False, True)["segmentCohortButton"] == ("Cancel", True)
 
 
 def test_saved_device_stays_selected_whatever_is_detected():
-    items, index = module.deviceChoices("cuda:1", None)  # torch not installed yet: nothing probed
+    items, index = presenters.deviceChoices("cuda:1", None)  # torch not installed yet: nothing probed
     assert items[index][1] == "cuda:1" and items[0] == ("auto", "auto")
-    items, index = module.deviceChoices("cuda:0", [("cuda:0", "NVIDIA X"), ("cpu", "CPU")])
+    items, index = presenters.deviceChoices("cuda:0", [("cuda:0", "NVIDIA X"), ("cpu", "CPU")])
     assert items[index] == ("cuda:0: NVIDIA X", "cuda:0") and len(items) == 3
-    items, index = module.deviceChoices("cuda:3", [("cpu", "CPU")])
+    items, index = presenters.deviceChoices("cuda:3", [("cpu", "CPU")])
     assert items[index] == ("cuda:3 (not detected)", "cuda:3")
-    assert module.deviceChoices("", [])[1] == 0
+    assert presenters.deviceChoices("", [])[1] == 0
 
 
 def test_a_new_volume_gets_a_new_mask_unless_the_user_picked_one(scene):
     a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
     b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
     mask_a = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "a brain mask")
-    mask_a.SetAttribute(module.SOURCE_VOLUME_ATTRIBUTE, a.GetID())
+    mask_a.SetAttribute(module_logic.SOURCE_VOLUME_ATTRIBUTE, a.GetID())
     picked = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mine")
     auto = mask_a.GetID()  # the module selected it after segmenting a
-    assert module.outputNodeForSegment(a, None, auto) is None
-    assert module.outputNodeForSegment(a, mask_a, auto) is mask_a  # same volume again: overwrite its mask
-    assert module.outputNodeForSegment(b, mask_a, auto) is None  # another volume: a new mask
-    assert module.outputNodeForSegment(b, picked, auto) is picked  # the user's own choice
-    assert module.outputNodeForSegment(b, mask_a, None) is mask_a  # picked by the user (not auto-selected)
+    assert presenters.outputNodeForSegment(a, None, auto) is None
+    assert presenters.outputNodeForSegment(a, mask_a, auto) is mask_a  # same volume again: overwrite its mask
+    assert presenters.outputNodeForSegment(b, mask_a, auto) is None  # another volume: a new mask
+    assert presenters.outputNodeForSegment(b, picked, auto) is picked  # the user's own choice
+    assert presenters.outputNodeForSegment(b, mask_a, None) is mask_a  # picked by the user (not auto-selected)
 
 
 def test_segment_writes_which_volume_a_mask_belongs_to(logic, head):
     labelmap = logic.segment(head, device="cpu")
-    assert labelmap.GetAttribute(module.SOURCE_VOLUME_ATTRIBUTE) == head.GetID()
-    assert module.outputNodeForSegment(head, labelmap, labelmap.GetID()) is labelmap
+    assert labelmap.GetAttribute(module_logic.SOURCE_VOLUME_ATTRIBUTE) == head.GetID()
+    assert presenters.outputNodeForSegment(head, labelmap, labelmap.GetID()) is labelmap
 
 
 # ----------------------------------------------------------------------------------- self-test and torch
@@ -147,10 +148,10 @@ def test_an_adapter_that_changes_nothing_is_a_warning():
     kept = {"adapter": {"name": "siteB", "agreement": 0.61},
             "summary": {"adapted": False, "selected": "source", "agreement_source": 0.61,
                         "candidates": {"source": 0.61, "adabn": 0.58, "epoch 1": 0.6}}}
-    text, warn = module.adaptationMessage(kept)
+    text, warn = presenters.adaptationMessage(kept)
     assert warn and "did not beat the unadapted model" in text and "0.610" in text and "0.600" in text
     adapted = {"adapter": {"name": "siteB", "agreement": 0.7}, "summary": {"adapted": True, "selected": "epoch 2"}}
-    text, warn = module.adaptationMessage(adapted)
+    text, warn = presenters.adaptationMessage(adapted)
     assert not warn and "epoch 2" in text and "0.700" in text
 
 
@@ -170,30 +171,30 @@ def test_the_labelled_check_is_in_the_status_line():
     label-free choice is a warning (the adapter changes nothing); without a check the line is as before."""
     table = {"source": [0.80, 0.70], "adabn": [0.82, 0.74], "epoch 1": [0.60, 0.50]}
     # the check refused the label-free choice (epoch 1): the adapter holds the unadapted model
-    text, warn = module.adaptationMessage(_checked(False, "source", "epoch 1", table, ("a.nrrd", "b.nrrd")))
+    text, warn = presenters.adaptationMessage(_checked(False, "source", "epoch 1", table, ("a.nrrd", "b.nrrd")))
     assert warn and "label-free choice (epoch 1) was worse than the unadapted model" in text
     assert "2 labelled check scans" in text and "0.550" in text and "0.750" in text
     assert "changes nothing; segment without it" in text
     # the check kept the label-free choice: not a warning, the selected candidate's surface Dice vs. the source's
-    text, warn = module.adaptationMessage(_checked(True, "adabn", "adabn", table))
+    text, warn = presenters.adaptationMessage(_checked(True, "adabn", "adabn", table))
     assert not warn and "selected: adabn" in text and "1 labelled check scan" in text
     assert "0.780" in text and "unadapted 0.750" in text and "label-free choice" not in text
     # the check chose another candidate than the label-free selection: said so
-    text, warn = module.adaptationMessage(_checked(True, "adabn", "epoch 1", table))
+    text, warn = presenters.adaptationMessage(_checked(True, "adabn", "epoch 1", table))
     assert not warn and "over the label-free choice epoch 1" in text
     # neither the label-free score nor the labels found a better candidate: a warning with the labelled numbers
-    text, warn = module.adaptationMessage(_checked(False, "source", "source", {"source": [0.8], "adabn": [0.7]}))
+    text, warn = presenters.adaptationMessage(_checked(False, "source", "source", {"source": [0.8], "adabn": [0.7]}))
     assert warn and "no adapted candidate beat the unadapted model" in text and "0.800" in text and "0.700" in text
     # no check (the key absent, or None as the CLI writes it): exactly the messages without a check
     for extra in ({}, {"labelled_check": None, "label_free_selected": "epoch 2"}):
         adapted = {"adapter": {"name": "siteB", "agreement": 0.7},
                    "summary": {"adapted": True, "selected": "epoch 2", **extra}}
-        assert module.adaptationMessage(adapted) == ("Adapter 'siteB' saved (selected: epoch 2, label-free score "
+        assert presenters.adaptationMessage(adapted) == ("Adapter 'siteB' saved (selected: epoch 2, label-free score "
                                                      "0.700).", False)
         kept = {"adapter": {"name": "siteB", "agreement": 0.61},
                 "summary": {"adapted": False, "selected": "source", "agreement_source": 0.61,
                             "candidates": {"source": 0.61, "adabn": 0.58, "epoch 1": 0.6}, **extra}}
-        assert module.adaptationMessage(kept) == (
+        assert presenters.adaptationMessage(kept) == (
             "Adapter 'siteB' saved, but adaptation did not beat the unadapted model on the label-free score (source "
             "0.610, best adapted candidate 0.600): it changes nothing; segment without it.", True)
 
@@ -201,34 +202,34 @@ def test_the_labelled_check_is_in_the_status_line():
 def test_check_selectors_give_a_pair_or_nothing_never_half_a_check(scene):
     scan = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
     mask = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mask")
-    assert module.checkScansFromParameters(None, None) == []
-    assert module.checkScansFromParameters(scan, mask) == [(scan, mask)]
+    assert presenters.checkScansFromParameters(None, None) == []
+    assert presenters.checkScansFromParameters(scan, mask) == [(scan, mask)]
     with pytest.raises(ConvLoRASegError, match="choose the check mask"):
-        module.checkScansFromParameters(scan, None)
+        presenters.checkScansFromParameters(scan, None)
     with pytest.raises(ConvLoRASegError, match="choose the check scan"):
-        module.checkScansFromParameters(None, mask)
+        presenters.checkScansFromParameters(None, mask)
 
 
 def test_heavy_self_test_runs_only_with_torch_or_when_asked():
-    assert module.heavySelfTestWanted({}, torchInstalled=True)
-    assert not module.heavySelfTestWanted({}, torchInstalled=False)
-    assert module.heavySelfTestWanted({module.SELFTEST_ENV: "full"}, torchInstalled=False)
-    assert not module.heavySelfTestWanted({module.SELFTEST_ENV: "light"}, torchInstalled=True)
+    assert dependencies.heavySelfTestWanted({}, torchInstalled=True)
+    assert not dependencies.heavySelfTestWanted({}, torchInstalled=False)
+    assert dependencies.heavySelfTestWanted({dependencies.SELFTEST_ENV: "full"}, torchInstalled=False)
+    assert not dependencies.heavySelfTestWanted({dependencies.SELFTEST_ENV: "light"}, torchInstalled=True)
 
 
 def test_torch_floor_is_one_constant_equal_to_pyproject():
     floor = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     assert TORCH_MIN == floor
-    assert module.TORCH_REQUIREMENT == f">={TORCH_MIN}"
+    assert dependencies.TORCH_REQUIREMENT == f">={TORCH_MIN}"
 
 
 def test_torch_version_check():
-    assert module.torchVersionProblem(None, "2.1") == "missing"
-    assert module.torchVersionProblem("2.0.1", "2.1") == "old"
-    assert module.torchVersionProblem("1.13.1+cu117", "2.2") == "old"
-    assert module.torchVersionProblem("2.13.0+cpu", "2.1") is None
-    assert module.torchVersionProblem("2.2.0", "2.2") is None
-    assert module.torchVersionProblem(module.installedTorchVersion()) is None  # the test venv's torch
+    assert dependencies.torchVersionProblem(None, "2.1") == "missing"
+    assert dependencies.torchVersionProblem("2.0.1", "2.1") == "old"
+    assert dependencies.torchVersionProblem("1.13.1+cu117", "2.2") == "old"
+    assert dependencies.torchVersionProblem("2.13.0+cpu", "2.1") is None
+    assert dependencies.torchVersionProblem("2.2.0", "2.2") is None
+    assert dependencies.torchVersionProblem(dependencies.installedTorchVersion()) is None  # the test venv's torch
 
 
 class _FakePyTorchUtils:
@@ -249,25 +250,25 @@ class _FakePyTorchUtils:
 def test_an_old_torch_is_upgraded_through_pytorchutils_and_asks_for_a_restart(monkeypatch):
     fake = _FakePyTorchUtils()
     monkeypatch.setitem(sys.modules, "PyTorchUtils", fake.module)
-    monkeypatch.setattr(module, "installedTorchVersion", lambda: "1.13.1")
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "1.13.1")
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="1.13.1"))  # already imported
     with pytest.raises(ConvLoRASegError, match="restart Slicer"):
-        module.ensureDependencies(askConfirmation=False)
+        dependencies.ensureDependencies(askConfirmation=False)
     assert fake.calls == [{"askConfirmation": False, "torchVersionRequirement": f">={TORCH_MIN}"}]
 
 
 def test_an_old_torch_without_pytorchutils_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails
-    monkeypatch.setattr(module, "installedTorchVersion", lambda: "1.13.1")
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "1.13.1")
     with pytest.raises(ConvLoRASegError, match=r"PyTorch 1\.13\.1 is older than .*Extensions Manager"):
-        module.ensureDependencies(askConfirmation=False)
+        dependencies.ensureDependencies(askConfirmation=False)
 
 
 def test_pip_packages_use_slicer_packaging_without_a_second_prompt(monkeypatch):
     seen = []
     fake = types.SimpleNamespace(pip_ensure=lambda reqs, **kw: seen.append((reqs, kw)))
-    monkeypatch.setattr(module, "_slicerPackaging", lambda: fake)
-    module._pipInstall(["safetensors>=0.4"], interactive=False)
+    monkeypatch.setattr(dependencies, "_slicerPackaging", lambda: fake)
+    dependencies._pipInstall(["safetensors>=0.4"], interactive=False)
     reqs, kw = seen[0]
     assert reqs == ["safetensors>=0.4"]
     assert kw["prompt_install"] is False and kw["skip_in_testing"] is False and "skip_packages" not in kw
@@ -276,9 +277,9 @@ def test_pip_packages_use_slicer_packaging_without_a_second_prompt(monkeypatch):
 
 def test_pip_packages_fall_back_to_util_pip_install_before_slicer_5_12(monkeypatch):
     seen = []
-    monkeypatch.setattr(module, "_slicerPackaging", lambda: None)
+    monkeypatch.setattr(dependencies, "_slicerPackaging", lambda: None)
     monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: seen.append(requirements), raising=False)
-    module._pipInstall(["safetensors>=0.4", "tqdm>=4.60"], interactive=True)
+    dependencies._pipInstall(["safetensors>=0.4", "tqdm>=4.60"], interactive=True)
     assert seen == ["safetensors>=0.4 tqdm>=4.60"]
 
 
@@ -302,7 +303,7 @@ def test_manifest_from_the_library_when_it_has_qc(monkeypatch, tmp_path):
         return [dict(c) for c in CASES]
 
     monkeypatch.setitem(sys.modules, "ConvLoRASegLib.qc", types.SimpleNamespace(load_manifest=load_manifest))
-    entries = module.loadManifest(tmp_path)
+    entries = manifest.loadManifest(tmp_path)
     assert seen == [tmp_path]
     assert [Path(e["input"]).name for e in entries] == ["small.nii.gz", "low.nii.gz", "ok.nii.gz"]
 
@@ -310,10 +311,10 @@ def test_manifest_from_the_library_when_it_has_qc(monkeypatch, tmp_path):
 def test_manifest_json_read_directly_without_qc_worst_first(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ConvLoRASegLib.qc", None)  # not importable on this branch
     (tmp_path / "manifest.json").write_text(json.dumps(CASES))
-    entries = module.loadManifest(tmp_path)
+    entries = manifest.loadManifest(tmp_path)
     assert [len(e["flags"]) for e in entries] == [2, 1, 0]
-    rows = module.manifestRows(entries)
-    assert len(rows[0]) == len(module.MANIFEST_COLUMNS)
+    rows = manifest.manifestRows(entries)
+    assert len(rows[0]) == len(manifest.MANIFEST_COLUMNS)
     assert rows[0] == ("brain volume 310 ml outside 800-2000 ml, low agreement", "small.nii.gz", "source model",
                        "310", "0.710", "2.5")
     assert rows[-1][0] == "ok" and rows[-1][3] == "1200"
@@ -322,15 +323,15 @@ def test_manifest_json_read_directly_without_qc_worst_first(monkeypatch, tmp_pat
 def test_missing_manifest_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ConvLoRASegLib.qc", None)
     with pytest.raises(ConvLoRASegError) as info:
-        module.loadManifest(tmp_path / "nowhere")
+        manifest.loadManifest(tmp_path / "nowhere")
     assert "\n" not in str(info.value) and "no readable manifest" in str(info.value)
 
 
 def test_the_cli_done_list_is_a_manifest_too():
     """Without a manifest the module shows the run's own "outputs" (agreement: per-adapter scores)."""
-    entries = module.manifestEntries([{"input": "/d/a.nii.gz", "output": "/o/a.nii.gz", "adapter": "x",
+    entries = manifest.manifestEntries([{"input": "/d/a.nii.gz", "output": "/o/a.nii.gz", "adapter": "x",
                                        "seconds": 1.0, "brain_ml": 1000.0, "agreement": {"source": 0.8, "x": 0.9}}])
-    assert entries[0]["flags"] == [] and module.manifestRows(entries)[0][4] == "0.900"
+    assert entries[0]["flags"] == [] and manifest.manifestRows(entries)[0][4] == "0.900"
 
 
 def test_a_flagged_case_loads_into_the_scene(logic, scene, tmp_path):
@@ -359,7 +360,7 @@ def test_segment_in_the_background_equals_segment_in_process(logic, head):
     there = slicer.util.arrayFromVolume(outcome.labelmap)
     assert np.array_equal(here, there) and there.any()
     assert outcome.labelmap is not labelmap_here and outcome.adapter is None
-    assert outcome.labelmap.GetAttribute(module.SOURCE_VOLUME_ATTRIBUTE) == head.GetID()
+    assert outcome.labelmap.GetAttribute(module_logic.SOURCE_VOLUME_ATTRIBUTE) == head.GetID()
 
 
 def test_automatic_adapter_choice_runs_in_the_background_too(logic, model_file, head, tmp_path):
@@ -373,11 +374,11 @@ def test_automatic_adapter_choice_runs_in_the_background_too(logic, model_file, 
 def test_background_segment_checks_a_given_adapter_as_in_process(logic, model_file, head, tmp_path):
     logic.importAdapter(adapter_file(model_file, tmp_path / "b.safetensors", "site_b", seed=3))
     here = logic.segment(head, adapter="site_b", device="cpu")
-    refused = here.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE)
+    refused = here.GetAttribute(module_logic.ADAPTER_NOT_USED_ATTRIBUTE)
     outcome = logic.segmentInBackground(head, adapter="site_b", device="cpu", waitForCompletion=True)
     assert set(outcome.scores) == {"source", "site_b"}
     assert (outcome.adapter.name if outcome.adapter else "") == here.GetAttribute("ConvLoRASeg.adapter")
-    assert outcome.labelmap.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE) == refused
+    assert outcome.labelmap.GetAttribute(module_logic.ADAPTER_NOT_USED_ATTRIBUTE) == refused
     assert bool(outcome.warnings) == bool(refused)
     assert np.array_equal(slicer.util.arrayFromVolume(here), slicer.util.arrayFromVolume(outcome.labelmap))
     forced = logic.segmentInBackground(head, adapter="site_b", device="cpu", checkAdapter=False,

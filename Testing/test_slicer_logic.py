@@ -29,7 +29,8 @@ slicer_stubs.install()
 import slicer  # noqa: E402
 import vtk  # noqa: E402
 
-import ConvLoRASeg as module  # noqa: E402
+from ConvLoRASegModuleLib import parameters, presenters  # noqa: E402
+from ConvLoRASegModuleLib import logic as module_logic  # noqa: E402
 from ConvLoRASegLib.jobs import CliProcess, EtaEstimator, parseEventLine  # noqa: E402
 from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
 
@@ -144,7 +145,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture()
 def logic(tmp_path, models, scene):
-    lg = module.ConvLoRASegLogic(scene=scene, storeRoot=tmp_path / "store")
+    lg = module_logic.ConvLoRASegLogic(scene=scene, storeRoot=tmp_path / "store")
     lg.setModelPath(models["a"])
     return lg
 
@@ -259,7 +260,7 @@ def test_cancel_stops_the_whole_process_tree(fake_cli, tmp_path, mode, hard):
 def test_volume_node_becomes_an_image_with_the_same_voxels_and_world_geometry(head):
     import SimpleITK as sitk
 
-    image = module.ConvLoRASegLogic.imageFromVolumeNode(head)
+    image = module_logic.ConvLoRASegLogic.imageFromVolumeNode(head)
     array = slicer.util.arrayFromVolume(head)
     m = get_matrix(head)
     assert np.linalg.det(m[:3, :3]) < 0  # the flipped axis survived SetIJKToRASMatrix
@@ -278,13 +279,13 @@ def test_linear_parent_transform_is_included_and_nonlinear_is_refused(scene, hea
     shift[:3, 3] = [10.0, -5.0, 2.5]
     transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
     head.SetAndObserveTransformNodeID(transform.GetID())
-    np.testing.assert_allclose(module.ConvLoRASegLogic.ijkToWorldMatrix(head), shift @ get_matrix(head))
+    np.testing.assert_allclose(module_logic.ConvLoRASegLogic.ijkToWorldMatrix(head), shift @ get_matrix(head))
 
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
     grid.SetAndObserveTransformToParent(vtk.vtkGridTransform())
     head.SetAndObserveTransformNodeID(grid.GetID())
     with pytest.raises(ConvLoRASegError, match="non-linear transform"):
-        module.ConvLoRASegLogic.imageFromVolumeNode(head)
+        module_logic.ConvLoRASegLogic.imageFromVolumeNode(head)
 
 
 # -------------------------------------------------------------------------------------------- segment
@@ -420,12 +421,12 @@ def test_segment_uses_an_adapter_only_where_it_beats_the_source_on_the_scan(logi
     best, _ = logic.chooseAdapter(head, device="cpu")  # the same rule, among {source, site_b}
     node = logic.segment(head, adapter="site_b", device="cpu")
     assert node.GetAttribute("ConvLoRASeg.adapter") == (best.name if best else "")
-    assert node.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE) == ("" if best else "site_b")
+    assert node.GetAttribute(module_logic.ADAPTER_NOT_USED_ATTRIBUTE) == ("" if best else "site_b")
     for winner in ("source", "site_b"):
         monkeypatch.setattr(selection, "choose_volume_scores", lambda scores, order=(), w=winner: w)
         node = logic.segment(head, adapter="site_b", device="cpu", outputNode=node)
         assert node.GetAttribute("ConvLoRASeg.adapter") == ("" if winner == "source" else "site_b")
-        assert node.GetAttribute(module.ADAPTER_NOT_USED_ATTRIBUTE) == ("site_b" if winner == "source" else "")
+        assert node.GetAttribute(module_logic.ADAPTER_NOT_USED_ATTRIBUTE) == ("site_b" if winner == "source" else "")
 
 
 # -------------------------------------------------------------------------------- adapt (background)
@@ -466,9 +467,9 @@ def test_cancelled_adapt_leaves_nothing_behind(logic, head, tmp_path):
 def test_module_choices_match_the_library():
     from ConvLoRASegLib import cohorts, selftrain
 
-    assert set(module.METHODS) == set(selftrain.METHODS)
-    assert module.METHODS[0] == "convlora-adabn"  # the default in the GUI
-    assert set(module.CC359_SITES) == set(cohorts.cc359_domains())
+    assert set(parameters.METHODS) == set(selftrain.METHODS)
+    assert parameters.METHODS[0] == "convlora-adabn"  # the default in the GUI
+    assert set(parameters.CC359_SITES) == set(cohorts.cc359_domains())
 
 
 def test_adapt_refuses_bad_names_and_missing_targets_before_starting(logic, tmp_path):
@@ -498,8 +499,8 @@ def test_adapt_with_a_labelled_check_given_as_nodes_passes_check_and_records_it(
     temporary folder, on the same grid, else the CLI refuses the mask), and the check comes back in the ``done``
     summary and in the stored adapter's details."""
     commands = []
-    real = module.libraryCommand
-    monkeypatch.setattr(module, "libraryCommand", lambda *args: commands.append(args) or real(*args))
+    real = module_logic.libraryCommand
+    monkeypatch.setattr(module_logic, "libraryCommand", lambda *args: commands.append(args) or real(*args))
     events = []
     info = logic.adapt([head], name="siteX", device="cpu", epochs=1, progress=events.append, timeout=180,
                        checkScans=[(head, head_mask)])
@@ -521,7 +522,7 @@ def test_adapt_with_a_labelled_check_given_as_nodes_passes_check_and_records_it(
     assert summary["selected"] == check["selected"] and summary["adapted"] == (check["selected"] != "source")
     assert summary["label_free_selected"] == check["label_free_selected"]
     assert info.name == "siteX" and info.details["labelled_check"] == check
-    text, warn = module.adaptationMessage(done)
+    text, warn = presenters.adaptationMessage(done)
     assert "1 labelled check scan" in text and "surface Dice" in text
     assert warn == (summary["adapted"] is False)
 
@@ -576,7 +577,7 @@ def test_a_segmentation_node_as_check_mask_is_exported_on_the_scan_grid(logic, s
 
 def test_bad_check_scans_fail_in_one_line_before_anything_starts(logic, head, head_mask, tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(module, "libraryCommand", lambda *args: started.append(args))
+    monkeypatch.setattr(module_logic, "libraryCommand", lambda *args: started.append(args))
     image = save_volume(head, tmp_path / "scan.nrrd")
     temp_root = Path(os.environ.get("TMPDIR", "/tmp"))
     before_tmp = set(temp_root.glob("ConvLoRASeg-*"))

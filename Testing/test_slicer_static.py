@@ -28,6 +28,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "ConvLoRASeg"
 MODULE_FILE = MODULE_DIR / "ConvLoRASeg.py"
+PACKAGE_DIR = MODULE_DIR / "ConvLoRASegModuleLib"
+#: the module file and the package beside it: everything Slicer runs of the module
+SOURCES = [MODULE_FILE] + sorted(PACKAGE_DIR.glob("*.py"))
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "ConvLoRASeg.ui"
 sys.path[:0] = [str(ROOT / "Testing"), str(MODULE_DIR), str(ROOT)]
 
@@ -36,6 +39,7 @@ import slicer_stubs  # noqa: E402
 slicer_stubs.install()
 
 import ConvLoRASeg as module  # noqa: E402
+from ConvLoRASegModuleLib import parameters, presenters  # noqa: E402
 
 # Parameters of Slicer's pip helpers (slicer/packaging.py at v5.12.0 and on main; util.pip_install <= v5.10).
 PIP_ENSURE_PARAMETERS = {"requirements", "constraints", "skip_packages", "prompt_install", "prompt_restart",
@@ -73,7 +77,7 @@ def parameter_names():
 
 
 def field_types():
-    return typing.get_type_hints(module.ConvLoRASegParameterNode, include_extras=True)
+    return typing.get_type_hints(parameters.ConvLoRASegParameterNode, include_extras=True)
 
 
 def split(annotation):
@@ -127,19 +131,19 @@ def test_no_parameter_is_a_path_that_defaults_to_the_working_folder():
 
 def test_path_widgets_bound_by_the_widget_exist_and_hold_str_fields():
     widgets, fields = ui_widgets(), field_types()
-    for widget, name in module.PATH_WIDGETS.items():
+    for widget, name in parameters.PATH_WIDGETS.items():
         assert widgets[widget].get("class") == "ctkPathLineEdit", widget
         assert split(fields[name])[0] is str, name
         assert widget not in parameter_names(), f"{widget} is bound twice (SlicerParameterName and PATH_WIDGETS)"
 
 
 def test_every_widget_the_module_names_exists_in_the_ui():
-    source = MODULE_FILE.read_text()
+    source = "\n".join(path.read_text() for path in SOURCES)
     used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", source))
     # names the module reaches through tables: getattr(self.ui, name)
-    used |= set(module.PATH_WIDGETS) | set(module.JOB_BUTTONS) | set(module.targetWidgetStates(None))
+    used |= set(parameters.PATH_WIDGETS) | set(presenters.JOB_BUTTONS) | set(presenters.targetWidgetStates(None))
     missing = sorted(used - set(ui_widgets()))
-    assert not missing, f"used by ConvLoRASeg.py but absent from the .ui: {missing}"
+    assert not missing, f"used by the module but absent from the .ui: {missing}"
 
 
 def test_the_labelled_check_selectors_are_optional_and_offer_the_node_types_the_logic_takes():
@@ -168,13 +172,13 @@ def test_the_labelled_check_selectors_are_optional_and_offer_the_node_types_the_
 
 
 def _calls(name: str):
-    tree = ast.parse(MODULE_FILE.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            func = node.func
-            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-            if called == name:
-                yield node
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if called == name:
+                    yield node
 
 
 def test_pip_ensure_gets_only_its_real_keywords_and_neither_prompts_nor_skips_in_testing():
@@ -204,7 +208,7 @@ def test_pip_install_calls_fit_every_slicer_version_they_run_on():
 
 
 def test_packaging_is_looked_up_by_its_real_name():
-    source = MODULE_FILE.read_text()
+    source = "\n".join(path.read_text() for path in SOURCES)
     assert "slicer.pydeps" not in source, "slicer.pydeps never existed; slicer.packaging appeared in 5.12.0"
     assert '"slicer.packaging"' in source
 
@@ -213,10 +217,77 @@ def test_the_module_needs_no_torch_at_import():
     assert "torch" not in {n.split(".")[0] for n in _top_level_imports()}
 
 
-def _top_level_imports():
+def _top_level_imports(paths=SOURCES):
+    """Modules imported at the top level of ``paths`` (relative imports as ``ConvLoRASegModuleLib.<name>``)."""
+    for path in paths:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # from . import X / from .X import Y
+                    base = "ConvLoRASegModuleLib" + (f".{node.module}" if node.module else "")
+                    yield from ([base] if node.module else [f"{base}.{a.name}" for a in node.names])
+                elif node.module:
+                    yield node.module
+
+
+# ------------------------------------------------------------------------ a thin module file over a package
+
+def test_the_module_file_keeps_only_the_module_the_widget_and_the_test():
     tree = ast.parse(MODULE_FILE.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            yield node.module
+    classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert classes == ["ConvLoRASeg", "ConvLoRASegWidget", "ConvLoRASegTest"]
+    assert len(MODULE_FILE.read_text().splitlines()) <= 900
+    assert (PACKAGE_DIR / "__init__.py").is_file(), "ConvLoRASegModuleLib must be a package (Slicer skips folders)"
+
+
+def test_the_logic_is_the_modules_logic_for_batch_mode():
+    """``import ConvLoRASeg; ConvLoRASeg.ConvLoRASegLogic()`` and ``slicer.util.getModuleLogic("ConvLoRASeg")`` (the
+    widget's ``logic``, made in ``setup``) give the same class."""
+    from ConvLoRASegModuleLib import logic
+
+    assert module.ConvLoRASegLogic is logic.ConvLoRASegLogic
+    assert module.ensureDependencies.__module__ == "ConvLoRASegModuleLib.dependencies"
+    setup = next(node for node in ast.walk(ast.parse(MODULE_FILE.read_text()))
+                 if isinstance(node, ast.FunctionDef) and node.name == "setup")
+    assert "self.logic = ConvLoRASegLogic()" in ast.unparse(setup)
+
+
+def test_the_package_never_imports_the_module_file_and_has_no_import_cycle():
+    """Lower rooms never import higher ones: the package does not import ConvLoRASeg.py, and its files import each
+    other without a cycle."""
+    graph = {}
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        name = "ConvLoRASegModuleLib" + ("" if path.stem == "__init__" else f".{path.stem}")
+        imported = set(_top_level_imports([path]))
+        assert "ConvLoRASeg" not in imported, f"{path.name} imports the module file"
+        graph[name] = {m for m in imported if m.startswith("ConvLoRASegModuleLib.")}
+    seen, stack = set(), []
+
+    def visit(node):
+        assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"
+        if node in seen:
+            return
+        stack.append(node)
+        for other in graph.get(node, ()):
+            visit(other)
+        stack.pop()
+        seen.add(node)
+
+    for node in graph:
+        visit(node)
+
+
+def test_reload_drops_the_package_so_that_edits_there_take_effect(monkeypatch):
+    """Slicer's *Reload* re-executes only ConvLoRASeg.py; the widget's onReload makes the package reload too."""
+    reloaded = []
+    monkeypatch.setattr(module.ScriptedLoadableModuleWidget, "onReload", lambda self: reloaded.append(self),
+                        raising=False)
+    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "ConvLoRASegModuleLib"}
+    assert "ConvLoRASegModuleLib.logic" in saved
+    try:
+        module.ConvLoRASegWidget.onReload("widget")
+        assert reloaded == ["widget"]
+        assert not [n for n in sys.modules if n.split(".")[0] == "ConvLoRASegModuleLib"]
+    finally:
+        sys.modules.update(saved)
