@@ -193,6 +193,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("folds")
+    p = sub.add_parser("peers", help="run deepbet and ROBEX on every head into the cache (slow; resumable)")
+    p.add_argument("--cache", type=Path, default=Path("/work/cache/peers"), help="peer masks cache")
+    p.add_argument("--no-robex", action="store_true")
     p = sub.add_parser("evaluate")
     p.add_argument("--models", type=Path, required=True, help="folder with fold0..fold4.safetensors")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -204,6 +207,14 @@ def main() -> int:
         check_split(fs)
         for k, f in enumerate(fs):
             print(f"fold {k} ({len(f)}): {' '.join(f)}")
+        return 0
+    if a.cmd == "peers":
+        from peers import cached_mask
+
+        for r in index():
+            for tool in ("deepbet",) + (() if a.no_robex else ("robex",)):
+                mask, secs = cached_mask(tool, HEADS / r["name"] / "image.nii.gz", a.cache)
+                print(f"{tool:8} {r['name']:30} {score_volume(mask, r['name'])} {secs:.1f} s", flush=True)
         return 0
     card = evaluate(a.models, a.out, not a.no_robex, a.cache)
     print(markdown(card))
