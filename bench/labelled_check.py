@@ -56,7 +56,7 @@ def next_head(head: str, heads: Sequence[str]) -> str:
 
 def run_task(task, budget, seeds: Sequence[int], methods: Sequence[str], work: Path, cache: table1.RowCache,
              device) -> List[dict]:
-    from make_cohort import available_heads, make_site_cohort
+    from make_cohort import make_site_cohort
 
     from ConvLoRASegLib.labelled_check import LabelledScan, decide, score_candidates
     from ConvLoRASegLib.selftrain import adapt, candidate_model
@@ -64,7 +64,7 @@ def run_task(task, budget, seeds: Sequence[int], methods: Sequence[str], work: P
     from ConvLoRASegLib.volumes import read_image, to_slices
 
     base = load_model(task.model_path)
-    other = next_head(task.rotation, list(available_heads()))
+    other = next_head(task.rotation, table1.table_heads())
     out = work / "table1" / "cohorts" / "sev1" / task.site
     check_image, check_mask = make_site_cohort(task.site, 1, [other], out, first_subject=CHECK_SUBJECT)[0]
     ev = task.evaluate[0]
@@ -205,14 +205,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--work and --models are needed (unless --speed-cohort)")
     cache = table1.RowCache(a.work / "labelled_check" / "rows.jsonl")
     if not a.report_only:
-        from make_cohort import available_heads
-
         from ConvLoRASegLib.segment import resolve_device
 
         full = table1.settings(table1.parse_args(["--work", str(a.work)]))
         budget = table1.Budget(epochs=full["epochs"], steps_per_epoch=full["steps_per_epoch"],
                                batch_size=full["batch_size"], seeds=tuple(a.seeds))
-        tasks = table1.synthetic_tasks(a.sites, a.rotations or list(available_heads()), full["eval_subjects"],
+        tasks = table1.synthetic_tasks(a.sites, a.rotations or table1.table_heads(), full["eval_subjects"],
                                        full["adapt_subjects"], full["adapt_heads"], 1.0, a.models, a.work, False,
                                        table1.Timer())
         device = resolve_device("auto")

@@ -7,8 +7,8 @@
 Semi-synthetic mode (default). Six simulated CC359-like sites (``ConvLoRASegLib.sites``) scan the four real heads
 of ``../shared/data/heads``; several "subjects" per head come from random deformations (tools/make_cohort.py).
 The source site is ``ge3``; targets are the other five. Leave one head out: the rotation that holds out head ``h``
-uses the source model ``loho_<h>.safetensors`` (trained on ge3 subjects 0-2 of the three other heads by
-tools/train_default_model.py, or here when absent), adapts it on unlabeled target-site volumes, and evaluates on
+uses the source model ``loho_<h>.safetensors`` (trained on ge3 subjects 0-2 of the three other heads, silver masks,
+:data:`TRAIN_ARGS`; by tools/train_default_model.py at commit 695101c for the recorded tables, here when absent), adapts it on unlabeled target-site volumes, and evaluates on
 head ``h``'s target-site subject 0 (the real head itself) against its mask: surface Dice at 1 mm (primary) and
 Dice, on the volume's native site grid.
 
@@ -62,9 +62,12 @@ if os.environ.get("CONVLORASEG_THREADS"):
     torch.set_num_threads(int(os.environ["CONVLORASEG_THREADS"]))
 
 from ConvLoRASegLib.errors import ConvLoRASegError  # noqa: E402
-import train_default_model as _train_default_model  # noqa: E402  (tools/)
 
 SOURCE_SITE = "ge3"
+#: The four real heads the semi-synthetic table is defined on: its rotations (held-out heads) and its source models'
+#: training heads. ``../shared/data/heads`` holds more real heads since (bench/real_heads.py uses them all); taking
+#: whatever is there would silently change this benchmark. ``--rotations`` may name any head that is there.
+HEADS = ("colin27", "itk_kmeans", "mni152_nlin6asym", "robex_atlas")
 TARGET_SITES = ("ge15", "philips15", "philips3", "siemens15", "siemens3")
 #: The columns of the table, in order.
 METHOD_COLUMNS = ("source", "adabn", "self-training", "udas", "udas-convlora", "convlora-adabn-paper",
@@ -90,8 +93,12 @@ SELECTION_VERSION = "selection-v5-one-pass-adabn-contrast"
 CSV_COLUMNS = ("site", "method", "seed", "surface_dice", "dice", "trainable_params", "adapter_bytes", "adapt_seconds")
 VOLUME_COLUMNS = ("site", "rotation", "volume", "method", "seed", "surface_dice", "dice", "trainable_params",
                   "adapter_bytes", "adapt_seconds", "best_epoch", "agreement", "selected")
-#: ``convlora-seg train`` arguments of the source models: the leave-one-head-out recipe of the model card.
-TRAIN_ARGS = tuple(_train_default_model.TRAIN_ARGS + _train_default_model.RECIPE_ARGS)
+#: ``convlora-seg train`` arguments of the source models: the leave-one-head-out recipe that trained the models of
+#: the recorded tables (tools/train_default_model.py at commit 695101c; that script trains on the real heads since).
+TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--val-fraction", "0.25", "--fp16",
+              "--epochs", "6", "--steps-per-epoch", "12", "--batch-size", "16", "--lr", "2e-3",
+              "--lr-schedule", "cosine", "--augment-3d", "1", "--out-scale", "6", "--precision", "fp32",
+              "--esh-epochs", "2", "--checkpoint-every", "10")
 QUICK_TRAIN_ARGS = ("--spacing", "2", "--slice-size", "128", "--epochs", "2", "--esh-epochs", "2",
                     "--val-fraction", "0.25", "--fp16")
 
@@ -185,8 +192,9 @@ def link_folder(pairs: Iterable[Tuple[Path, Path]], dest: Path) -> Path:
 def loho_model(head: str, heads: Sequence[str], models: Path, work: Path, quick: bool) -> Path:
     """The source model that never saw ``head``: ``<models>/loho_<head>.safetensors``, trained when absent.
 
-    Training uses ge3 subjects 0-2 of the other heads (as tools/train_default_model.py). In quick mode an absent
-    model is trained with 2 epochs only and stored as ``loho_<head>_quick.safetensors``.
+    Training uses ge3 subjects 0-2 of the other heads with their silver-standard masks where the cohort has them
+    (as tools/train_default_model.py did at commit 695101c), else the shipped ones. In quick mode an absent model is
+    trained with 2 epochs only and stored as ``loho_<head>_quick.safetensors``.
     """
     path = models / f"loho_{head}.safetensors"
     if path.is_file():
@@ -198,6 +206,12 @@ def loho_model(head: str, heads: Sequence[str], models: Path, work: Path, quick:
 
     others = [h for h in heads if h != head]
     files = make_site_cohort(SOURCE_SITE, 3, others, work / "table1" / "ge3_train")
+
+    def best_mask(image: Path, mask: Path) -> Path:
+        silver = image.parent.parent / "masks_silver" / image.name
+        return silver if silver.is_file() else mask
+
+    files = [(i, best_mask(i, m)) for i, m in files]
     dest = link_folder(files, work / "table1" / f"loho_{head}_train")
     models.mkdir(parents=True, exist_ok=True)
     print(f"source model for held-out head {head} is missing: training it"
@@ -209,6 +223,14 @@ def loho_model(head: str, heads: Sequence[str], models: Path, work: Path, quick:
 # ---------------------------------------------------------------------------------------------------------------
 # tasks: semi-synthetic and CC359
 # ---------------------------------------------------------------------------------------------------------------
+def table_heads() -> List[str]:
+    """The heads of :data:`HEADS` that are here (the shared full-resolution heads, else the bundled demo copies)."""
+    from make_cohort import available_heads
+
+    available = available_heads()
+    return [h for h in HEADS if h in available]
+
+
 def synthetic_tasks(sites: Sequence[str], rotations: Sequence[str], eval_subjects: Sequence[int],
                     adapt_subjects: Sequence[int], adapt_heads: int, severity: float, models: Path, work: Path,
                     quick: bool, timer: Timer, adapt_from: str = "held-out") -> List[Task]:
@@ -222,10 +244,11 @@ def synthetic_tasks(sites: Sequence[str], rotations: Sequence[str], eval_subject
         raise ConvLoRASegError("--adapt-subjects and --eval-subjects overlap: an evaluation volume would adapt")
     from make_cohort import available_heads, make_site_cohort
 
-    heads = list(available_heads())
-    unknown = [h for h in rotations if h not in heads]
+    available = list(available_heads())
+    unknown = [h for h in rotations if h not in available]
     if unknown:
-        raise ConvLoRASegError(f"unknown head(s) {', '.join(unknown)}; available: {', '.join(heads)}")
+        raise ConvLoRASegError(f"unknown head(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    heads = table_heads()  # the source models train on these (minus the held-out head)
     tasks = []
     for head in rotations:
         model_path = timer.run("train_source_models", loho_model, head, heads, models, work, quick)
@@ -902,9 +925,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tasks = cc359_tasks(a.cc359, cfg["sites"], models, a.work, 0, a.max_adapt, a.max_eval, timer)
         title = f"Table 1 on CC359 ({a.cc359.name}), source GE 3 T"
     else:
-        from make_cohort import available_heads
-
-        rotations = cfg["rotations"] or list(available_heads())
+        rotations = cfg["rotations"] or table_heads()
         tasks = synthetic_tasks(cfg["sites"], rotations, cfg["eval_subjects"], cfg["adapt_subjects"],
                                 cfg["adapt_heads"], a.severity, models, a.work, cfg["mode"] != "full", timer,
                                 a.adapt_from)
