@@ -2,8 +2,9 @@
 
 The paper's stages, one module each: :mod:`.unet` (the DART20 U-Net), :mod:`.esh` (early segmentation head),
 :mod:`.train` (source training), :mod:`.convlora`, :mod:`.adabn` and :mod:`.selftrain` (adaptation). Around them:
-:mod:`.volumes` (geometry), :mod:`.segment` (inference), :mod:`.store` (files), :mod:`.metrics`, :mod:`.cohorts`,
-:mod:`.sites` (scanner-site simulator) and :mod:`.cli`.
+:mod:`.volumes` (geometry), :mod:`.segment` (inference), :mod:`.selection` (the label-free score, above
+inference), :mod:`.store` (files), :mod:`.batch` (a cohort run; :mod:`.cluster` on Dask), :mod:`.metrics`,
+:mod:`.cohorts`, :mod:`.sites` (scanner-site simulator) and :mod:`.cli` (on top; nothing imports it).
 
 Names are imported lazily: ``import ConvLoRASegLib`` (and ``ConvLoRASegLib.errors``) works before torch is
 installed, which the Slicer module relies on to offer the install.
@@ -32,8 +33,10 @@ _EXPORTS: Dict[str, str] = {
     "read_adapter_info": "store", "AdapterInfo": "store", "AdapterStore": "store", "default_model_path": "store",
     "user_store_dir": "store",
     # inference
-    "segment_image": "segment", "predict_slices": "segment", "choose_adapter": "segment",
-    "resolve_device": "segment", "available_devices": "segment",
+    "segment_image": "segment", "predict_slices": "segment", "choose_adapter": "selection",
+    "segment_checked": "selection", "resolve_device": "segment", "available_devices": "segment",
+    # cohorts of volumes: the CLI, Dask and the Slicer module's folder runs
+    "segment_cohort": "batch", "CohortResult": "batch", "adapt_cohort": "batch", "evaluate_cohort": "batch",
     # volumes, cohorts, sites, metrics
     "read_image": "volumes", "write_image": "volumes", "to_slices": "volumes", "mask_to_slices": "volumes",
     "to_native": "volumes", "to_mask": "volumes", "brain_mask": "volumes", "VolumeSlices": "volumes",
@@ -46,8 +49,8 @@ _EXPORTS: Dict[str, str] = {
     "demo_heads": "sites",
     "dice": "metrics", "surface_dice": "metrics", "hd95": "metrics", "volume_difference": "metrics",
 }
-_SUBMODULES = ("metrics", "store", "volumes", "segment", "selftrain", "convlora", "adabn", "cohorts", "sites",
-               "train", "unet", "esh", "model", "errors", "grid", "cli")
+_SUBMODULES = ("metrics", "store", "volumes", "segment", "selection", "selftrain", "convlora", "adabn", "cohorts",
+               "sites", "train", "unet", "esh", "model", "errors", "grid", "batch", "cluster", "qc", "cli")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__", "TORCH_MIN"]
 

@@ -1,7 +1,8 @@
 """``convlora-seg``: brain masks for whole volumes, scanner adapters, training, evaluation — from the shell.
 
-Every subcommand is a thin layer over the library: parse arguments, check inputs and outputs *before* heavy
-work, call the library with one progress callback (:class:`~ConvLoRASegLib.progress.Reporter`), print a result.
+Every subcommand is a thin layer over the library: parse arguments, call the library with one progress callback
+(:class:`~ConvLoRASegLib.progress.Reporter`), print the result. The library checks inputs and outputs *before*
+heavy work; a cohort run is :func:`ConvLoRASegLib.batch.segment_cohort`. Nothing in the library imports this file.
 
 Exit status: 0 done; 2 a user error (``ConvLoRASegError``: one line on stderr, and ``{"event": "error"}`` with
 ``--json``; nothing written); 130 cancelled by Ctrl-C or SIGTERM (no partial output file: every writer is
@@ -13,159 +14,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
+from .batch import output_paths  # noqa: F401 - named here for scripts (bench/cohort.py)
+from .cohorts import volume_stem
 from .errors import Cancelled, ConvLoRASegError
+from .jobs import CANCEL_FILE_ENV, CANCEL_REQUESTED, cancel_file_as_interrupt, sigterm_as_interrupt
 from .progress import Reporter
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 130
 #: = train.OUT_SCALE (not imported: the parser must not import torch; a test keeps the two equal).
 OUT_SCALE_DEFAULT = 6.0
-#: Name endings of the files ``segment`` writes into an output folder.
-MASK_SUFFIX, PROB_SUFFIX = "_brainmask.nii.gz", "_brainprob.nii.gz"
-_IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# small helpers
-# ---------------------------------------------------------------------------------------------------------------
-def volume_stem(path: Path) -> str:
-    """File name without its image extension (``sub-01.nii.gz`` -> ``sub-01``); a DICOM folder's own name."""
-    name = path.name
-    for ending in _IMAGE_ENDINGS:
-        if name.lower().endswith(ending):
-            return name[: -len(ending)]
-    return name
-
-
-def _is_image_file_name(path: Path) -> bool:
-    return path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha"))
 
 
 def model_path(arg: Optional[str]) -> Path:
-    """``--model`` or the bundled default model; a clear error when the default is not installed."""
-    from .store import default_model_path
+    """``--model`` or the bundled default model (:func:`ConvLoRASegLib.store.model_file`)."""
+    from .store import model_file
 
-    if arg:
-        return Path(arg).expanduser()
-    path = default_model_path()
-    if not path.is_file():
-        raise ConvLoRASegError(f"no --model given and the bundled default model is not installed ({path}); "
-                               "pass --model MODEL.safetensors")
-    return path
+    return model_file(arg)
 
 
-def prefetched(items: Sequence[T], load: Callable[[T], R]) -> Iterator[Tuple[T, Optional[R], Optional[Exception]]]:
-    """Yield ``(item, load(item), None)`` in order — or ``(item, None, error)`` for a ConvLoRASegError — while
-    the next item loads in a background thread (reading a volume overlaps the network's work on the last)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-read")
-    try:
-        upcoming = pool.submit(load, items[0]) if items else None
-        for i, item in enumerate(items):
-            current = upcoming
-            upcoming = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
-            try:
-                yield item, current.result(), None
-            except ConvLoRASegError as exc:
-                yield item, None, exc
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def readable(items: Sequence[Path], load: Callable[[Path], Tuple[Any, List[str]]], rep: Reporter,
-             failed: List[Dict[str, str]], raise_single: bool = False) -> Iterator[Tuple[int, Path, Any]]:
-    """:func:`prefetched` for volumes: yields ``(index, path, value)`` for each volume that loads; its intensity
-    warnings go to ``rep``. A volume that fails is warned about and recorded in ``failed`` (or, with
-    ``raise_single`` and a single input, its error is raised)."""
-    for i, (path, loaded, error) in enumerate(prefetched(items, load)):
-        if error is not None:
-            if raise_single and len(items) == 1:
-                raise error
-            rep.warn(f"skipped {path.name}: {error}")
-            failed.append({"input": str(path), "message": str(error)})
-            continue
-        value, warnings = loaded
-        for w in warnings:
-            rep.warn(f"{path.name} {w}")
-        yield i, path, value
-
-
-#: Set when SIGTERM or the cancel file asked this run to stop. The interrupt can land inside a library's C code,
-#: which may turn it into an error of its own (safetensors reading a model raised "could not determine the shape
-#: of object type 'torch.storage.UntypedStorage'"): :func:`main` then still reports a cancellation, not that error.
-CANCEL_REQUESTED = threading.Event()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While active, SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C (restored afterwards)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
-        yield
-        return
-
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        CANCEL_REQUESTED.set()
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-#: Seconds after which the cancel-file watcher interrupts again if the run has not stopped.
-REINTERRUPT_S = 3.0
-
-
-@contextlib.contextmanager
-def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iterator[None]:
-    """While active, the appearance of the file ``path`` raises KeyboardInterrupt in the main thread.
-
-    The Slicer module's way to cancel a background run that works on every OS: on Windows no signal reaches a
-    child started without a console. The path comes from ``$CONVLORASEG_CANCEL_FILE``; None or empty: no-op.
-    """
-    if not path or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    import _thread
-
-    # interrupt_main() does nothing while SIGINT is ignored, and a child started in the background by a shell or
-    # another program often inherits it ignored (Python then never installs its Ctrl-C handler): install it here
-    old_sigint = signal.getsignal(signal.SIGINT)
-    if old_sigint in (signal.SIG_IGN, signal.SIG_DFL, None):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            if os.path.exists(path):
-                CANCEL_REQUESTED.set()
-                _thread.interrupt_main()
-                # an interrupt that lands in code that swallows it (a library's bare except) is lost: if the run
-                # is still going a while later, interrupt again
-                stop.wait(REINTERRUPT_S)
-                continue
-            stop.wait(interval)
-
-    watcher = threading.Thread(target=watch, name="convlora-cancel-file", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        watcher.join()
-        if old_sigint in (signal.SIG_IGN, signal.SIG_DFL):
-            signal.signal(signal.SIGINT, old_sigint)
+def _adapt_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    kwargs: Dict[str, Any] = {k: getattr(args, k) for k in ("method", "mode", "rank", "placement", "seed")}
+    kwargs.update({k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "precision")
+                   if getattr(args, k) is not None})
+    return kwargs
 
 
 def _fmt_bytes(n: float) -> str:
@@ -183,329 +59,55 @@ def _base_parameters(model) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # segment
 # ---------------------------------------------------------------------------------------------------------------
-def output_paths(inputs: Sequence[Path], out: Path, probabilities: bool) -> Tuple[Dict[Path, Path], bool]:
-    """Map inputs to outputs. ``OUT`` is a file for one input (when it has an image ending and is not an existing
-    folder), else a folder holding ``<stem>_brainmask.nii.gz`` per input. Returns (mapping, is_folder)."""
-    as_folder = len(inputs) > 1 or out.is_dir() or str(out).endswith(("/", os.sep)) or not _is_image_file_name(out)
-    if not as_folder:
-        return {inputs[0]: out}, False
-    suffix = PROB_SUFFIX if probabilities else MASK_SUFFIX
-    mapping: Dict[Path, Path] = {}
-    seen: Dict[str, Path] = {}
-    for p in inputs:
-        stem = volume_stem(p)
-        if stem in seen:
-            raise ConvLoRASegError(f"two inputs would both write {stem}{suffix}: {seen[stem]} and {p}")
-        seen[stem] = p
-        mapping[p] = out / f"{stem}{suffix}"
-    return mapping, True
-
-
-def check_outputs(mapping: Dict[Path, Path], folder: Optional[Path], overwrite: bool) -> None:
-    """Refuse existing outputs (unless ``overwrite``) and unwritable folders before any work is done."""
-    from .atomic import check_output_path
-
-    if folder is not None and not folder.is_dir():
-        parent = folder.parent if str(folder.parent) else Path(".")
-        if folder.exists():
-            raise ConvLoRASegError(f"output {folder} exists and is not a folder")
-        if not parent.is_dir():
-            raise ConvLoRASegError(f"output folder does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise ConvLoRASegError(f"output folder is not writable: {parent}")
-        return  # the folder will be created: nothing in it can exist yet
-    for dest in mapping.values():
-        check_output_path(dest, overwrite)
-
-
-def resolve_adapter(spec: Optional[str], model, adapters_dir: Optional[str]):
-    """``--adapter``: None/``none`` -> source model; ``auto`` -> "auto"; an existing file -> its path (checked
-    against the model); otherwise a name in the store. Returns None, "auto" or an AdapterInfo."""
-    from .segment import activate_adapter
-    from .store import AdapterStore
-
-    if spec is None or spec.lower() in ("none", "source"):
-        return None
-    if spec.lower() == "auto":
-        return "auto"
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        if path.suffix == ".safetensors" or os.sep in spec or "/" in spec:
-            raise ConvLoRASegError(f"adapter file not found: {path}")
-        path = AdapterStore(adapters_dir).find(model.sha256, spec).path
-    # read and checked once here (another base model, a corrupt file); segmenting later reuses what was read
-    info = activate_adapter(model, path)
-    activate_adapter(model, None)
-    return info
-
-
-def candidate_adapters(model, adapters_dir: Optional[str]) -> List[Any]:
-    """Adapters of ``model``: the store at ``adapters_dir`` (default: the user store) plus the adapter files
-    lying directly in ``adapters_dir``."""
-    from .store import AdapterStore, read_adapter_info
-
-    if adapters_dir is not None and not Path(adapters_dir).is_dir():
-        raise ConvLoRASegError(f"--adapters folder does not exist: {adapters_dir}")
-    found = {info.path.resolve(): info for info in AdapterStore(adapters_dir).list(model.sha256)}
-    if adapters_dir is not None:
-        for p in sorted(Path(adapters_dir).glob("*.safetensors")):
-            try:
-                info = read_adapter_info(p)
-            except ConvLoRASegError:
-                continue
-            if info.base_sha256 == model.sha256:
-                found.setdefault(p.resolve(), info)
-    return list(found.values())
-
-
-def _load_volume(path: Path, grid, first_volume: bool):
-    """Header checks (memory), then the image itself and its intensity warnings."""
-    from .volumes import check_intensities, check_memory, image_info, read_image
-
-    check_memory(image_info(path), grid)
-    image = read_image(path, first_volume=first_volume)
-    return image, check_intensities(image)
-
-
-def adapter_map(path: str, inputs: Sequence[Path]) -> Dict[Path, str]:
-    """``--adapter-map CSV``: columns ``input,adapter`` (an adapter file, a store name, ``auto`` or ``none``);
-    an input is matched by its path, file name or name without extension. Returns input -> adapter spec."""
-    import csv
-
-    src = Path(path).expanduser()
-    try:
-        with src.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "input" not in fields or "adapter" not in fields:
-                raise ConvLoRASegError(f"--adapter-map {src.name}: a CSV needs the columns input,adapter")
-            entries = [{k.strip().lower(): (v or "").strip() for k, v in line.items() if k} for line in reader]
-    except FileNotFoundError:
-        raise ConvLoRASegError(f"--adapter-map: no such file: {src}") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ConvLoRASegError(f"cannot read --adapter-map {src}: {exc}") from None
-    by_key: Dict[str, str] = {}
-    for e in entries:
-        if e.get("input") and e.get("adapter"):
-            spec = e["adapter"]
-            if spec.lower() not in ("auto", "none", "source") and not Path(spec).is_absolute() and (
-                    (src.parent / spec).is_file()):
-                spec = str(src.parent / spec)  # adapter files relative to the CSV
-            key = Path(e["input"]).expanduser()
-            by_key[str((key if key.is_absolute() else src.parent / key).resolve())] = spec
-            by_key[key.name] = by_key[volume_stem(key)] = spec
-    return {p: by_key.get(str(p.resolve()), by_key.get(p.name, by_key.get(volume_stem(p))))
-            for p in inputs if any(k in by_key for k in (str(p.resolve()), p.name, volume_stem(p)))}
-
-
-def _complete_output(src: Path, dest: Path) -> bool:
-    """Whether ``dest`` is a readable image on ``src``'s grid size (writes are atomic: then it is complete)."""
-    import SimpleITK as sitk
-
-    from .volumes import image_info
-
-    try:
-        out = sitk.ReadImage(str(dest))
-        return tuple(out.GetSize()) == tuple(image_info(src).size[:3])
-    except (RuntimeError, ConvLoRASegError):
-        return False
-
-
-def _resumed_row(src: Path, dest: Path, previous: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    import SimpleITK as sitk
-
-    from .qc import measure
-
-    old = previous.get(str(src))
-    if old is not None and old.get("status") in ("ok", "resumed"):
-        return {**old, "status": "resumed"}
-    row = {"input": str(src), "output": str(dest), "adapter": None, "status": "resumed", "seconds": 0.0,
-           "warnings": []}
-    mask = sitk.ReadImage(str(dest))
-    if mask.GetPixelID() == sitk.sitkFloat32:  # --probabilities output
-        mask = sitk.Cast(mask >= 0.5, sitk.sitkUInt8)
-    return {**row, **measure(mask, None)}
-
-
 def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
-    from .cluster import CaseJob, Segmenter, SegmentSettings, dask_client, run_in_process, run_on_dask
-    from .cohorts import find_volumes
-    from .qc import load_manifest, write_index, write_manifest
-    from .segment import resolve_device
-    from .store import load_model
+    from .batch import segment_cohort
 
-    inputs = find_volumes(args.inputs)
-    device = resolve_device(args.device)
-    mpath = model_path(args.model)
-    model = load_model(mpath)
-    out = Path(args.output).expanduser()
-    mapping, as_folder = output_paths(inputs, out, args.probabilities)
-    use_cluster = bool(args.workers or args.scheduler)
     if args.workers is not None and args.workers < 1:
         raise ConvLoRASegError(f"--workers must be at least 1, got {args.workers}")
+    runner = None
+    if args.workers or args.scheduler:
+        from .cluster import dask_runner
 
-    # --resume: complete outputs are kept (their old manifest rows too); the rest is checked as usual
-    resumed: List[Dict[str, Any]] = []
-    todo = list(inputs)
-    if args.resume:
-        previous: Dict[str, Dict[str, Any]] = {}
-        if as_folder and (out / "manifest.json").is_file():
-            with contextlib.suppress(ConvLoRASegError):
-                previous = {str(r["input"]): r for r in load_manifest(out)}
-        todo = []
-        for src in inputs:
-            if mapping[src].is_file() and _complete_output(src, mapping[src]):
-                resumed.append(_resumed_row(src, mapping[src], previous))
-            else:
-                todo.append(src)
-        if resumed:
-            rep.info(f"--resume: {len(resumed)} of {len(inputs)} outputs are complete and kept")
-    check_outputs({p: mapping[p] for p in todo}, out if as_folder and not out.is_dir() else None, args.overwrite)
-
-    # adapters: --adapter for every input, or per input from --adapter-map; each spec resolved (and checked) once
-    specs = {p: args.adapter for p in todo}
-    if args.adapter_map:
-        specs.update({p: s for p, s in adapter_map(args.adapter_map, inputs).items() if p in specs})
-    resolved: Dict[Optional[str], Any] = {}
-    for spec in dict.fromkeys(specs.values()):
-        resolved[spec] = resolve_adapter(spec, model, args.adapters)
-    candidates: Optional[Tuple[str, ...]] = None
-    if "auto" in resolved.values():
-        candidates = tuple(str(i.path) for i in candidate_adapters(model, args.adapters))
-        if not candidates:
-            rep.warn("--adapter auto: no adapters of this model in the store; using the source model")
-    jobs = []
-    for i, src in enumerate(todo):
-        a = resolved[specs[src]]
-        jobs.append(CaseJob(input=str(src), output=str(mapping[src]), index=i, total=len(todo),
-                            adapter=None if a in (None, "auto") else str(a.path),
-                            candidates=candidates if a == "auto" else None,
-                            check=a not in (None, "auto") and not args.no_scan_check))
-
-    qc_dir = Path(args.qc).expanduser() if args.qc else None
-    if qc_dir is not None:
-        from .qc import have_matplotlib
-
-        if qc_dir.exists() and not qc_dir.is_dir():
-            raise ConvLoRASegError(f"--qc {qc_dir} exists and is not a folder")
-        if not have_matplotlib():
-            rep.warn("--qc: matplotlib is not installed; index.html is written without pictures "
-                     "(pip install matplotlib)")
-    settings = SegmentSettings(model=str(mpath), device=str(device) if not use_cluster else args.device,
-                               postprocess=not args.no_postprocess, probabilities=args.probabilities,
-                               first_volume=args.first_volume, overwrite=args.overwrite,
-                               qc_dir=str(qc_dir) if qc_dir is not None else None)
-
-    created = as_folder and not out.is_dir() and bool(todo)
-    if created:
-        out.mkdir(parents=True, exist_ok=True)
-    if qc_dir is not None:
-        qc_dir.mkdir(parents=True, exist_ok=True)
-    rows: List[Dict[str, Any]] = []
+        runner = dask_runner(workers=args.workers, scheduler=args.scheduler)
 
     def on_row(row: Dict[str, Any]) -> None:
-        rows.append(row)
         name = Path(row["input"]).name
         if row["status"] == "failed":
-            if len(inputs) > 1:
-                rep.warn(f"skipped {name}: {row['flags'][0][len('failed: '):]}")
-        else:
-            for w in row.get("warnings") or []:
-                rep.warn(f"{name} {w}")
-            extra = "" if args.probabilities else f", brain {row['brain_ml']:.0f} ml"
-            score = "" if row.get("agreement") is None else f", agreement {row['agreement']:.3f}"
-            flags = f", flags: {', '.join(row['flags'])}" if row.get("flags") else ""
-            rep.info(f"{name} -> {row['output']} ({row['seconds']:.1f} s{extra}{score}{flags})")
-        if use_cluster:
-            rep({"event": "progress", "stage": "cohort", "step": len(rows), "total": len(jobs)})
+            return  # the library warned (or, for a single input, raises its error)
+        for w in row.get("warnings") or []:
+            rep.warn(f"{name} {w}")
+        extra = "" if args.probabilities else f", brain {row['brain_ml']:.0f} ml"
+        score = "" if row.get("agreement") is None else f", agreement {row['agreement']:.3f}"
+        flags = f", flags: {', '.join(row['flags'])}" if row.get("flags") else ""
+        rep.info(f"{name} -> {row['output']} ({row['seconds']:.1f} s{extra}{score}{flags})")
 
-    def finish_reports() -> Optional[Path]:
-        every = resumed + rows
-        if qc_dir is not None and every:
-            write_index(qc_dir, every)
-        if as_folder and every and not (len(inputs) == 1 and rows and rows[0]["status"] == "failed"):
-            return write_manifest(out, every)[0]
-        return None
-
-    try:
-        if not jobs:
-            pass
-        elif use_cluster:
-            with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
-                run_on_dask(client, settings, jobs, on_row)
-        else:
-            run_in_process(Segmenter(settings, model=model), jobs, on_row, progress=rep, log=rep.info)
-    except KeyboardInterrupt:
-        finish_reports()  # the cases finished before the interrupt are complete files: say so
-        raise
-    failed = [r for r in rows if r["status"] == "failed"]
-    if len(inputs) == 1 and failed:  # a single input: its error is the command's error, nothing written
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise ConvLoRASegError(failed[0]["flags"][0][len("failed: "):])
-    manifest = finish_reports()
-    if manifest is not None:
-        rep.info(f"manifest: {manifest} ({sum(1 for r in resumed + rows if r.get('flags'))} of "
-                 f"{len(resumed) + len(rows)} cases flagged)" + (f"; QC report: {qc_dir / 'index.html'}"
-                                                                  if qc_dir is not None else ""))
-    if failed:
-        raise ConvLoRASegError(f"{len(failed)} of {len(inputs)} volumes failed (see the warnings above); "
-                               f"{len(rows) - len(failed) + len(resumed)} written")
-    rep.done({"command": "segment", "outputs": [r for r in rows if r["status"] != "failed"],
-              "resumed": resumed, "manifest": None if manifest is None else str(manifest)})
+    result = segment_cohort(
+        args.inputs, args.output, model=args.model, adapter=args.adapter, adapter_map_csv=args.adapter_map,
+        adapters_dir=args.adapters, scan_check=not args.no_scan_check, postprocess=not args.no_postprocess,
+        probabilities=args.probabilities, first_volume=args.first_volume, overwrite=args.overwrite,
+        resume=args.resume, qc_dir=args.qc, device=args.device, runner=runner, progress=rep, on_row=on_row,
+        log=rep.info, warn=rep.warn)
+    every = result.all_rows
+    if result.manifest is not None:
+        rep.info(f"manifest: {result.manifest} ({sum(1 for r in every if r.get('flags'))} of {len(every)} cases "
+                 "flagged)" + (f"; QC report: {result.qc_index}" if result.qc_index is not None else ""))
+    if result.failed:
+        raise ConvLoRASegError(f"{len(result.failed)} of {result.n_inputs} volumes failed (see the warnings above); "
+                               f"{len(result.done) + len(result.resumed)} written")
+    rep.done({"command": "segment", "outputs": result.done, "resumed": result.resumed,
+              "manifest": None if result.manifest is None else str(result.manifest)})
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # adapt
 # ---------------------------------------------------------------------------------------------------------------
-def target_paths(targets: Sequence[str]) -> List[Path]:
-    """Volumes of the target cohort: files, folders, globs, or ``cc359:ROOT:DOMAIN`` (e.g. ``cc359:/data:ge15``)."""
-    from .cohorts import cc359_cases, find_volumes
-
-    paths: List[Path] = []
-    for t in targets:
-        if t.lower().startswith("cc359:"):
-            root, _, domain = t[len("cc359:"):].rpartition(":")
-            if not root or not domain:
-                raise ConvLoRASegError(f"{t!r}: write a CC359 target as cc359:ROOT:DOMAIN, e.g. cc359:/data/CC359:ge15")
-            cases = cc359_cases(root)
-            chosen = [c.image for c in cases if (c.domain or "").lower() == domain.lower()]
-            if not chosen:
-                domains = ", ".join(sorted({c.domain or "?" for c in cases}))
-                raise ConvLoRASegError(f"no CC359 images of domain {domain!r} under {root} (found: {domains})")
-            paths += chosen
-        else:
-            paths += find_volumes([t])
-    return list(dict.fromkeys(paths))
-
-
-def _load_target(path: Path, grid):
-    from .volumes import to_slices
-
-    image, warnings = _load_volume(path, grid, first_volume=False)
-    return to_slices(image, grid).slices, warnings
-
-
-def read_target(paths: Sequence[Path], grid, rep: Reporter) -> Tuple[List[Any], List[Path], List[Dict[str, str]]]:
-    """Working-grid slices of every readable target volume; unreadable ones are skipped with a warning."""
-    stacks, used, skipped = [], [], []
-    for i, path, slices in readable(list(paths), lambda p: _load_target(p, grid), rep, skipped):
-        rep({"event": "progress", "stage": "read", "step": i + 1, "total": len(paths)})
-        stacks.append(slices)
-        used.append(path)
-    if not stacks:
-        raise ConvLoRASegError(f"the target cohort has no readable volumes ({len(skipped)} skipped)")
-    return stacks, used, skipped
-
-
 def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     from .atomic import check_output_path
-    from .labelled_check import apply_check, check_adaptation, read_labelled_scans
-    from .selftrain import adapt
+    from .batch import adapt_cohort, target_paths
+    from .labelled_check import read_labelled_scans
     from .segment import resolve_device
-    from .store import AdapterStore, check_adapter_name, load_model, save_adapter
+    from .store import AdapterStore, check_adapter_name, load_model
 
     mpath = model_path(args.model)
     model = load_model(mpath)
@@ -521,36 +123,10 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
     check_output_path(dest, args.overwrite)
     labelled = read_labelled_scans(args.check) if args.check else []  # bad check files fail before the work
-    paths = target_paths(args.targets)
-    stacks, used, skipped = read_target(paths, model.grid, rep)
-
-    kwargs: Dict[str, Any] = {k: getattr(args, k) for k in ("method", "mode", "rank", "placement", "seed")}
-    for k in ("epochs", "steps_per_epoch", "precision"):
-        if getattr(args, k) is not None:
-            kwargs[k] = getattr(args, k)
-    result = adapt(model, stacks, device=device, progress=rep, **kwargs)
-    label_free = result.selected
-    check = None
-    if labelled:
-        check = check_adaptation(model, result, labelled, device, progress=rep)
-        result = apply_check(model, result, check)
-    rep({"event": "progress", "stage": "save", "step": 0, "total": 1})
-    details = {**result.summary(),
-               "target": {"n_volumes": len(used), "files": [p.name for p in used],
-                          "skipped": [Path(s["input"]).name for s in skipped]}}
-    info = save_adapter(model, result.state, dest, name=name, method=result.method, mode=result.mode,
-                        rank=result.rank, alpha=result.alpha, placement=result.placement, details=details,
-                        overwrite=args.overwrite)
-    rep({"event": "progress", "stage": "save", "step": 1, "total": 1})
-    base_params, model_bytes = _base_parameters(model), mpath.stat().st_size
-    summary = {
-        "selected": result.selected, "adapted": result.adapted, "candidates": result.candidates,
-        "agreement_source": result.agreement_source, "agreement_selected": result.best_agreement,
-        "best_epoch": result.best_epoch, "epochs": result.epochs, "trainable_params": result.trainable_params,
-        "trainable_percent": 100.0 * result.trainable_params / base_params, "adapter_bytes": info.bytes,
-        "model_bytes": model_bytes, "seconds": round(result.seconds, 1), "n_volumes": len(used),
-        "n_skipped": len(skipped), "label_free_selected": label_free,
-        "labelled_check": check.to_dict() if check else None}
+    run = adapt_cohort(model, target_paths(args.targets), dest, name, labelled=labelled, device=device,
+                       overwrite=args.overwrite, progress=rep, warn=rep.warn, **_adapt_kwargs(args))
+    info, result, check, label_free, used = run.info, run.result, run.check, run.label_free_selected, run.used
+    base_params, model_bytes, summary = run.base_params, mpath.stat().st_size, run.summary(mpath.stat().st_size)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in result.candidates.items())
     checked = [] if check is None else [
         f"  labelled check on {len(check.scans)} scan(s), surface Dice at 1 mm as segment --adapter delivers it: "
@@ -558,7 +134,7 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
         f"  label-free selection {label_free}; after the labelled check: {check.selected} ({check.reason})"]
     rep.info("\n".join([
         f"adapter {info.name!r} written to {info.path}",
-        f"  target: {len(used)} volumes ({result.n_slices} slices), {len(skipped)} skipped",
+        f"  target: {len(used)} volumes ({result.n_slices} slices), {len(run.skipped)} skipped",
         f"  method {result.method} ({result.mode}), rank {result.rank}, placement {result.placement}",
         f"  label-free score of each candidate (ESH agreement + gamma consistency): {scores}",
         *checked,
@@ -603,27 +179,14 @@ def cmd_adapt_dispatch(args: argparse.Namespace, rep: Reporter) -> int:
 def cmd_adapt_sites(args: argparse.Namespace, rep: Reporter) -> int:
     """One adaptation per site (in this process one after the other, or as tasks on a Dask cluster); each adapter
     is stored under its site's name. Progress events carry ``site``."""
-    from .atomic import check_output_path
-    from .cluster import SiteJob, adapt_site, adapt_sites_on_dask, dask_client, site_cohorts
+    from .cluster import adapt_sites, site_jobs
     from .segment import resolve_device
-    from .store import AdapterStore, check_adapter_name, read_model_metadata
 
-    mpath = model_path(args.model)
-    sha = read_model_metadata(mpath)["weights_sha256"]
     resolve_device(args.device)
-    cohorts = site_cohorts(args.sites)
-    store = AdapterStore(args.adapters)
-    kwargs: Dict[str, Any] = {k: getattr(args, k) for k in ("method", "mode", "rank", "placement", "seed")}
-    for k in ("epochs", "steps_per_epoch", "precision"):
-        if getattr(args, k) is not None:
-            kwargs[k] = getattr(args, k)
-    jobs = []
-    for site, paths in cohorts.items():
-        dest = store.path_for(sha, check_adapter_name(site))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        check_output_path(dest, args.overwrite)  # every site checked before the first one starts
-        jobs.append(SiteJob(site=site, paths=tuple(str(p) for p in paths), dest=str(dest), model=str(mpath),
-                            device=args.device, kwargs=kwargs, overwrite=args.overwrite))
+    if args.workers is not None and args.workers < 1:
+        raise ConvLoRASegError(f"--workers must be at least 1, got {args.workers}")
+    jobs = site_jobs(args.sites, model_path(args.model), args.adapters, args.device, _adapt_kwargs(args),
+                     args.overwrite)
     rep.info(f"adapting {len(jobs)} sites: " + ", ".join(f"{j.site} ({len(j.paths)} volumes)" for j in jobs))
     results: List[Dict[str, Any]] = []
 
@@ -636,18 +199,7 @@ def cmd_adapt_sites(args: argparse.Namespace, rep: Reporter) -> int:
                      f"({res['n_volumes']} volumes, {res['n_skipped']} skipped; agreement "
                      f"{res['agreement_before']:.3f} -> {res['agreement_after']:.3f}, {res['seconds']:.0f} s)")
 
-    if args.workers or args.scheduler:
-        if args.workers is not None and args.workers < 1:
-            raise ConvLoRASegError(f"--workers must be at least 1, got {args.workers}")
-        with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
-            adapt_sites_on_dask(client, jobs, rep, on_result)
-    else:
-        for job in jobs:
-            try:
-                res = adapt_site(job, lambda e, _s=job.site: rep({**e, "site": _s}))
-            except ConvLoRASegError as exc:
-                res = {"site": job.site, "failed": str(exc)}
-            on_result(res)
+    adapt_sites(jobs, rep, on_result, workers=args.workers, scheduler=args.scheduler)
     failed = [r for r in results if "failed" in r]
     if failed:
         raise ConvLoRASegError(f"{len(failed)} of {len(jobs)} sites failed (see the warnings above); "
@@ -660,16 +212,14 @@ def cmd_adapt_sites(args: argparse.Namespace, rep: Reporter) -> int:
 # train
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
-    import numpy as np
     import torch
 
     from .atomic import check_output_path
-    from .cohorts import folder_cohort
+    from .batch import read_training_cohort
     from .grid import WorkingGrid
     from .segment import resolve_device
     from .store import load_model, save_model
     from .train import train_source
-    from .volumes import check_memory, image_info, mask_to_slices, read_image, to_slices
 
     out = check_output_path(Path(args.output).expanduser(), args.overwrite)
     device = resolve_device(args.device)
@@ -677,27 +227,10 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
         grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size)
     except ValueError as exc:
         raise ConvLoRASegError(str(exc)) from None
-    cases = folder_cohort(args.images, args.masks)
-    unlabelled = [c.image.name for c in cases if c.mask is None]
-    if unlabelled:
-        raise ConvLoRASegError(f"{len(unlabelled)} images have no mask in {args.masks} (e.g. {unlabelled[0]})")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ConvLoRASegError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    for c in cases:
-        check_memory(image_info(c.image), grid)
-    images, masks = [], []
-    for i, c in enumerate(cases):
-        rep({"event": "progress", "stage": "read", "step": i, "total": len(cases)})
-        vs = to_slices(read_image(c.image), grid)
-        images.append(vs.slices)
-        masks.append(mask_to_slices(read_image(c.mask), vs))
-    order = np.random.default_rng(args.seed).permutation(len(cases))
-    n_val = int(round(len(cases) * args.val_fraction))
-    if args.val_fraction > 0 and len(cases) >= 2:
-        n_val = min(max(n_val, 1), len(cases) - 1)
-    val, train = order[:n_val], order[n_val:]
+    cohort = read_training_cohort(args.images, args.masks, grid, args.val_fraction, args.seed, progress=rep)
+    images, masks, train, val = cohort.images, cohort.masks, cohort.train, cohort.val
     info = {"trained_with": f"convlora-seg train (ConvLoRASegLib {__version__})",
-            "train_images": [cases[i].image.name for i in train], "val_images": [cases[i].image.name for i in val]}
+            "train_images": [cohort.names[i] for i in train], "val_images": [cohort.names[i] for i in val]}
     ckpt = Path(args.checkpoint).expanduser() if args.checkpoint else out.with_name(
         out.name[: -len(".safetensors")] + ".checkpoint.safetensors" if out.name.endswith(".safetensors")
         else out.name + ".checkpoint.safetensors")
@@ -723,78 +256,10 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------------------------
-def _match_key(path: Path) -> str:
-    from .cohorts import MASK_SUFFIXES
-
-    stem = volume_stem(path).lower()
-    for suffix in sorted(MASK_SUFFIXES + ("_brainprob",), key=len, reverse=True):
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)]
-    return stem
-
-
-def evaluation_pairs(pred: Path, truth: Path) -> List[Tuple[Path, Path]]:
-    """(prediction, truth) pairs: two files, or two folders matched by name (mask suffixes ignored)."""
-    from .cohorts import find_volumes
-
-    if pred.is_file() and truth.is_file():
-        return [(pred, truth)]
-    if not (pred.is_dir() and truth.is_dir()):
-        for p in (pred, truth):
-            if not p.exists():
-                raise ConvLoRASegError(f"{p}: no such file or folder")
-        raise ConvLoRASegError("PRED and TRUTH must both be files or both be folders")
-    truths = {_match_key(t): t for t in find_volumes([truth])}
-    pairs = [(p, truths[_match_key(p)]) for p in find_volumes([pred]) if _match_key(p) in truths]
-    if not pairs:
-        raise ConvLoRASegError(f"no prediction in {pred} has a truth of the same name in {truth}")
-    return pairs
-
-
-def _read_mask(path: Path):
-    import SimpleITK as sitk
-
-    from .volumes import image_info
-
-    info = image_info(path)
-    if info.dimension != 3 or info.n_components != 1:
-        raise ConvLoRASegError(f"{path.name} is not a 3D label image")
-    return sitk.ReadImage(str(path))
-
-
-def evaluate_pair(pred_path: Path, truth_path: Path, tolerance_mm: float) -> Dict[str, Any]:
-    """Dice, surface Dice at ``tolerance_mm``, HD95 (mm) and volumes (ml); a prediction on another grid is
-    resampled (nearest neighbour) onto the truth's."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    from .metrics import dice, hd95, surface_dice, volume_difference
-    from .volumes import same_grid
-
-    pred, truth = _read_mask(pred_path), _read_mask(truth_path)
-    same = same_grid(pred, truth)
-    if not same:
-        pred = sitk.Resample(pred, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    p = sitk.GetArrayViewFromImage(pred) > 0
-    t = sitk.GetArrayViewFromImage(truth) > 0
-    spacing = tuple(reversed(truth.GetSpacing()))  # numpy axis order (z, y, x)
-    vol = volume_difference(p, t, spacing)
-    return {"pred": str(pred_path), "truth": str(truth_path), "dice": dice(p, t),
-            "surface_dice": surface_dice(p, t, spacing, tolerance_mm), "hd95_mm": hd95(p, t, spacing),
-            "pred_ml": vol["pred_ml"], "truth_ml": vol["truth_ml"], "volume_diff_ml": vol["diff_ml"],
-            "volume_diff_relative": vol["relative"], "resampled": not same}
-
-
 def cmd_evaluate(args: argparse.Namespace, rep: Reporter) -> int:
-    import numpy as np
+    from .batch import evaluate_cohort
 
-    pairs = evaluation_pairs(Path(args.pred).expanduser(), Path(args.truth).expanduser())
-    rows = []
-    for i, (p, t) in enumerate(pairs):
-        rep({"event": "progress", "stage": "evaluate", "step": i, "total": len(pairs)})
-        rows.append(evaluate_pair(p, t, args.tolerance))
-    keys = ("dice", "surface_dice", "hd95_mm", "volume_diff_ml")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    rows, mean = evaluate_cohort(args.pred, args.truth, args.tolerance, progress=rep)
     rep.info(f"{'prediction':<32} {'Dice':>7} {'SDice@' + format(args.tolerance, 'g') + 'mm':>11} "
              f"{'HD95 mm':>8} {'dVol ml':>8}")
     for r in rows + ([{"pred": "mean", **mean}] if len(rows) > 1 else []):
@@ -898,42 +363,19 @@ def _need(values: Sequence[str], n: int, usage: str) -> None:
 
 
 def cmd_import_checkpoint(args: argparse.Namespace, rep: Reporter) -> int:
-    import torch
-
     from .atomic import check_output_path
-    from .convlora import lora_layers
     from .grid import WorkingGrid
-    from .model import ConvLoRASegModel
+    from .model import import_reference_model
     from .store import save_model
-    from .unet import import_reference_checkpoint
 
     out = check_output_path(Path(args.output).expanduser(), args.overwrite)
     try:
         grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size, normalisation=args.normalisation)
     except ValueError as exc:
         raise ConvLoRASegError(str(exc)) from None
-    unet = import_reference_checkpoint(args.checkpoint, n_filters=args.n_filters)
-    if lora_layers(unet):
-        raise ConvLoRASegError(f"{Path(args.checkpoint).name} holds ConvLoRA factors (an adapted model); "
-                               "import the source model's checkpoint")
-    model = ConvLoRASegModel(grid=grid, n_filters=args.n_filters, esh_level=args.esh_level,
-                             info={"imported_from": Path(args.checkpoint).name})
-    model.unet.load_state_dict(unet.state_dict())
-    if args.esh:
-        try:
-            state = torch.load(args.esh, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
-            raise ConvLoRASegError(f"cannot read {Path(args.esh).name} as a state dict without pickle: "
-                                   f"{str(exc).splitlines()[0]}") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        try:
-            model.esh.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-        except (RuntimeError, AttributeError) as exc:
-            raise ConvLoRASegError(f"{Path(args.esh).name} does not match the ESH at level {args.esh_level}: "
-                                   f"{str(exc).splitlines()[0]}") from None
-        model.info["esh_imported_from"] = Path(args.esh).name
-    else:
+    model = import_reference_model(args.checkpoint, grid, n_filters=args.n_filters, esh_level=args.esh_level,
+                                   esh=args.esh)
+    if not args.esh:
         rep.warn("no --esh given: the early segmentation head is untrained, so this model can segment but "
                  "its label-free agreement and adaptation are meaningless")
     sha = save_model(model, out, overwrite=args.overwrite)
@@ -1134,7 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USER_ERROR
     CANCEL_REQUESTED.clear()
     try:
-        with sigterm_as_interrupt(), cancel_file_as_interrupt(os.environ.get("CONVLORASEG_CANCEL_FILE")):
+        with sigterm_as_interrupt(), cancel_file_as_interrupt(os.environ.get(CANCEL_FILE_ENV)):
             return int(args.func(args, rep))
     except ConvLoRASegError as exc:
         if CANCEL_REQUESTED.is_set():  # the interrupt surfaced as a library's error (see CANCEL_REQUESTED)

@@ -1,9 +1,11 @@
 """Cohorts and sites mapped onto Dask: one task per case (segment) or per site (adapt).
 
 The same per-case code runs in-process (``convlora-seg segment`` without ``--workers``) and on a Dask cluster:
-:class:`Segmenter` holds the model and its adapters, :meth:`Segmenter.run` reads one volume, segments it, scores
-it (:mod:`.qc`), writes the mask atomically and returns the case's manifest row; any failure of that case (bad
-file, out of memory) becomes a ``failed: reason`` row and the others go on.
+:class:`~ConvLoRASegLib.batch.Segmenter` (:mod:`.batch`, the cohort run) holds the model and its adapters,
+:meth:`~ConvLoRASegLib.batch.Segmenter.run` reads one volume, segments it, scores it (:mod:`.qc`), writes the mask
+atomically and returns the case's manifest row; any failure of that case (bad file, out of memory) becomes a
+``failed: reason`` row and the others go on. :func:`run_on_dask` (or :func:`dask_runner`) is the ``runner`` a
+:func:`~ConvLoRASegLib.batch.segment_cohort` takes.
 
 On a cluster (``--workers N``: a ``LocalCluster`` of N processes; ``--scheduler ADDRESS|FILE``: any running
 one, e.g. from ``dask-jobqueue``) a worker plugin (:class:`SegmenterPlugin`) loads the model once per worker
@@ -22,8 +24,9 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from .batch import CaseJob, Segmenter, SegmentSettings, adapt_cohort, failed_case, run_in_process
 from .errors import ConvLoRASegError
 
 #: Name the worker plugin is registered under.
@@ -34,202 +37,12 @@ PROGRESS_TOPIC = "convloraseg-progress"
 WORKER_DEATHS_RETRIED = 1
 
 Row = Dict[str, Any]
+PathLike = Union[str, Path]
 
-
-@dataclass(frozen=True)
-class SegmentSettings:
-    """What every case of a ``segment`` run shares (sent once to each worker)."""
-
-    model: str
-    device: str = "auto"
-    postprocess: bool = True
-    probabilities: bool = False
-    first_volume: bool = False
-    overwrite: bool = False
-    qc_dir: Optional[str] = None
-    #: torch threads per worker process; None: the cores divided by the worker's task threads.
-    torch_threads: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class CaseJob:
-    """One volume to segment: where from, where to, with which adapter.
-
-    ``adapter``: an adapter file, or None for the source model; ``candidates`` (a list, possibly empty) means
-    ``--adapter auto`` among these adapter files; ``check``: the adapter is used only if it beats the unadapted
-    model on this scan (label-free, :func:`~ConvLoRASegLib.segment.choose_adapter`), else the case says so."""
-
-    input: str
-    output: str
-    adapter: Optional[str] = None
-    candidates: Optional[Tuple[str, ...]] = None
-    check: bool = False
-    index: int = 0
-    total: int = 1
-    #: when the run that submitted it started (epoch seconds): an output newer than this was written by this run
-    #: (a worker that died after its write, before its answer), so a retry may replace it
-    run_started: float = 0.0
-
-    @property
-    def adapter_label(self) -> Optional[str]:
-        if self.candidates is not None:
-            return "auto"
-        return None if self.adapter is None else Path(self.adapter).stem
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# one case
-# ---------------------------------------------------------------------------------------------------------------
-class Segmenter:
-    """The model (loaded once) and the per-case pipeline: read -> segment + score -> write -> manifest row."""
-
-    def __init__(self, settings: SegmentSettings, model=None):
-        from .segment import resolve_device
-        from .store import load_model
-
-        t0 = time.perf_counter()
-        self.settings = settings
-        self.model = model if model is not None else load_model(Path(settings.model))
-        self.device = resolve_device(settings.device)
-        self.load_seconds = time.perf_counter() - t0
-
-    def read(self, job: CaseJob):
-        """``(image, intensity warnings)``; header checks (memory) first. Raises ConvLoRASegError."""
-        from .volumes import check_intensities, check_memory, image_info, read_image
-
-        path = Path(job.input)
-        check_memory(image_info(path), self.model.grid)
-        image = read_image(path, first_volume=self.settings.first_volume)
-        return image, check_intensities(image)
-
-    def segment(self, job: CaseJob, image, warnings: Sequence[str], t0: Optional[float] = None,
-                progress: Optional[Callable[[dict], None]] = None, log: Optional[Callable[[str], None]] = None,
-                ) -> Row:
-        """Segment a read volume, write its output atomically, return its manifest row."""
-        from . import volumes
-        from .qc import measure, overlay_png
-        from .segment import activate_adapter, adapter_not_used, agreement, choose_adapter, predict_slices
-        from .selection import SOURCE
-
-        t0 = time.perf_counter() if t0 is None else t0
-        s, model = self.settings, self.model
-        vs = volumes.to_slices(image, model.grid)
-        chosen, scores = job.adapter, {}
-        warnings = list(warnings)
-        predicted: Dict[str, Any] = {}
-        choices = job.candidates if job.candidates is not None else (
-            (job.adapter,) if job.check and job.adapter is not None else None)
-        if choices is not None:
-            chosen = None
-            if choices:
-                info, scores = choose_adapter(model, image, list(choices), self.device, working=vs,
-                                              predictions=predicted)
-                chosen = info
-                if log is not None:
-                    name = info.name if info is not None else "source model (no adapter)"
-                    others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-                    log(f"{Path(job.input).name}: chose {name}, score "
-                        f"{scores[SOURCE if info is None else info.name]:.3f} (scores: {others})")
-                if job.candidates is None and info is None:
-                    requested = next(k for k in scores if k != SOURCE)
-                    warnings.append(adapter_not_used(requested, scores))
-        info = activate_adapter(model, chosen)
-        # one pass gives the final and the ESH probabilities: the mask and its label-free score (the scoring of the
-        # candidates above already made that pass for the winner)
-        final, early = predicted.get(SOURCE if info is None else info.name) or predict_slices(
-            model, vs.slices, self.device, with_esh=True, progress=progress)
-        score = agreement(final, early, model.grid.spacing_mm)
-        mask = volumes.brain_mask(final, vs, 0.5, postprocess=s.postprocess)
-        result = volumes.to_native(final, vs) if s.probabilities else mask
-        out = Path(job.output)
-        ours = bool(job.run_started) and out.is_file() and out.stat().st_mtime >= job.run_started
-        dest = volumes.write_image(result, job.output, overwrite=s.overwrite or ours)
-        row: Row = {"input": job.input, "output": str(dest), "adapter": None if info is None else info.name,
-                    "status": "ok", "seconds": 0.0, "warnings": warnings, **measure(mask, score)}
-        if scores:
-            row["adapter_scores"] = {k: round(v, 4) for k, v in scores.items()}
-        if s.qc_dir:
-            try:
-                png = overlay_png(image, mask, Path(s.qc_dir) / f"{_stem(job.input)}.png",
-                                  title=f"{Path(job.input).name}  {', '.join(row['flags']) or 'no flags'}")
-            except (OSError, ConvLoRASegError, ValueError, RuntimeError) as exc:  # a picture never fails a case
-                row["warnings"].append(f"no QC picture: {exc}")
-                png = None
-            if png is not None:
-                row["qc_png"] = str(png)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        return row
-
-    def run(self, job: CaseJob, progress=None, log=None) -> Row:
-        """:meth:`read` + :meth:`segment`; a failure of this case becomes a ``failed`` row."""
-        t0 = time.perf_counter()
-        try:
-            image, warnings = self.read(job)
-            return self.segment(job, image, warnings, t0, progress=progress, log=log)
-        except Exception as exc:  # noqa: BLE001 - narrowed just below
-            if not _is_case_failure(exc):
-                raise
-            return _failed(job, exc, time.perf_counter() - t0)
-
-
-def _is_case_failure(exc: BaseException) -> bool:
-    """Errors that belong to one case (its file, its size), not to the program."""
-    from .segment import OutOfMemoryError
-
-    return isinstance(exc, (ConvLoRASegError, MemoryError, OutOfMemoryError, OSError))
-
-
-def _failed(job: CaseJob, exc: BaseException, seconds: float) -> Row:
-    from .qc import failed_row
-
-    if isinstance(exc, ConvLoRASegError):
-        reason = str(exc)
-    elif isinstance(exc, (MemoryError,)) or type(exc).__name__ == "OutOfMemoryError":
-        reason = "out of memory"
-    else:
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-    return failed_row(job.input, job.output, job.adapter_label, reason, seconds)
-
-
-def _stem(path: str) -> str:
-    from .cli import volume_stem
-
-    return volume_stem(Path(path))
-
-
-def run_in_process(segmenter: Segmenter, jobs: Sequence[CaseJob], on_row: Callable[[Row], None],
-                   progress: Optional[Callable[[dict], None]] = None, log=None) -> List[Row]:
-    """Every job in this process, in order, the next volume read in a background thread while one is segmented."""
-    from .cli import prefetched
-
-    rows: List[Row] = []
-
-    def load(job: CaseJob):
-        t0 = time.perf_counter()
-        try:
-            return segmenter.read(job), None, t0
-        except Exception as exc:  # noqa: BLE001
-            if not _is_case_failure(exc):
-                raise
-            return None, exc, t0
-
-    for job, loaded, _ in prefetched(list(jobs), load):
-        (read, error, t0) = loaded
-        if error is not None:
-            row = _failed(job, error, time.perf_counter() - t0)
-        else:
-            def case_progress(event: Dict[str, Any], _job: CaseJob = job) -> None:
-                if progress is not None:
-                    progress({**event, "volume": _job.index + 1, "volumes": _job.total})
-            try:
-                row = segmenter.segment(job, *read, progress=case_progress, log=log)
-            except Exception as exc:  # noqa: BLE001
-                if not _is_case_failure(exc):
-                    raise
-                row = _failed(job, exc, time.perf_counter() - t0)
-        rows.append(row)
-        on_row(row)
-    return rows
+# the per-case pieces live in .batch; they are named here too, for scripts that map cases themselves
+__all__ = ["CaseJob", "Segmenter", "SegmentSettings", "run_in_process", "SiteJob", "adapt_site",
+           "adapt_sites", "adapt_sites_on_dask", "dask_client", "dask_runner", "remove_partials", "run_on_dask", "site_cohorts", "site_jobs",
+           "PLUGIN_NAME", "PROGRESS_TOPIC", "WORKER_DEATHS_RETRIED"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,16 +202,26 @@ def run_on_dask(client, settings: SegmentSettings, jobs: Sequence[CaseJob], on_r
             try:
                 row = fut.result()
             except distributed.KilledWorker:
-                row = _failed(jobs[i], ConvLoRASegError(
+                row = failed_case(jobs[i], ConvLoRASegError(
                     f"its worker died {WORKER_DEATHS_RETRIED + 1} times running it (out of memory?)"), 0.0)
             except Exception as exc:  # noqa: BLE001 - a bug on a worker still must not stop the cohort
-                row = _failed(jobs[i], ConvLoRASegError(f"{type(exc).__name__}: {exc}"), 0.0)
+                row = failed_case(jobs[i], ConvLoRASegError(f"{type(exc).__name__}: {exc}"), 0.0)
             rows[i] = row
             on_row(row)
     finally:
         remove_partials(outputs)
     return [rows[i] for i in sorted(rows)], load_seconds
 
+
+
+def dask_runner(workers: Optional[int] = None, scheduler: Optional[str] = None):
+    """A ``runner`` for :func:`~ConvLoRASegLib.batch.segment_cohort`: the cases as tasks on a new local cluster of
+    ``workers`` processes or on the running cluster at ``scheduler`` (:func:`dask_client`)."""
+    def run(settings: SegmentSettings, jobs: Sequence[CaseJob], on_row: Callable[[Row], None]) -> None:
+        with dask_client(workers=workers, scheduler=scheduler) as client:
+            run_on_dask(client, settings, jobs, on_row)
+
+    return run
 
 # ---------------------------------------------------------------------------------------------------------------
 # several sites: one adaptation each
@@ -458,40 +281,54 @@ def adapt_site(job: SiteJob, progress: Optional[Callable[[dict], None]] = None) 
     """Read one site's volumes, adapt (the public :func:`~ConvLoRASegLib.selftrain.adapt`), save its adapter."""
     import torch
 
-    from .segment import resolve_device
-    from .selftrain import adapt
-    from .store import load_model, save_adapter
-    from .volumes import to_slices
+    from .store import load_model
 
     if job.torch_threads:
         torch.set_num_threads(job.torch_threads)
-    report = progress or (lambda e: None)
-    model = load_model(Path(job.model))
-    stacks, used, skipped = [], [], []
-    for i, p in enumerate(job.paths):
-        report({"event": "progress", "stage": "read", "step": i + 1, "total": len(job.paths)})
-        try:
-            from .volumes import check_memory, image_info, read_image
+    run = adapt_cohort(load_model(Path(job.model)), job.paths, job.dest, job.site, device=job.device,
+                       overwrite=job.overwrite, progress=progress, what=f"site {job.site}",
+                       details={"site": job.site}, **job.kwargs)
+    return {"site": job.site, "adapter": run.info.to_dict(), "n_volumes": len(run.used),
+            "n_skipped": len(run.skipped), "skipped": run.skipped, "agreement_before": run.result.agreement[0],
+            "agreement_after": run.result.best_agreement, "seconds": round(run.result.seconds, 1)}
 
-            check_memory(image_info(p), model.grid)
-            stacks.append(to_slices(read_image(p), model.grid).slices)
-            used.append(p)
+
+def site_jobs(sites: PathLike, model: PathLike, adapters_dir: Optional[PathLike] = None, device: str = "auto",
+              kwargs: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> List[SiteJob]:
+    """One adaptation job per site of ``sites`` (:func:`site_cohorts`), its adapter stored under the site's name in
+    the store at ``adapters_dir`` (default: the user store); every destination is checked before any site starts."""
+    from .atomic import check_output_path
+    from .store import AdapterStore, check_adapter_name, read_model_metadata
+
+    sha = read_model_metadata(model)["weights_sha256"]
+    cohorts = site_cohorts(str(sites))
+    store = AdapterStore(adapters_dir)
+    jobs = []
+    for site, paths in cohorts.items():
+        dest = store.path_for(sha, check_adapter_name(site))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        check_output_path(dest, overwrite)
+        jobs.append(SiteJob(site=site, paths=tuple(str(p) for p in paths), dest=str(dest), model=str(model),
+                            device=device, kwargs=dict(kwargs or {}), overwrite=overwrite))
+    return jobs
+
+
+def adapt_sites(jobs: Sequence[SiteJob], progress: Callable[[dict], None],
+                on_result: Callable[[Dict[str, Any]], None], workers: Optional[int] = None,
+                scheduler: Optional[str] = None) -> None:
+    """Every site's adaptation: in this process one after the other, or (``workers``/``scheduler``) as tasks on a
+    Dask cluster. ``on_result`` gets each site's result, or ``{"site", "failed": reason}``; progress events carry
+    ``site``."""
+    if workers or scheduler:
+        with dask_client(workers=workers, scheduler=scheduler) as client:
+            adapt_sites_on_dask(client, jobs, progress, on_result)
+        return
+    for job in jobs:
+        try:
+            res = adapt_site(job, lambda e, _s=job.site: progress({**e, "site": _s}))
         except ConvLoRASegError as exc:
-            skipped.append({"input": p, "message": str(exc)})
-    if not stacks:
-        raise ConvLoRASegError(f"site {job.site}: no readable volumes ({len(skipped)} skipped)")
-    result = adapt(model, stacks, device=resolve_device(job.device), progress=report, **job.kwargs)
-    report({"event": "progress", "stage": "save", "step": 0, "total": 1})
-    details = {**result.summary(), "site": job.site,
-               "target": {"n_volumes": len(used), "files": [Path(p).name for p in used],
-                          "skipped": [Path(s["input"]).name for s in skipped]}}
-    info = save_adapter(model, result.state, job.dest, name=job.site, method=result.method, mode=result.mode,
-                        rank=result.rank, alpha=result.alpha, placement=result.placement, details=details,
-                        overwrite=job.overwrite)
-    report({"event": "progress", "stage": "save", "step": 1, "total": 1})
-    return {"site": job.site, "adapter": info.to_dict(), "n_volumes": len(used), "n_skipped": len(skipped),
-            "skipped": skipped, "agreement_before": result.agreement[0], "agreement_after": result.best_agreement,
-            "seconds": round(result.seconds, 1)}
+            res = {"site": job.site, "failed": str(exc)}
+        on_result(res)
 
 
 def _adapt_task(job: SiteJob) -> Dict[str, Any]:

@@ -25,7 +25,7 @@ from .errors import ConvLoRASegError
 PathLike = Union[str, Path]
 
 __all__ = ["Case", "DomainFacts", "IMAGE_EXTENSIONS", "MASK_SUFFIXES", "cc359_domains", "cc359_cases",
-           "find_volumes", "folder_cohort", "is_dicom_folder", "split_cases", "split_from_csv"]
+           "find_volumes", "folder_cohort", "is_dicom_folder", "split_cases", "split_from_csv", "volume_stem"]
 
 #: File endings read as one volume each (longest first, so ``.nii.gz`` wins over ``.gz``).
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -83,8 +83,10 @@ def _image_extension(path: Path) -> Optional[str]:
     return next((ext for ext in IMAGE_EXTENSIONS if name.endswith(ext)), None)
 
 
-def _stem(path: Path) -> str:
-    """The file name without its image extension (``a.nii.gz`` -> ``a``; a folder keeps its name)."""
+def volume_stem(path: PathLike) -> str:
+    """The file name without its image extension (``sub-01.nii.gz`` -> ``sub-01``; a DICOM folder keeps its
+    name)."""
+    path = Path(path)
     ext = _image_extension(path)
     return path.name[: -len(ext)] if ext else path.name
 
@@ -236,14 +238,14 @@ def cc359_cases(root: PathLike) -> List[Case]:
 
 def _mask_for(image: Path, masks_dir: Path, same_folder: bool) -> Optional[Path]:
     """The mask of ``image`` in ``masks_dir``: same name (other folder only) or name + a mask suffix."""
-    stem = _stem(image)
+    stem = volume_stem(image)
     wanted = [stem + suffix for suffix in MASK_SUFFIXES]
     if not same_folder:
         wanted.insert(0, stem)
     by_stem: Dict[str, Path] = {}
     for path in _visible_files(masks_dir):
         if _image_extension(path):
-            by_stem.setdefault(_stem(path).lower(), path)
+            by_stem.setdefault(volume_stem(path).lower(), path)
     return next((by_stem[w.lower()] for w in wanted if w.lower() in by_stem), None)
 
 
@@ -273,7 +275,7 @@ def folder_cohort(images_dir: PathLike, masks_dir: Optional[PathLike] = None) ->
     cases = []
     for image, mask in pairs.items():
         parsed = _parse_cc359(image)
-        cases.append(Case(image=image, mask=mask, subject=_stem(image), domain=parsed[1] if parsed else None))
+        cases.append(Case(image=image, mask=mask, subject=volume_stem(image), domain=parsed[1] if parsed else None))
     return cases
 
 

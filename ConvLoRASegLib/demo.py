@@ -215,7 +215,8 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
         site: simulated target site, a name in :data:`~ConvLoRASegLib.sites.SITES` (not the source ``ge3``).
         subjects_per_head, epochs: override the quick/normal choice.
     """
-    from .segment import resolve_device, segment_checked, segment_image
+    from .segment import resolve_device, segment_image
+    from .selection import segment_checked
     from .selftrain import adapt
     from .sites import SITES, demo_heads, random_subject, simulate_site
     from .store import default_model_path, load_model, save_adapter

@@ -15,12 +15,15 @@ Slicer, or in a loop by :meth:`CliProcess.wait` in batch mode and tests) drains 
 callbacks in the caller's thread. :meth:`CliProcess.cancel` does not wait either: it asks the child to stop
 (a cancel file the CLI watches -- the one request that reaches a windowless child on Windows too -- and
 SIGTERM to its process group on POSIX), and :meth:`poll` kills the whole process tree once the grace period
-is over. Nothing here imports Qt or Slicer (this file lives in the library, not beside the module: Slicer
-registers every ``*.py`` in a module folder as a module), so it is tested with plain Python.
+is over. The child's side of the same protocol is here too: :func:`cancel_file_as_interrupt` and
+:func:`sigterm_as_interrupt` turn both requests into Ctrl-C in the CLI. Nothing here imports Qt or Slicer (this
+file lives in the library, not beside the module: Slicer registers every ``*.py`` in a module folder as a
+module), so it is tested with plain Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,12 +36,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
-#: Environment variable naming the file whose appearance makes the CLI stop as on Ctrl-C (see ``cli.main``).
+#: Environment variable naming the file whose appearance makes the CLI stop as on Ctrl-C (:func:`cancel_file_as_interrupt`).
 CANCEL_FILE_ENV = "CONVLORASEG_CANCEL_FILE"
 #: Seconds between a cancel request and killing the process tree, by default.
 CANCEL_GRACE_SECONDS = 5.0
@@ -384,3 +387,75 @@ def childEnvironment(libraryParent: str, extra: Optional[Dict[str, str]] = None)
     if extra:
         env.update(extra)
     return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the child's side: the command line turns SIGTERM and the cancel file into Ctrl-C
+# ---------------------------------------------------------------------------------------------------------------
+#: Set when SIGTERM or the cancel file asked this run to stop. The interrupt can land inside a library's C code,
+#: which may turn it into an error of its own (safetensors reading a model raised "could not determine the shape
+#: of object type 'torch.storage.UntypedStorage'"): :func:`main` then still reports a cancellation, not that error.
+CANCEL_REQUESTED = threading.Event()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active, SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C (restored afterwards)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        CANCEL_REQUESTED.set()
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+#: Seconds after which the cancel-file watcher interrupts again if the run has not stopped.
+REINTERRUPT_S = 3.0
+
+
+@contextlib.contextmanager
+def cancel_file_as_interrupt(path: Optional[str], interval: float = 0.2) -> Iterator[None]:
+    """While active, the appearance of the file ``path`` raises KeyboardInterrupt in the main thread.
+
+    The Slicer module's way to cancel a background run that works on every OS: on Windows no signal reaches a
+    child started without a console. The path comes from ``$CONVLORASEG_CANCEL_FILE``; None or empty: no-op.
+    """
+    if not path or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import _thread
+
+    # interrupt_main() does nothing while SIGINT is ignored, and a child started in the background by a shell or
+    # another program often inherits it ignored (Python then never installs its Ctrl-C handler): install it here
+    old_sigint = signal.getsignal(signal.SIGINT)
+    if old_sigint in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if os.path.exists(path):
+                CANCEL_REQUESTED.set()
+                _thread.interrupt_main()
+                # an interrupt that lands in code that swallows it (a library's bare except) is lost: if the run
+                # is still going a while later, interrupt again
+                stop.wait(REINTERRUPT_S)
+                continue
+            stop.wait(interval)
+
+    watcher = threading.Thread(target=watch, name="convlora-cancel-file", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        if old_sigint in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(signal.SIGINT, old_sigint)

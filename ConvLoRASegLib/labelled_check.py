@@ -1,7 +1,7 @@
 """An optional check of an adaptation on a few *labelled* scans of the target site (``adapt --check IMAGE MASK``).
 
 The method needs no labels, and its label-free selection (:mod:`~ConvLoRASegLib.selection`) can say "no adapter".
-But no label-free score seen so far ranks candidates reliably (BENCHMARKS.md, issue 10): on the semi-synthetic
+But no label-free score seen so far ranks candidates reliably (BENCHMARKS.md, "Never worse"): on the semi-synthetic
 Table 1 a few adapters still end worse than the source model, silently. A site that has even one scan with a
 trusted mask can close that gap: every candidate of the adaptation (the source model, AdaBN, each epoch) segments
 each labelled scan *as ``segment --adapter`` would deliver it* (with the per-scan check against the unadapted
@@ -30,18 +30,20 @@ import SimpleITK as sitk
 import torch
 
 from .errors import ConvLoRASegError
-from .selection import SOURCE
+from .constants import SOURCE
 
 PathLike = Union[str, Path]
 
 #: Surface Dice tolerance (mm) of the check: the paper's.
 TOLERANCE_MM = 1.0
-#: An adapter more than this below the unadapted model's surface Dice on a labelled scan is worse (issue 10's bar).
+#: An adapter more than this below the unadapted model's surface Dice on a labelled scan is worse (the bar of
+#: BENCHMARKS.md, "Never worse").
 MARGIN = 0.005
 RULES = ("veto", "pick")
-#: The rule ``adapt --check`` applies, chosen by the comparison written down before it ran (BENCHMARKS.md, issue 10,
-#: 2026-12-05): on Table 1's 60 adaptations, with one labelled scan of another head per site, ``pick`` left 1 below
-#: the source by more than 0.005 (worst -0.020), ``veto`` 7 (worst -0.073; it never fired), mean gain +0.045 vs +0.044.
+#: The rule ``adapt --check`` applies, chosen by the comparison written down before it ran (BENCHMARKS.md, "With one
+#: labelled scan of the site", 2026-12-05): on Table 1's 60 adaptations, with one labelled scan of another head per
+#: site, ``pick`` left 1 below the source by more than 0.005 (worst -0.020), ``veto`` 7 (worst -0.073; it never
+#: fired), mean gain +0.045 vs +0.044.
 DEFAULT_RULE = "pick"
 
 
@@ -94,8 +96,7 @@ def score_candidates(candidates: Dict[str, torch.nn.Module], scan: LabelledScan,
     per-scan check between the unadapted model ``candidates["source"]`` and the candidate), and the surface Dice of
     the candidate's own mask. Returns (surface Dice, Dice, unchecked surface Dice), keyed by candidate."""
     from .metrics import dice, surface_dice
-    from .segment import scan_scores
-    from .selection import choose_volume_scores
+    from .selection import choose_volume_scores, scan_scores
     from .volumes import brain_mask, to_slices
 
     source = candidates[SOURCE]

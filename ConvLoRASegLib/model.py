@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .errors import ConvLoRASegError
 from .esh import EarlySegmentationHead
 from .grid import WorkingGrid
 from .unet import UNet2D
@@ -70,3 +72,35 @@ class ConvLoRASegModel(nn.Module):
     def forward_esh(self, x: torch.Tensor) -> torch.Tensor:
         """ESH logits; runs the encoder only up to the ESH's level."""
         return self.esh(self.unet.encode(x, upto=self.esh_level)[-1])
+
+
+def import_reference_model(checkpoint: Union[str, Path], grid: WorkingGrid, n_filters: int = 16, esh_level: int = 3,
+                           esh: Union[str, Path, None] = None) -> ConvLoRASegModel:
+    """The paper's source U-Net ``.pth`` (and, with ``esh``, its early segmentation head's ``.pth``) as a model on
+    ``grid``, read as state dicts of tensors only (``weights_only``). Raises ConvLoRASegError for an adapted
+    checkpoint (ConvLoRA factors), an unreadable file or an ESH of another level."""
+    from .convlora import lora_layers
+    from .unet import import_reference_checkpoint
+
+    unet = import_reference_checkpoint(checkpoint, n_filters=n_filters)
+    if lora_layers(unet):
+        raise ConvLoRASegError(f"{Path(checkpoint).name} holds ConvLoRA factors (an adapted model); "
+                               "import the source model's checkpoint")
+    model = ConvLoRASegModel(grid=grid, n_filters=n_filters, esh_level=esh_level,
+                             info={"imported_from": Path(checkpoint).name})
+    model.unet.load_state_dict(unet.state_dict())
+    if esh:
+        try:
+            state = torch.load(esh, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
+            raise ConvLoRASegError(f"cannot read {Path(esh).name} as a state dict without pickle: "
+                                   f"{str(exc).splitlines()[0]}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        try:
+            model.esh.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        except (RuntimeError, AttributeError) as exc:
+            raise ConvLoRASegError(f"{Path(esh).name} does not match the ESH at level {esh_level}: "
+                                   f"{str(exc).splitlines()[0]}") from None
+        model.info["esh_imported_from"] = Path(esh).name
+    return model

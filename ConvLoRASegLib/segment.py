@@ -1,4 +1,4 @@
-"""Whole-volume inference: device choice, batched slice prediction, adapters, label-free adapter choice.
+"""Whole-volume inference: device choice, batched slice prediction, adapters on a model.
 
 The path of a volume: :func:`~ConvLoRASegLib.volumes.to_slices` (canonical orientation, working grid,
 normalisation) -> :func:`predict_slices` (the network in batches: channels-last, bf16/fp16 autocast where the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,7 +24,6 @@ from .model import ConvLoRASegModel
 from .store import AdapterInfo, load_adapter
 
 if TYPE_CHECKING:
-    from .selection import VolumeScore
     from .volumes import VolumeSlices
 
 AdapterLike = Union[None, str, Path, AdapterInfo]
@@ -327,15 +326,6 @@ def predict_slices(model: ConvLoRASegModel, slices: np.ndarray, device: Union[st
     return (probs, esh) if with_esh else probs
 
 
-def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm: float,
-              tolerance_mm: Optional[float] = None) -> float:
-    """Label-free agreement of the ESH's mask with the final mask (:func:`~ConvLoRASegLib.selection.agreement`:
-    surface Dice at one working-grid voxel, 0 when a mask is empty)."""
-    from .selection import agreement as _agreement
-
-    return _agreement(final_probs, esh_probs, spacing_mm, tolerance_mm)
-
-
 def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike = None,
                   device: Union[str, torch.device] = "auto", postprocess: bool = True, probabilities: bool = False,
                   batch_size: Optional[int] = None, precision: str = "auto",
@@ -343,7 +333,8 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
                   working: Optional[VolumeSlices] = None) -> sitk.Image:
     """Brain mask (uint8 {0, 1}) of ``image`` on exactly its grid; or the float32 probabilities with
     ``probabilities=True``. ``adapter``: an adapter file / :class:`AdapterInfo` for the scan's site, or None.
-    ``working``: ``to_slices(image, model.grid)`` if the caller already has it (e.g. from :func:`choose_adapter`)."""
+    ``working``: ``to_slices(image, model.grid)`` if the caller already has it (e.g. from
+    :func:`~ConvLoRASegLib.selection.choose_adapter`)."""
     from .volumes import brain_mask, to_native, to_slices
 
     activate_adapter(model, adapter)
@@ -353,78 +344,3 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
     if probabilities:
         return to_native(probs, vs)
     return brain_mask(probs, vs, 0.5, postprocess=postprocess)
-
-
-def adapter_not_used(name: str, scores: Optional[Dict[str, float]] = None) -> str:
-    """The warning of a scan on which the adapter ``name`` did not beat the unadapted model (per-scan check)."""
-    table = f" (label-free scores: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())})" if scores else ""
-    return (f"adapter {name!r} did not beat the unadapted model on this scan{table}: segmented without it "
-            "(--no-scan-check, or checkAdapter=False in Slicer, uses it anyway)")
-
-
-def segment_checked(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike,
-                    device: Union[str, torch.device] = "auto", postprocess: bool = True,
-                    working: Optional[VolumeSlices] = None,
-                    ) -> Tuple[sitk.Image, Optional[AdapterInfo], Dict[str, float]]:
-    """``segment --adapter``'s per-scan check: the brain mask of ``image`` with ``adapter`` if the adapter beats the
-    unadapted model on this scan (:func:`choose_adapter`), else without it; the mask comes from the check's own
-    pass. Returns (mask, the adapter used or None, both scores)."""
-    from .selection import SOURCE
-    from .volumes import brain_mask, to_slices
-
-    vs = working if working is not None else to_slices(image, model.grid)
-    predicted: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
-    used, scores = choose_adapter(model, image, [adapter], device, working=vs, predictions=predicted)
-    final = predicted[SOURCE if used is None else used.name][0]
-    return brain_mask(final, vs, 0.5, postprocess=postprocess), used, scores
-
-
-def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
-                   device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
-                   predictions: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
-                   ) -> Tuple[Optional[AdapterInfo], Dict[str, float]]:
-    """Pick, label-free, the adapter that scores best on this scan (:mod:`~ConvLoRASegLib.selection`: ESH agreement
-    and gamma consistency, implausible brains refused, no adapter that shrinks the brain; an adapter must beat no
-    adapter). With one adapter this is the per-scan check of ``segment --adapter FILE``.
-
-    Returns the winner (None if the model without adapter is chosen) and every score, keyed by adapter name
-    (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
-    ``predictions``: a dict to receive each candidate's (final, ESH) probabilities on the working slices (the
-    scoring computes them; the caller then needs no further pass for the winner's mask).
-    The model's active adapter is the same afterwards as before.
-    """
-    from .selection import SOURCE, choose_volume_scores
-    from .volumes import to_slices
-
-    vs = working if working is not None else to_slices(image, model.grid)
-    was_active = model.adapters.active
-    infos: Dict[str, Optional[AdapterInfo]] = {}
-
-    def activated() -> Iterator[Tuple[str, ConvLoRASegModel]]:
-        for candidate in [None, *adapters]:
-            info = activate_adapter(model, candidate)
-            name = SOURCE if info is None else info.name
-            infos[name] = info
-            yield name, model
-
-    try:
-        got = scan_scores(activated(), vs.slices, device, predictions)
-    finally:
-        model.adapters.set_adapter(was_active)
-    return infos[choose_volume_scores(got)], {n: s.value for n, s in got.items()}
-
-
-def scan_scores(candidates: Iterable[Tuple[str, ConvLoRASegModel]], slices: np.ndarray,
-                device: Union[str, torch.device] = "auto",
-                predictions: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None) -> Dict[str, "VolumeScore"]:
-    """The label-free score (:func:`~ConvLoRASegLib.selection.score_model`) of each (name, model) on one scan's
-    working ``slices``; ``predictions`` receives each one's (final, ESH) probabilities."""
-    from .selection import score_model
-
-    got = {}
-    for name, m in candidates:
-        predicted = predict_slices(m, slices, device, with_esh=True)
-        got[name] = score_model(m, slices, device, predicted=predicted)
-        if predictions is not None:
-            predictions[name] = predicted
-    return got

@@ -20,15 +20,28 @@ And it must not shrink the brain: a candidate whose mean brain volume is more th
 the unadapted model's is refused. A heuristic, not a mechanism: on the first shift runs every AdaBN that shrank the
 mask by 3 % or more lost accuracy while agreement and consistency rose, so the scores could not see it; on later,
 retrained models a shrinking AdaBN was sometimes right (an over-segmenting source model), and the guard then
-refuses a real gain. It is kept because refusing returns the unadapted model (BENCHMARKS.md, issue 10).
+refuses a real gain. It is kept because refusing returns the unadapted model (BENCHMARKS.md, "Never worse").
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .constants import SOURCE
+from .metrics import surface_dice
+from .model import ConvLoRASegModel
+from .segment import AdapterLike, activate_adapter, predict_slices
+from .store import AdapterInfo
+from .volumes import brain_mask, to_slices
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+    import torch
+
+    from .volumes import VolumeSlices
 
 #: Brain volumes (ml, brain + cerebellum + brainstem as in the reference masks) a mask may have. Adult brains are
 #: 900-1900 ml; the project's heads' silver masks are 1100-1930 ml. Outside this range a candidate is refused.
@@ -44,11 +57,9 @@ CONSISTENCY_DROP_MAX = 0.0
 #: An adapted candidate whose mean brain volume is below the unadapted model's by more than this share is refused.
 VOLUME_SHRINK_MAX = 0.02
 #: The adaptation scores its candidates on every n-th slice of each scoring volume. 1 (every slice): scoring on every
-#: other slice was measured on 2026-12-02 (BENCHMARKS.md, issue 10) and saved 33 s of 202 s, but it changed 3 of 60
+#: other slice was measured on 2026-12-02 (BENCHMARKS.md, "Answered once") and saved 33 s of 202 s, but it changed 3 of 60
 #: Table 1 selections, each to a worse one (one volume scores a Table 1 task): not worth it.
 SCORE_SLICE_STEP = 1
-#: Name of the unadapted candidate in every score table.
-SOURCE = "source"
 
 
 @dataclass(frozen=True)
@@ -100,8 +111,6 @@ def agreement(final_probs: np.ndarray, esh_probs: np.ndarray, spacing_mm,
     """Surface Dice between the ESH's mask and the final mask at ``tolerance_mm`` (default: one grid voxel);
     0 when either mask is empty (nothing to agree on). ``spacing_mm``: the grid spacing, or one per axis (the grid
     spacing is then the smallest)."""
-    from .metrics import surface_dice
-
     final, early = final_probs >= 0.5, esh_probs >= 0.5
     if not final.any() or not early.any():
         return 0.0
@@ -152,8 +161,6 @@ def score_model(model, slices: np.ndarray, device, precision: str = "auto",
     """Score ``model`` on one volume of working-grid slices: one pass with the ESH (or ``predicted`` = its
     (final, esh) probabilities on every slice, if the caller has them) and one pass over the perturbed shares of
     the slices; with ``slice_step`` n, on every n-th slice only (:data:`SCORE_SLICE_STEP`: the adaptation's)."""
-    from .segment import predict_slices
-
     slices = slices[::slice_step]
     if predicted is not None:
         final, early = (p[::slice_step] for p in predicted)
@@ -209,8 +216,79 @@ def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dic
     return {name: [s.to_dict() for s in vs] for name, vs in scores.items()}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# one scan, several candidates: segment --adapter auto and the per-scan check of segment --adapter FILE
+# ---------------------------------------------------------------------------------------------------------------
+def adapter_not_used(name: str, scores: Optional[Dict[str, float]] = None) -> str:
+    """The warning of a scan on which the adapter ``name`` did not beat the unadapted model (per-scan check)."""
+    table = f" (label-free scores: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())})" if scores else ""
+    return (f"adapter {name!r} did not beat the unadapted model on this scan{table}: segmented without it "
+            "(--no-scan-check, or checkAdapter=False in Slicer, uses it anyway)")
+
+
+def segment_checked(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike,
+                    device: Union[str, torch.device] = "auto", postprocess: bool = True,
+                    working: Optional[VolumeSlices] = None,
+                    ) -> Tuple[sitk.Image, Optional[AdapterInfo], Dict[str, float]]:
+    """``segment --adapter``'s per-scan check: the brain mask of ``image`` with ``adapter`` if the adapter beats the
+    unadapted model on this scan (:func:`choose_adapter`), else without it; the mask comes from the check's own
+    pass. Returns (mask, the adapter used or None, both scores)."""
+    vs = working if working is not None else to_slices(image, model.grid)
+    predicted: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    used, scores = choose_adapter(model, image, [adapter], device, working=vs, predictions=predicted)
+    final = predicted[SOURCE if used is None else used.name][0]
+    return brain_mask(final, vs, 0.5, postprocess=postprocess), used, scores
+
+
+def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
+                   device: Union[str, torch.device] = "auto", working: Optional[VolumeSlices] = None,
+                   predictions: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
+                   ) -> Tuple[Optional[AdapterInfo], Dict[str, float]]:
+    """Pick, label-free, the adapter that scores best on this scan (:mod:`~ConvLoRASegLib.selection`: ESH agreement
+    and gamma consistency, implausible brains refused, no adapter that shrinks the brain; an adapter must beat no
+    adapter). With one adapter this is the per-scan check of ``segment --adapter FILE``.
+
+    Returns the winner (None if the model without adapter is chosen) and every score, keyed by adapter name
+    (``"source"`` for no adapter). ``working``: ``to_slices(image, model.grid)`` if the caller already has it.
+    ``predictions``: a dict to receive each candidate's (final, ESH) probabilities on the working slices (the
+    scoring computes them; the caller then needs no further pass for the winner's mask).
+    The model's active adapter is the same afterwards as before.
+    """
+    vs = working if working is not None else to_slices(image, model.grid)
+    was_active = model.adapters.active
+    infos: Dict[str, Optional[AdapterInfo]] = {}
+
+    def activated() -> Iterator[Tuple[str, ConvLoRASegModel]]:
+        for candidate in [None, *adapters]:
+            info = activate_adapter(model, candidate)
+            name = SOURCE if info is None else info.name
+            infos[name] = info
+            yield name, model
+
+    try:
+        got = scan_scores(activated(), vs.slices, device, predictions)
+    finally:
+        model.adapters.set_adapter(was_active)
+    return infos[choose_volume_scores(got)], {n: s.value for n, s in got.items()}
+
+
+def scan_scores(candidates: Iterable[Tuple[str, ConvLoRASegModel]], slices: np.ndarray,
+                device: Union[str, torch.device] = "auto",
+                predictions: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None) -> Dict[str, VolumeScore]:
+    """The label-free score (:func:`~ConvLoRASegLib.selection.score_model`) of each (name, model) on one scan's
+    working ``slices``; ``predictions`` receives each one's (final, ESH) probabilities."""
+    got = {}
+    for name, m in candidates:
+        predicted = predict_slices(m, slices, device, with_esh=True)
+        got[name] = score_model(m, slices, device, predicted=predicted)
+        if predictions is not None:
+            predictions[name] = predicted
+    return got
+
+
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
            "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
            "brain_ml", "agreement", "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model",
-           "mean_score", "choose", "choose_volume_scores", "spearman", "per_volume_table"]
+           "mean_score", "choose", "choose_volume_scores", "spearman", "per_volume_table", "scan_scores", "choose_adapter",
+           "segment_checked", "adapter_not_used"]
 

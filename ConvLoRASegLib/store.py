@@ -32,7 +32,7 @@ from .atomic import atomic_output
 from .errors import ConvLoRASegError
 from .grid import WorkingGrid
 from .model import ConvLoRASegModel
-from .selection import SOURCE
+from .constants import SOURCE
 
 MODEL_FORMAT = "convlora-seg-model"
 ADAPTER_FORMAT = "convlora-seg-adapter"
@@ -111,6 +111,18 @@ def _write(path: PathLike, tensors: Dict[str, torch.Tensor], meta: Dict[str, str
 def default_model_path() -> Path:
     """The model bundled with the package (trained on the simulated GE 3T site; see the README's model card)."""
     return Path(__file__).resolve().parent / "data" / "default_model.safetensors"
+
+
+def model_file(path: Optional[PathLike] = None) -> Path:
+    """``path`` (a model file the user named), or the bundled default model; a clear error when no model is named
+    and the default is not installed."""
+    if path:
+        return Path(path).expanduser()
+    default = default_model_path()
+    if not default.is_file():
+        raise ConvLoRASegError(f"no --model given and the bundled default model is not installed ({default}); "
+                               "pass --model MODEL.safetensors")
+    return default
 
 
 def save_model(model: ConvLoRASegModel, path: PathLike, dtype: torch.dtype = torch.float32,
@@ -321,7 +333,7 @@ def check_adapter_name(name: str) -> str:
     name = name.strip()
     if not _NAME_RE.match(name) or name.endswith("."):
         raise ConvLoRASegError(f"invalid adapter name {name!r}: use 1-64 letters, digits, spaces, '.', '_' or '-'")
-    if name.lower() == SOURCE:  # the key of the unadapted model in every score table (selection.SOURCE)
+    if name.lower() == SOURCE:  # the key of the unadapted model in every score table (constants.SOURCE)
         raise ConvLoRASegError(f"the adapter name {name!r} is reserved for the model without an adapter: choose another")
     return name
 

@@ -210,7 +210,9 @@ def test_segment_checks_the_adapter_on_each_scan(capsys, monkeypatch, tiny_model
         passes["n"] += 1
         return real_predict(*a, **k)
 
+    # the passes of the per-scan check (selection) and of the segmentation itself (segment)
     monkeypatch.setattr(segment, "predict_slices", counting_predict)
+    monkeypatch.setattr(selection, "predict_slices", counting_predict)
 
     def outcome(*extra):
         code, stdout, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / f"m{len(extra)}.nii.gz",

@@ -13,7 +13,8 @@ from ConvLoRASegLib.errors import ConvLoRASegError
 from ConvLoRASegLib.labelled_check import (MARGIN, LabelledScan, apply_check, check_adaptation, decide,
                                            read_labelled_scans)
 from ConvLoRASegLib.metrics import surface_dice
-from ConvLoRASegLib.segment import segment_checked, segment_image
+from ConvLoRASegLib.segment import segment_image
+from ConvLoRASegLib.selection import segment_checked
 from ConvLoRASegLib.selftrain import adapt
 from ConvLoRASegLib.sites import demo_heads, simulate_site
 from ConvLoRASegLib.store import default_model_path, load_model, read_adapter_info, save_adapter

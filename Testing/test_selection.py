@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ConvLoRASegLib import selection
-from ConvLoRASegLib.segment import agreement
+from ConvLoRASegLib.selection import agreement
 
 
 def _ball(n=40, r=12.0, shift=0):
