@@ -29,7 +29,12 @@ same weights and the same volume:
 
 Weights: ``--model`` or the bundled default model, else a leave-one-head-out model from the work folders, else an
 untrained model (speed does not depend on the weights; accuracy rows are then flagged meaningless).
-Results: ``bench/results/speed.json`` and ``speed.md`` (machine, date, command, table).
+- ``segment_cli`` / ``adapt_one_scan``: the whole commands a user types on the 256^3 head of (c), each in its own
+  process, process start and model loading included: ``convlora-seg segment HEAD -o MASK`` and
+  ``convlora-seg adapt HEAD -o ADAPTER`` (one-scan adaptation at the defaults, the Slicer user's case), median of
+  ``reps``; the adaptation's own stage times come from its ``--json`` summary.
+
+Results: ``bench/results/speed/speed.json`` and ``speed.md`` (machine, date, command, table).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "results" / "speed"
 HEADS = ROOT.parent / "shared" / "data" / "heads"
 LOHO_GLOB = [Path("/work/cache/work"), ROOT.parent / "cache" / "work"]
 
@@ -512,6 +517,39 @@ def w_scan_check(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "checked_scores": rows["adapter_checked"].get("adapter_scores")}
 
 
+def _cli_seconds(args: Sequence[str]) -> Tuple[float, Dict[str, Any]]:
+    """Wall seconds of one ``convlora-seg ARGS --json`` process, and its ``done`` object."""
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ConvLoRASegLib", *args, "--json"], capture_output=True, text=True,
+                          cwd=ROOT)
+    secs = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"convlora-seg {args[0]} failed: {proc.stderr.strip()[-300:]}")
+    done = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{") and '"done"' in x]
+    return secs, (done[-1] if done else {})
+
+
+def w_segment_cli(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``convlora-seg segment HEAD -o MASK``: the whole command (process start, model loading, read, write)."""
+    out = Path(cfg["out_dir"]) / "segment_cli_mask.nii.gz"
+    model = ["--model", cfg["model"]] if cfg.get("model") else []
+    times = [_cli_seconds(["segment", cfg["e2e_image"], "-o", str(out), "--overwrite", "--device", cfg["device"],
+                           *model])[0] for _ in range(max(1, int(cfg.get("reps", 1))))]
+    return {"seconds": round(statistics.median(times), 3), "times": [round(t, 3) for t in times]}
+
+
+def w_adapt_one_scan(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``convlora-seg adapt HEAD -o ADAPTER`` at the defaults (one scan, the Slicer user's case): whole command."""
+    out = Path(cfg["out_dir"]) / "adapt_one_scan.safetensors"
+    model = ["--model", cfg["model"]] if cfg.get("model") else []
+    runs = [_cli_seconds(["adapt", cfg["e2e_image"], "-o", str(out), "--overwrite", "--device", cfg["device"],
+                          *model]) for _ in range(max(1, min(2, int(cfg.get("reps", 1)))))]
+    summary = runs[-1][1].get("summary", {})
+    return {"seconds": round(statistics.median(t for t, _ in runs), 2), "times": [round(t, 2) for t, _ in runs],
+            "library_seconds": summary.get("seconds"), "selected": summary.get("selected"),
+            "epochs": summary.get("epochs")}
+
+
 def w_robex(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """ROBEX through the same runner as the Table 1 benchmark (bench/table1.py: robex_mask)."""
     import SimpleITK as sitk
@@ -656,6 +694,7 @@ WORKERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
     "paper": w_paper, "ours": w_ours, "ablation": w_ablation, "compile": w_compile, "default_e2e": w_default_e2e,
     "full_e2e": w_full_e2e, "scan_check": w_scan_check, "deepbet": w_deepbet, "robex": w_robex,
     "adapt_paper": w_adapt, "adapt_fast": w_adapt, "adapt_fast_slice_step2": w_adapt, "peft": w_peft,
+    "segment_cli": w_segment_cli, "adapt_one_scan": w_adapt_one_scan,
 }
 
 
@@ -766,6 +805,13 @@ def markdown(res: Dict[str, Any]) -> str:
                   f"{t['no_adapter']:.2f} s; the adapter unchecked (`--no-scan-check`) {t['adapter_unchecked']:.2f} s "
                   f"({q['adapter_unchecked']}x); with the per-scan check (the default) {t['adapter_checked']:.2f} s "
                   f"({q['adapter_checked']}x); the check used {sc['checked_used'] or 'no adapter'}."]
+    sg, ao = r.get("segment_cli", {}), r.get("adapt_one_scan", {})
+    if sg and "error" not in sg:
+        lines += ["", f"Whole commands on the head of (c), process start included (median): `convlora-seg segment` "
+                  f"{sg['seconds']:.2f} s" + (f"; `convlora-seg adapt` on that one scan at the defaults "
+                                               f"{ao['seconds']:.1f} s (library {ao['library_seconds']} s, "
+                                               f"{ao['epochs']} epochs, selected {ao['selected']})"
+                                               if ao and "error" not in ao else "") + "."]
     ap, af, ae = r.get("adapt_paper", {}), r.get("adapt_fast", {}), r.get("adapt_fast_slice_step2", {})
     lines += ["", "Adaptation (convlora-adabn, simulated target cohort; surface Dice on held-out labelled scans):", "",
               "| mode | volumes | slices | epochs x steps | seconds | peak RSS MB | surface Dice source -> adapted |",
@@ -841,6 +887,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names.remove("robex")
     if not s.deepbet and not a.only:
         names.remove("deepbet")
+    if a.smoke and not a.only:  # whole commands load the bundled model: not part of the tiny in-process run
+        names = [n for n in names if n not in ("segment_cli", "adapt_one_scan")]
     results: Dict[str, Any] = {}
     previous = a.out / "speed.json"
     if a.only and previous.is_file():  # --only reruns some paths: keep the other paths' results of the same size
