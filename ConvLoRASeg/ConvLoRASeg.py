@@ -470,7 +470,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showSegmentation(volume, output, outcome)
 
     def _segmentHere(self, volume, adapter, output, device) -> SegmentOutcome:
-        from ConvLoRASegLib.segment import adapter_not_used
+        from ConvLoRASegLib.selection import adapter_not_used
 
         scores: Dict[str, float] = {}
         auto = adapter == "auto"

@@ -521,7 +521,7 @@ def test_a_cancel_that_a_library_turns_into_its_own_error_is_still_a_cancel(monk
 
 
 def test_cancel_file_watch_is_off_without_a_path():
-    from ConvLoRASegLib.cli import cancel_file_as_interrupt
+    from ConvLoRASegLib.jobs import cancel_file_as_interrupt
 
     with cancel_file_as_interrupt(None):
         pass

@@ -231,7 +231,8 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         Returns:
             The ``vtkMRMLLabelMapVolumeNode``.
         """
-        from ConvLoRASegLib.segment import segment_checked, segment_image
+        from ConvLoRASegLib.segment import segment_image
+        from ConvLoRASegLib.selection import segment_checked
         from ConvLoRASegLib.volumes import array_from_image
 
         image = self.imageFromVolumeNode(volumeNode)
@@ -273,7 +274,7 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
 
     def chooseAdapter(self, volumeNode, device: str = "auto") -> Tuple[Any, Dict[str, float]]:
         """Best adapter for this scan, label-free: (AdapterInfo or None for the source model, scores by name)."""
-        from ConvLoRASegLib.segment import choose_adapter
+        from ConvLoRASegLib.selection import choose_adapter
 
         return choose_adapter(self.model(), self.imageFromVolumeNode(volumeNode), self.adapters(), device=device)
 
