@@ -41,10 +41,11 @@ from ConvLoRASegModuleLib.dependencies import (SELFTEST_ENV, ensureDependencies,
 from ConvLoRASegModuleLib.logic import (ADAPTER_NOT_USED_ATTRIBUTE, ConvLoRASegLogic,  # noqa: F401
                                         SegmentOutcome)
 from ConvLoRASegModuleLib.manifest import MANIFEST_COLUMNS, loadManifest, manifestEntries, manifestRows
-from ConvLoRASegModuleLib.parameters import PATH_WIDGETS, ConvLoRASegParameterNode, TargetType, pathOrNone
-from ConvLoRASegModuleLib.presenters import (actionButtonStates, adaptationMessage, checkScansFromParameters,
-                                             deviceChoices, modelInfoText, outputNodeForSegment,
-                                             targetFromParameters, targetWidgetStates)
+from ConvLoRASegModuleLib.parameters import (PATH_WIDGETS, ConvLoRASegParameterNode, TargetType, pathOrNone)
+from ConvLoRASegModuleLib.presenters import (actionButtonStates, adaptationMessage, adapterRowToSelect,
+                                             checkScansFromParameters, deviceChoices, modelInfoText,
+                                             outputNodeForSegment, segmentAdapterText, targetFromParameters,
+                                             targetWidgetStates)
 from ConvLoRASegLib.errors import ConvLoRASegError
 from ConvLoRASegLib.jobs import ProcessResult
 
@@ -219,6 +220,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p.outputLabelmap is not None and outputNodeForSegment(p.inputVolume, p.outputLabelmap,
                                                                      self._autoOutputID) is None:
                 p.outputLabelmap = None  # the mask the module made for the previous volume: a new one is made
+            self.ui.segmentAdapterLabel.text = segmentAdapterText(p.autoAdapter, p.selectedAdapter)
             self._updateButtons()
         finally:
             self._updatingGui = False
@@ -310,20 +312,37 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- adapters ---------------------------------------------------------------------------------------
 
     def refreshAdapters(self, *args) -> None:
+        """Refill the adapter table from the store and select the parameter node's adapter again.
+
+        The table's signals are blocked meanwhile: emptying it reports "nothing selected", which used to clear
+        the chosen adapter on every module enter and after every Adapt. An adapter that is gone (deleted,
+        another model's) is unselected in the parameter node too, so Segment never asks for it.
+        """
         import qt
 
         table = self.ui.adaptersTableWidget
-        table.setRowCount(0)
+        wasBlocked = table.blockSignals(True)
         try:
-            adapters = self.logic.adapters()
-        except (ImportError, ConvLoRASegError) as exc:
-            self.ui.statusLabel.text = f"Adapters unavailable: {exc}"
-            return
-        table.setRowCount(len(adapters))
-        for row, info in enumerate(adapters):
-            agreement = "" if info.agreement is None else f"{info.agreement:.3f}"
-            for column, text in enumerate((info.name, info.created[:10], info.method, agreement)):
-                table.setItem(row, column, qt.QTableWidgetItem(text))
+            table.setRowCount(0)
+            try:
+                adapters = self.logic.adapters()
+            except (ImportError, ConvLoRASegError) as exc:  # e.g. PyTorch not installed yet: keep the choice
+                self.ui.statusLabel.text = f"Adapters unavailable: {exc}"
+                return
+            table.setRowCount(len(adapters))
+            for row, info in enumerate(adapters):
+                agreement = "" if info.agreement is None else f"{info.agreement:.3f}"
+                for column, text in enumerate((info.name, info.created[:10], info.method, agreement)):
+                    table.setItem(row, column, qt.QTableWidgetItem(text))
+            p = self._parameterNode
+            if p is not None:
+                row = adapterRowToSelect([info.name for info in adapters], p.selectedAdapter)
+                if row is not None:
+                    table.selectRow(row)
+                elif p.selectedAdapter:
+                    p.selectedAdapter = ""
+        finally:
+            table.blockSignals(wasBlocked)
         table.resizeColumnsToContents()
 
     def _selectedAdapterName(self) -> Optional[str]:
@@ -345,7 +364,9 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         newName = qt.QInputDialog.getText(slicer.util.mainWindow(), "Rename adapter", "New name:",
                                           qt.QLineEdit.Normal, name)
         if newName and newName != name:
-            self._run("Renaming the adapter", lambda: self.logic.renameAdapter(name, newName))
+            renamed = self._run("Renaming the adapter", lambda: self.logic.renameAdapter(name, newName))
+            if renamed is not None and self._parameterNode and self._parameterNode.selectedAdapter == name:
+                self._parameterNode.selectedAdapter = renamed.name  # the selection follows the adapter
             self.refreshAdapters()
 
     def onDeleteAdapter(self) -> None:
@@ -440,9 +461,14 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startJob("Starting the adaptation", start)
 
     def onAdaptFinished(self, result: ProcessResult) -> None:
+        """The new adapter becomes the one Segment uses, unless it changes nothing (the unadapted model was
+        better: the message says to segment without it)."""
         if self._jobEnded("Adaptation", result):
             text, warn = adaptationMessage(result.done or {})
             self.ui.statusLabel.text = text
+            info = result.value
+            if not warn and info is not None and self._parameterNode is not None:
+                self._parameterNode.selectedAdapter = info.name
             if warn:
                 slicer.util.warningDisplay(text)
         self.refreshAdapters()

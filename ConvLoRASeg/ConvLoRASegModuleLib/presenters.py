@@ -179,3 +179,19 @@ def adaptationMessage(done: Dict[str, Any]) -> Tuple[str, bool]:
     score = f"{agreement:.3f}" if isinstance(agreement, (int, float)) else "?"
     return f"Adapter '{name}' saved (selected: {selected or '?'}, label-free score {score}).", False
 
+
+def segmentAdapterText(autoAdapter: bool, selectedAdapter: Optional[str]) -> str:
+    """What *Segment* (and *Segment cohort*) will use, said in the Segment section itself."""
+    if autoAdapter:
+        return "Adapter: automatic (the best for each scan, or none where none beats the unadapted model)"
+    if selectedAdapter:
+        return f"Adapter: {selectedAdapter} (used on a scan only where it beats the unadapted model)"
+    return "Adapter: none (the unadapted model); select one under Adapters of this model"
+
+
+def adapterRowToSelect(names: Sequence[str], selected: Optional[str]) -> Optional[int]:
+    """The row of the adapter table to select again after it was refilled: the selected adapter's, or None when
+    there is none or it is gone (deleted, renamed elsewhere, another model's)."""
+    if not selected:
+        return None
+    return list(names).index(selected) if selected in names else None

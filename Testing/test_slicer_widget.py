@@ -1,0 +1,164 @@
+"""The module's widget driven headless: a new user's first hour (the adapter they chose, the first install, where
+the results appear).
+
+The widget's methods run against real MRML (slicer-core: the parameter node is a real ``vtkMRMLScriptedModuleNode``
+in a real scene, the logic reads a real adapter store) and the widgets of the real .ui file, each a small stand-in
+(``slicer_stubs.FakeUi``: only the names the .ui defines, and the Qt behaviour the widget relies on, e.g. emptying
+a table with a selected row emits ``itemSelectionChanged``). Dependency installs run real background processes
+(a Python one-liner in place of pip), polled here as Slicer's timer polls them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import time
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "Testing"), str(ROOT / "ConvLoRASeg"), str(ROOT)]
+
+import slicer_stubs  # noqa: E402
+
+slicer_stubs.install()
+
+import slicer  # noqa: E402
+
+import ConvLoRASeg as module  # noqa: E402
+from ConvLoRASegModuleLib import dependencies, parameters, presenters  # noqa: E402
+from ConvLoRASegModuleLib import logic as module_logic  # noqa: E402
+from ConvLoRASegLib import TORCH_MIN  # noqa: E402
+from ConvLoRASegLib.jobs import ProcessResult  # noqa: E402
+from test_slicer_logic import adapter_file, tiny_model_file  # noqa: E402
+
+UI_FILE = ROOT / "ConvLoRASeg" / "Resources" / "UI" / "ConvLoRASeg.ui"
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return tiny_model_file(tmp_path_factory.mktemp("models"), 0, "model_a")
+
+
+@pytest.fixture()
+def scene():
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture()
+def dialogs(monkeypatch):
+    """Slicer's message boxes and wait cursor (they need Qt): recorded; every question is answered OK."""
+    shown = {"error": [], "warning": [], "question": []}
+    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown["error"].append(text), raising=False)
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kw: shown["warning"].append(text),
+                        raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda text, *args, **kw: shown["question"].append(text) or True, raising=False)
+    monkeypatch.setitem(sys.modules, "qt", slicer_stubs.FAKE_QT)
+    return shown
+
+
+@pytest.fixture()
+def widget(scene, tmp_path, model_file, dialogs):
+    """The module's widget as ``setup`` leaves it, over a real parameter node and a real adapter store."""
+    w = module.ConvLoRASegWidget()
+    w.ui = slicer_stubs.FakeUi(UI_FILE)
+    w.logic = module.ConvLoRASegLogic(scene=scene, storeRoot=tmp_path / "store")
+    w.logic.setModelPath(model_file)
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "ConvLoRASeg")
+    w._parameterNode = parameters.ConvLoRASegParameterNode(node)
+    w._parameterNode.modelPath = str(model_file)
+    w.ui.adaptersTableWidget.connect("itemSelectionChanged()", w.onAdapterSelectionChanged)
+    w._fillDeviceList()
+    yield w
+    w._teardown()
+
+
+def _store_adapters(w, model_file, tmp_path, *names):
+    for seed, name in enumerate(names, start=1):
+        w.logic.importAdapter(adapter_file(model_file, tmp_path / f"{name}.safetensors", name, seed=seed))
+
+
+def _click_row(w, name):
+    table = w.ui.adaptersTableWidget
+    row = next(r for r in range(table.rowCount) if table.item(r, 0).text() == name)
+    table.selectRow(row)  # what a click does: itemSelectionChanged -> onAdapterSelectionChanged
+
+
+# ------------------------------------------------------------------------------------- the chosen adapter
+
+def test_the_selected_adapter_survives_a_refresh(widget, model_file, tmp_path):
+    """Every module enter and every Adapt refreshes the table; the chosen adapter stays chosen."""
+    _store_adapters(widget, model_file, tmp_path, "siteA", "siteB")
+    widget.refreshAdapters()
+    _click_row(widget, "siteB")
+    assert widget._parameterNode.selectedAdapter == "siteB"
+    widget.refreshAdapters()  # the user leaves the module and comes back
+    assert widget._parameterNode.selectedAdapter == "siteB"
+    assert widget._selectedAdapterName() == "siteB"
+    # the choice is in the scene's parameter node, as a scene saves it
+    assert widget._parameterNode.parameterNode.GetParameter("selectedAdapter") == "siteB"
+
+
+def test_a_new_adapter_becomes_the_one_segment_uses(widget, model_file, tmp_path):
+    _store_adapters(widget, model_file, tmp_path, "siteA")
+    widget.refreshAdapters()
+    _click_row(widget, "siteA")
+    _store_adapters(widget, model_file, tmp_path, "siteB")  # what the adaptation process wrote
+    info = widget.logic.adapterStore().find(widget.logic.modelSha256(), "siteB")
+    done = {"event": "done", "adapter": {"name": "siteB", "agreement": 0.8, "path": str(info.path)},
+            "summary": {"adapted": True, "selected": "epoch 2"}}
+    widget.onAdaptFinished(ProcessResult(returnCode=0, done=done, value=info))
+    assert widget._parameterNode.selectedAdapter == "siteB" and widget._selectedAdapterName() == "siteB"
+    widget.updateGuiFromParameterNode()
+    assert "siteB" in widget.ui.segmentAdapterLabel.text
+
+
+def test_an_adapter_that_changes_nothing_is_not_chosen_for_segment(widget, model_file, tmp_path):
+    _store_adapters(widget, model_file, tmp_path, "siteA", "siteB")
+    widget.refreshAdapters()
+    _click_row(widget, "siteA")
+    info = widget.logic.adapterStore().find(widget.logic.modelSha256(), "siteB")
+    done = {"adapter": {"name": "siteB", "agreement": 0.6}, "summary": {"adapted": False, "agreement_source": 0.6,
+                                                                        "candidates": {"source": 0.6, "adabn": 0.5}}}
+    widget.onAdaptFinished(ProcessResult(returnCode=0, done=done, value=info))
+    assert widget._parameterNode.selectedAdapter == "siteA"
+    assert "changes nothing" in widget.ui.statusLabel.text
+
+
+def test_a_deleted_adapter_is_no_longer_chosen(widget, model_file, tmp_path):
+    _store_adapters(widget, model_file, tmp_path, "siteA")
+    widget.refreshAdapters()
+    _click_row(widget, "siteA")
+    widget.logic.deleteAdapter("siteA")
+    widget.refreshAdapters()
+    assert widget._parameterNode.selectedAdapter == ""
+    widget.updateGuiFromParameterNode()
+    assert widget.ui.segmentAdapterLabel.text.startswith("Adapter: none")
+
+
+def test_the_segment_section_says_which_adapter_segment_uses(widget):
+    p = widget._parameterNode
+    for auto, selected, expected in ((False, "", "Adapter: none"), (False, "siteB", "Adapter: siteB"),
+                                     (True, "siteB", "Adapter: automatic")):
+        p.autoAdapter, p.selectedAdapter = auto, selected
+        widget.updateGuiFromParameterNode()
+        assert widget.ui.segmentAdapterLabel.text.startswith(expected)
+        assert widget.ui.segmentAdapterLabel.text == presenters.segmentAdapterText(auto, selected)
+    # the label sits in the Segment section of the .ui, before the Segment button
+    section = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "segmentCollapsibleButton")
+    names = [w.get("name") for w in section.iter("widget")]
+    assert names.index("segmentAdapterLabel") < names.index("segmentButton")
+
+
+def test_the_adapter_row_to_select_again():
+    assert presenters.adapterRowToSelect(["a", "b"], "b") == 1
+    assert presenters.adapterRowToSelect(["a", "b"], "gone") is None
+    assert presenters.adapterRowToSelect(["a"], "") is None
