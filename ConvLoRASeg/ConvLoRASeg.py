@@ -41,11 +41,12 @@ from ConvLoRASegModuleLib.dependencies import (SELFTEST_ENV, ensureDependencies,
 from ConvLoRASegModuleLib.logic import (ADAPTER_NOT_USED_ATTRIBUTE, ConvLoRASegLogic,  # noqa: F401
                                         SegmentOutcome)
 from ConvLoRASegModuleLib.manifest import MANIFEST_COLUMNS, loadManifest, manifestEntries, manifestRows
-from ConvLoRASegModuleLib.parameters import (PATH_WIDGETS, ConvLoRASegParameterNode, TargetType, pathOrNone)
-from ConvLoRASegModuleLib.presenters import (actionButtonStates, adaptationMessage, adapterRowToSelect,
-                                             checkScansFromParameters, deviceChoices, modelInfoText,
-                                             outputNodeForSegment, segmentAdapterText, targetFromParameters,
-                                             targetWidgetStates)
+from ConvLoRASegModuleLib.parameters import (PATH_WIDGETS, ConvLoRASegParameterNode, TargetType, libraryDefaultEpochs,
+                                             pathOrNone)
+from ConvLoRASegModuleLib.presenters import (JOB_PROGRESS_BARS, JOB_STATUS_LABELS, actionButtonStates,
+                                             adaptationMessage, adapterRowToSelect, checkScansFromParameters,
+                                             deviceChoices, epochsDefaultText, modelInfoText, outputNodeForSegment,
+                                             segmentAdapterText, targetFromParameters, targetWidgetStates)
 from ConvLoRASegLib.errors import ConvLoRASegError
 from ConvLoRASegLib.jobs import ProcessResult
 
@@ -106,6 +107,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.manifestTableWidget.setColumnCount(len(MANIFEST_COLUMNS))
         self.ui.manifestTableWidget.setHorizontalHeaderLabels(list(MANIFEST_COLUMNS))
+        self._showEpochsDefault()
         # Filled before any handler is connected and before the parameter node is attached: filling it later
         # fired onDeviceChanged and overwrote the saved device with "auto".
         self._fillDeviceList()
@@ -136,6 +138,11 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         self._quitConnected = True
         self.initializeParameterNode()
+
+    def _showEpochsDefault(self) -> None:
+        """0 epochs runs the library's default: the field shows that number (Qt's special value text) instead."""
+        self.ui.epochsSpinBox.specialValueText, self.ui.epochsSpinBox.toolTip = \
+            epochsDefaultText(libraryDefaultEpochs())
 
     def onReload(self) -> None:
         """Developer *Reload*: Slicer re-executes only this file, so the package beside it is dropped from
@@ -406,37 +413,44 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         return True
 
-    def _startJob(self, what: str, start: Callable[[], Any]) -> None:
+    def _startJob(self, job: str, what: str, start: Callable[[], Any]) -> None:
         self.ui.logTextEdit.clear()
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.setFormat("%p%")
-        self._run(what, start)
+        for name in JOB_PROGRESS_BARS[job]:
+            bar = getattr(self.ui, name)
+            bar.value = 0
+            bar.setFormat("%p%")
+        if self._run(what, start) is None:
+            getattr(self.ui, JOB_STATUS_LABELS[job]).text = f"{what} failed (see the message)."
         self._updateButtons()
 
     def onProcessEvent(self, event: Dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "progress":
             total = int(event.get("total") or 0)
-            if total > 0:
-                self.ui.progressBar.maximum = total
-                self.ui.progressBar.value = int(event.get("step") or 0)
             details = [f"{key} {event[key]:.4g}" if isinstance(event[key], float) else f"{key} {event[key]}"
                        for key in ("volume", "epoch", "loss", "agreement") if event.get(key) is not None]
-            self.ui.progressBar.setFormat(f"{event.get('stage', '')} %v/%m " + " ".join(details))
+            for name in JOB_PROGRESS_BARS.get(self.logic.runningJob, ("progressBar",)):
+                bar = getattr(self.ui, name)
+                if total > 0:
+                    bar.maximum = total
+                    bar.value = int(event.get("step") or 0)
+                bar.setFormat(f"{event.get('stage', '')} %v/%m " + " ".join(details))
             process = self.logic._process
             self.ui.etaLabel.text = process.eta.text() if process is not None else ""
         elif kind == "error":
             self.ui.logTextEdit.appendPlainText(f"Error: {event.get('message')}")
         self._updateButtons()
 
-    def _jobEnded(self, what: str, result: ProcessResult) -> bool:
-        """Common end of a job; True when it succeeded."""
+    def _jobEnded(self, job: str, what: str, result: ProcessResult) -> bool:
+        """Common end of a job: the label beside its button says how it went; True when it succeeded."""
         self.ui.etaLabel.text = ""
         self._updateButtons()
+        label = getattr(self.ui, JOB_STATUS_LABELS[job])
         if result.cancelled:
-            self.ui.statusLabel.text = f"{what} cancelled; nothing was saved."
+            label.text = f"{what} cancelled; nothing was saved."
             return False
         if not result.ok:
+            label.text = f"{what} failed: {result.errorMessage}"
             logging.error("ConvLoRASeg: %s failed: %s", what, result.errorMessage)
             slicer.util.errorDisplay(f"{what} failed: {result.errorMessage}")
             return False
@@ -453,19 +467,21 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             target = targetFromParameters(p.targetType, p.cohortFolder, p.cc359Root, p.cc359Site,
                                           self.ui.targetVolumesCheckableComboBox.checkedNodes())
             checkScans = checkScansFromParameters(p.checkScan, p.checkMask)
-            return self.logic.adapt(target, p.newAdapterName, method=p.method, device=p.device,
-                                    epochs=p.epochs or None, progress=self.onProcessEvent,
-                                    log=self.ui.logTextEdit.appendPlainText, finished=self.onAdaptFinished,
-                                    waitForCompletion=False, checkScans=checkScans)
+            process = self.logic.adapt(target, p.newAdapterName, method=p.method, device=p.device,
+                                       epochs=p.epochs or None, progress=self.onProcessEvent,
+                                       log=self.ui.logTextEdit.appendPlainText, finished=self.onAdaptFinished,
+                                       waitForCompletion=False, checkScans=checkScans)
+            self.ui.adaptStatusLabel.text = f"Adapting '{p.newAdapterName}'..."
+            return process
 
-        self._startJob("Starting the adaptation", start)
+        self._startJob("adapt", "Starting the adaptation", start)
 
     def onAdaptFinished(self, result: ProcessResult) -> None:
         """The new adapter becomes the one Segment uses, unless it changes nothing (the unadapted model was
         better: the message says to segment without it)."""
-        if self._jobEnded("Adaptation", result):
+        if self._jobEnded("adapt", "Adaptation", result):
             text, warn = adaptationMessage(result.done or {})
-            self.ui.statusLabel.text = text
+            self.ui.adaptStatusLabel.text = text
             info = result.value
             if not warn and info is not None and self._parameterNode is not None:
                 self._parameterNode.selectedAdapter = info.name
@@ -487,7 +503,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         adapter = "auto" if p.autoAdapter else (p.selectedAdapter or None)
         if hasMainWindow():  # GUI: the model runs in the background process, one pass per adapter for "auto"
             self.ui.statusLabel.text = f"Segmenting {volume.GetName()}..."
-            self._startJob("Starting the segmentation", lambda: self.logic.segmentInBackground(
+            self._startJob("segment", "Starting the segmentation", lambda: self.logic.segmentInBackground(
                 volume, adapter=adapter, outputNode=output, device=p.device, progress=self.onProcessEvent,
                 log=self.ui.logTextEdit.appendPlainText, finished=lambda r: self.onSegmentFinished(volume, output, r)))
             return
@@ -510,7 +526,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return SegmentOutcome(labelmap, used, scores, [adapter_not_used(refused)] if refused else [])
 
     def onSegmentFinished(self, volume, output, result: ProcessResult) -> None:
-        if self._jobEnded("Segmentation", result):
+        if self._jobEnded("segment", "Segmentation", result):
             self._showSegmentation(volume, output, result.value)
 
     def _showSegmentation(self, volume, output, outcome: SegmentOutcome) -> None:
@@ -552,10 +568,10 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                             finished=lambda r: self.onCohortFinished(outputDir, r),
                                             waitForCompletion=False)
 
-        self._startJob("Starting the cohort segmentation", start)
+        self._startJob("cohort", "Starting the cohort segmentation", start)
 
     def onCohortFinished(self, outputDir: pathlib.Path, result: ProcessResult) -> None:
-        if self._jobEnded("Cohort segmentation", result):
+        if self._jobEnded("cohort", "Cohort segmentation", result):
             self.showManifest(outputDir, fallback=(result.done or {}).get("outputs"))
 
     def onShowManifestButton(self) -> None:

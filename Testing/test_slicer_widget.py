@@ -130,7 +130,7 @@ def test_an_adapter_that_changes_nothing_is_not_chosen_for_segment(widget, model
                                                                         "candidates": {"source": 0.6, "adabn": 0.5}}}
     widget.onAdaptFinished(ProcessResult(returnCode=0, done=done, value=info))
     assert widget._parameterNode.selectedAdapter == "siteA"
-    assert "changes nothing" in widget.ui.statusLabel.text
+    assert "changes nothing" in widget.ui.adaptStatusLabel.text
 
 
 def test_a_deleted_adapter_is_no_longer_chosen(widget, model_file, tmp_path):
@@ -162,3 +162,69 @@ def test_the_adapter_row_to_select_again():
     assert presenters.adapterRowToSelect(["a", "b"], "b") == 1
     assert presenters.adapterRowToSelect(["a", "b"], "gone") is None
     assert presenters.adapterRowToSelect(["a"], "") is None
+
+
+# ------------------------------------------------------------------------- results beside the buttons
+
+def test_adaptation_progress_and_result_appear_beside_the_adapt_button(widget):
+    widget.logic.runningJob = "adapt"
+    widget.onProcessEvent({"event": "progress", "stage": "train", "step": 3, "total": 10, "epoch": 1, "loss": 0.25})
+    for bar in (widget.ui.adaptProgressBar, widget.ui.progressBar):
+        assert (bar.value, bar.maximum) == (3, 10) and bar.format.startswith("train %v/%m")
+    widget.logic.runningJob = None
+    widget.onAdaptFinished(ProcessResult(returnCode=130, cancelled=True))
+    assert widget.ui.adaptStatusLabel.text == "Adaptation cancelled; nothing was saved."
+    assert widget.ui.statusLabel.text == ""  # the Segment section's label is left alone
+
+
+def test_segment_progress_leaves_the_adapt_bar_alone(widget):
+    widget.logic.runningJob = "segment"
+    widget.onProcessEvent({"event": "progress", "stage": "segment", "step": 1, "total": 4})
+    assert widget.ui.progressBar.value == 1 and widget.ui.adaptProgressBar.value == 0
+
+
+def test_the_adapt_progress_bar_and_status_sit_right_after_the_adapt_button():
+    section = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "adaptCollapsibleButton")
+    rows = {item.find("widget").get("name"): int(item.get("row")) for item in section.find("layout").findall("item")
+            if item.find("widget") is not None}
+    assert rows["adaptProgressBar"] == rows["adaptButton"] + 1 and rows["adaptStatusLabel"] == rows["adaptButton"] + 2
+
+
+def test_the_epochs_field_shows_the_librarys_default_number(widget):
+    from ConvLoRASegLib import selftrain
+
+    default = inspect.signature(selftrain.adapt).parameters["epochs"].default
+    assert parameters.libraryDefaultEpochs() == default
+    widget._showEpochsDefault()
+    spin = widget.ui.epochsSpinBox
+    assert spin.displayedText() == f"{default} (default)" and str(default) in spin.toolTip
+    spin.value = 3
+    assert spin.displayedText() == "3"
+
+
+def test_the_default_epochs_are_read_without_importing_torch(tmp_path, monkeypatch):
+    """A literal default, or a module constant it names; None (the field then says "default") otherwise."""
+    package = tmp_path / "ConvLoRASegLib"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for source, expected in (("import torch\ndef adapt(model, volumes, *, mode='fast', epochs: int = 7): pass\n", 7),
+                             ("import torch\nEPOCHS = 4\ndef adapt(model, epochs=EPOCHS): pass\n", 4),
+                             ("import torch\ndef adapt(model, epochs=None): pass\n", None)):
+        (package / "selftrain.py").write_text(source)
+        monkeypatch.setattr(parameters.importlib.util, "find_spec",
+                            lambda name: types.SimpleNamespace(origin=str(package / "selftrain.py")))
+        assert parameters.libraryDefaultEpochs() == expected
+    assert presenters.epochsDefaultText(None)[0] == "default"
+
+
+def test_a_job_that_cannot_start_says_so_beside_its_button(widget, tmp_path):
+    widget._parameterNode.newAdapterName = "siteB"
+    widget._parameterNode.targetType = parameters.TargetType.FOLDER
+    widget._parameterNode.cohortFolder = str(tmp_path / "missing")
+    widget.onAdaptButton()  # nothing to install here: it starts at once, and the missing folder stops it
+    assert widget.ui.adaptStatusLabel.text == "Starting the adaptation failed (see the message)."
+    assert not widget.logic.isRunning()
+
+
+def test_module_logic_is_the_widgets_logic_class():
+    assert module.ConvLoRASegLogic is module_logic.ConvLoRASegLogic

@@ -3,7 +3,9 @@ the scene, and the choices it offers."""
 
 from __future__ import annotations
 
+import ast
 import enum
+import importlib.util
 import pathlib
 from typing import Optional, Union
 
@@ -76,3 +78,36 @@ def pathOrNone(path: Optional[Union[str, pathlib.Path]]) -> Optional[pathlib.Pat
     if path is None or str(path).strip() in ("", "."):
         return None
     return pathlib.Path(str(path).strip())
+
+
+def libraryDefaultEpochs() -> Optional[int]:
+    """The number of self-training epochs the library runs when none is given (``epochs`` = 0 here), or None when
+    it cannot be read.
+
+    It is the default of ``epochs`` in ``ConvLoRASegLib.selftrain.adapt`` (the fast mode the CLI runs). That module
+    imports torch, which the module must not need to show its GUI, so the default is read from the module's
+    source (a literal, or a module-level constant it names) instead of importing it.
+    """
+    try:
+        spec = importlib.util.find_spec("ConvLoRASegLib.selftrain")
+        tree = ast.parse(pathlib.Path(spec.origin).read_text(encoding="utf-8"))
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
+        return None
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                if isinstance(target, ast.Name):
+                    constants[target.id] = node.value.value
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "adapt":
+            arguments = node.args.args + node.args.kwonlyargs
+            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + list(node.args.defaults) + \
+                list(node.args.kw_defaults)
+            for argument, default in zip(arguments, defaults):
+                if argument.arg != "epochs" or default is None:
+                    continue
+                value = default.value if isinstance(default, ast.Constant) else \
+                    constants.get(default.id) if isinstance(default, ast.Name) else None
+                return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return None

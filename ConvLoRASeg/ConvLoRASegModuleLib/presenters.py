@@ -61,6 +61,13 @@ JOB_BUTTONS = {"adaptButton": ("adapt", "Adapt"), "segmentButton": ("segment", "
                "segmentCohortButton": ("cohort", "Segment cohort")}
 
 
+#: Job -> the label beside its button that says how it went (started, cancelled, failed, the result).
+JOB_STATUS_LABELS = {"adapt": "adaptStatusLabel", "segment": "statusLabel", "cohort": "manifestLabel"}
+#: Job -> the progress bars that follow it: the one beside its button (Adapt) and the background job panel's.
+JOB_PROGRESS_BARS = {"adapt": ("adaptProgressBar", "progressBar"), "segment": ("progressBar",),
+                     "cohort": ("progressBar",)}
+
+
 def actionButtonStates(runningJob: Optional[str], cancelling: bool, hasInputVolume: bool) -> Dict[str, Tuple[str, bool]]:
     """Text and enabled state of the three run buttons: each starts its job, or cancels it while it runs.
 
@@ -195,3 +202,11 @@ def adapterRowToSelect(names: Sequence[str], selected: Optional[str]) -> Optiona
     if not selected:
         return None
     return list(names).index(selected) if selected in names else None
+
+
+def epochsDefaultText(defaultEpochs: Optional[int]) -> Tuple[str, str]:
+    """What the epochs field shows at 0 (the library's default) and its tooltip."""
+    if defaultEpochs is None:
+        return "default", "Self-training epochs; 0 runs the library's default."
+    return (f"{defaultEpochs} (default)",
+            f"Self-training epochs; 0 runs the library's default, {defaultEpochs} (its fast mode).")
