@@ -36,8 +36,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 # The package's __init__ makes ConvLoRASegLib importable first (installed next to this file, or one folder up).
-from ConvLoRASegModuleLib.dependencies import (SELFTEST_ENV, ensureDependencies, hasMainWindow,  # noqa: F401
-                                               heavySelfTestWanted, installedTorchVersion)
+from ConvLoRASegModuleLib.dependencies import (SELFTEST_ENV, DependencyInstaller, InstallStep,  # noqa: F401
+                                               ensureDependencies, hasMainWindow, heavySelfTestWanted,
+                                               installedTorchVersion, installPlan)
 from ConvLoRASegModuleLib.logic import (ADAPTER_NOT_USED_ATTRIBUTE, ConvLoRASegLogic,  # noqa: F401
                                         SegmentOutcome)
 from ConvLoRASegModuleLib.manifest import MANIFEST_COLUMNS, loadManifest, manifestEntries, manifestRows
@@ -45,8 +46,9 @@ from ConvLoRASegModuleLib.parameters import (PATH_WIDGETS, ConvLoRASegParameterN
                                              pathOrNone)
 from ConvLoRASegModuleLib.presenters import (JOB_PROGRESS_BARS, JOB_STATUS_LABELS, actionButtonStates,
                                              adaptationMessage, adapterRowToSelect, checkScansFromParameters,
-                                             deviceChoices, epochsDefaultText, modelInfoText, outputNodeForSegment,
-                                             segmentAdapterText, targetFromParameters, targetWidgetStates)
+                                             deviceChoices, epochsDefaultText, installStepText, modelInfoText,
+                                             outputNodeForSegment, segmentAdapterText, targetFromParameters,
+                                             targetWidgetStates)
 from ConvLoRASegLib.errors import ConvLoRASegError
 from ConvLoRASegLib.jobs import ProcessResult
 
@@ -96,6 +98,9 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._detectedDevices: Optional[List[Tuple[str, str]]] = None
         self._manifestEntries: List[Dict[str, Any]] = []
         self._quitConnected = False
+        self._installer: Optional[DependencyInstaller] = None  # dependencies installing for a job
+        self._installingFor: Optional[str] = None  # the job that waits for them
+        self._installTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -166,6 +171,10 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except (AttributeError, ValueError, RuntimeError):
                 pass
             self._quitConnected = False
+        self._stopInstallTimer()
+        if self._installer is not None:
+            self._installer.kill()
+            self._installer, self._installingFor = None, None
         if self.logic is not None:
             self.logic.shutdown()
 
@@ -235,7 +244,8 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self) -> None:
         p = self._parameterNode
         states = actionButtonStates(self.logic.runningJob if self.logic.isRunning() else None,
-                                    self.logic.isCancelling(), bool(p is not None and p.inputVolume))
+                                    self.logic.isCancelling(), bool(p is not None and p.inputVolume),
+                                    self._installingFor)
         for buttonName, (text, enabled) in states.items():
             button = getattr(self.ui, buttonName)
             button.text = text
@@ -274,10 +284,72 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"{what} failed: {exc}", detailedText=_traceback())
         return None
 
-    def _prepare(self) -> bool:
-        """Install missing dependencies and apply the chosen model; False if that failed."""
+    def _prepare(self, job: str, start: Callable[[], Any]) -> None:
+        """Apply the chosen model, then call ``start`` now, or once the missing dependencies are installed.
+
+        They are installed in background processes (after one question): this returns at once, Slicer stays
+        responsive, and the job's status label and progress bars say which step runs (the log shows pip's lines).
+        """
         self.logic.setModelPath(self._parameterNode.modelPath)
-        return self._run("Installing dependencies", lambda: ensureDependencies() or True) is True
+        if self._installer is not None:
+            return
+        plan = self._run("Checking the dependencies", installPlan)
+        if plan is None:
+            return
+        if not plan:
+            start()
+            return
+        if not slicer.util.confirmOkCancelDisplay(plan.question(), "ConvLoRASeg: install dependencies"):
+            return
+        self.ui.logTextEdit.clear()
+        self._installingFor = job
+        self._installer = DependencyInstaller(plan, onStep=lambda index, count, step: self._onInstallStep(
+            job, index, count, step), onLog=self.ui.logTextEdit.appendPlainText,
+            onFinished=lambda error: self._onInstalled(job, start, error))
+        self._updateButtons()
+        self._installer.start()
+        self._startInstallTimer()
+
+    def _onInstallStep(self, job: str, index: int, count: int, step: InstallStep) -> None:
+        text = installStepText(index, count, step.what)
+        getattr(self.ui, JOB_STATUS_LABELS[job]).text = text
+        for name in JOB_PROGRESS_BARS[job]:
+            bar = getattr(self.ui, name)
+            bar.maximum, bar.value = count, index
+            bar.setFormat(text)
+
+    def _onInstalled(self, job: str, start: Callable[[], Any], error: Optional[str]) -> None:
+        self._stopInstallTimer()
+        self._installer, self._installingFor = None, None
+        for name in JOB_PROGRESS_BARS[job]:
+            getattr(self.ui, name).setFormat("%p%")
+        label = getattr(self.ui, JOB_STATUS_LABELS[job])
+        if error is not None:
+            label.text = f"Installing the dependencies failed: {error}"
+            logging.error("ConvLoRASeg: installing the dependencies failed: %s", error)
+            slicer.util.errorDisplay(f"Installing the dependencies failed: {error}")
+            self._updateButtons()
+            return
+        label.text = "Dependencies installed."
+        self._updateButtons()
+        self.refreshDevices()
+        start()
+
+    def _startInstallTimer(self) -> None:
+        try:
+            import qt
+        except ImportError:
+            return  # no event loop (tests): the caller polls the installer
+        self._installTimer = qt.QTimer()
+        self._installTimer.setInterval(100)
+        self._installTimer.timeout.connect(lambda: self._installer is not None and self._installer.poll())
+        self._installTimer.start()
+
+    def _stopInstallTimer(self) -> None:
+        timer, self._installTimer = self._installTimer, None
+        if timer is not None:  # may run inside the timer's own slot: let Qt delete it later
+            timer.stop()
+            timer.deleteLater()
 
     def _fillDeviceList(self) -> None:
         saved = self._parameterNode.device if self._parameterNode else "auto"
@@ -459,8 +531,10 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- adapt ------------------------------------------------------------------------------------------
 
     def onAdaptButton(self) -> None:
-        if self._cancelIfRunning("adapt") or not self._prepare():
-            return
+        if not self._cancelIfRunning("adapt"):
+            self._prepare("adapt", self._startAdapt)
+
+    def _startAdapt(self) -> None:
         p = self._parameterNode
 
         def start():
@@ -477,8 +551,8 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startJob("adapt", "Starting the adaptation", start)
 
     def onAdaptFinished(self, result: ProcessResult) -> None:
-        """The new adapter becomes the one Segment uses, unless it changes nothing (the unadapted model was
-        better: the message says to segment without it)."""
+        """The result beside the Adapt button; the new adapter becomes the one Segment uses, unless it changes
+        nothing (the unadapted model was better: the message says to segment without it)."""
         if self._jobEnded("adapt", "Adaptation", result):
             text, warn = adaptationMessage(result.done or {})
             self.ui.adaptStatusLabel.text = text
@@ -492,8 +566,10 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- segment ----------------------------------------------------------------------------------------
 
     def onSegmentButton(self) -> None:
-        if self._cancelIfRunning("segment") or not self._prepare():
-            return
+        if not self._cancelIfRunning("segment"):
+            self._prepare("segment", self._startSegment)
+
+    def _startSegment(self) -> None:
         p = self._parameterNode
         volume = p.inputVolume
         if volume is None:
@@ -551,8 +627,10 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- segment a cohort, quality-control manifest -----------------------------------------------------
 
     def onSegmentCohortButton(self) -> None:
-        if self._cancelIfRunning("cohort") or not self._prepare():
-            return
+        if not self._cancelIfRunning("cohort"):
+            self._prepare("cohort", self._startCohort)
+
+    def _startCohort(self) -> None:
         p = self._parameterNode
 
         def start():

@@ -1,4 +1,4 @@
-"""The Slicer module's GUI decisions, dependency handling, cancel and teardown, headless (issue 12; issue 13's QC UI).
+"""The Slicer module's GUI decisions, the torch version check, cancel and teardown, headless; the QC table.
 
 The widget only applies what the plain functions of ConvLoRASeg.py decide (which target widgets are enabled,
 what each run button does, which device stays selected, which labelmap Segment writes into, what the QC table
@@ -232,58 +232,7 @@ def test_torch_version_check():
     assert dependencies.torchVersionProblem(dependencies.installedTorchVersion()) is None  # the test venv's torch
 
 
-class _FakePyTorchUtils:
-    def __init__(self):
-        self.calls = []
-        outer = self
-
-        class PyTorchUtilsLogic:
-            def installTorch(self, askConfirmation=False, forceComputationBackend=None,
-                             torchVersionRequirement=None, torchvisionVersionRequirement=None):
-                outer.calls.append({"askConfirmation": askConfirmation,
-                                    "torchVersionRequirement": torchVersionRequirement})
-                return types.SimpleNamespace(__version__="2.13.0")
-
-        self.module = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
-
-
-def test_an_old_torch_is_upgraded_through_pytorchutils_and_asks_for_a_restart(monkeypatch):
-    fake = _FakePyTorchUtils()
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", fake.module)
-    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "1.13.1")
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="1.13.1"))  # already imported
-    with pytest.raises(ConvLoRASegError, match="restart Slicer"):
-        dependencies.ensureDependencies(askConfirmation=False)
-    assert fake.calls == [{"askConfirmation": False, "torchVersionRequirement": f">={TORCH_MIN}"}]
-
-
-def test_an_old_torch_without_pytorchutils_is_one_clear_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails
-    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "1.13.1")
-    with pytest.raises(ConvLoRASegError, match=r"PyTorch 1\.13\.1 is older than .*Extensions Manager"):
-        dependencies.ensureDependencies(askConfirmation=False)
-
-
-def test_pip_packages_use_slicer_packaging_without_a_second_prompt(monkeypatch):
-    seen = []
-    fake = types.SimpleNamespace(pip_ensure=lambda reqs, **kw: seen.append((reqs, kw)))
-    monkeypatch.setattr(dependencies, "_slicerPackaging", lambda: fake)
-    dependencies._pipInstall(["safetensors>=0.4"], interactive=False)
-    reqs, kw = seen[0]
-    assert reqs == ["safetensors>=0.4"]
-    assert kw["prompt_install"] is False and kw["skip_in_testing"] is False and "skip_packages" not in kw
-    assert kw["prompt_restart"] is False and kw["show_progress"] is False  # batch mode: no dialog at all
-
-
-def test_pip_packages_fall_back_to_util_pip_install_before_slicer_5_12(monkeypatch):
-    seen = []
-    monkeypatch.setattr(dependencies, "_slicerPackaging", lambda: None)
-    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: seen.append(requirements), raising=False)
-    dependencies._pipInstall(["safetensors>=0.4", "tqdm>=4.60"], interactive=True)
-    assert seen == ["safetensors>=0.4 tqdm>=4.60"]
-
-
-# ---------------------------------------------------------------------------------- QC manifest (issue 13)
+# ------------------------------------------------------------------------------------------ QC manifest
 
 CASES = [
     {"input": "/d/ok.nii.gz", "output": "/o/ok_mask.nii.gz", "adapter": "siteB", "seconds": 2.0, "brain_ml": 1200.4,

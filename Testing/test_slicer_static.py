@@ -1,15 +1,15 @@
-"""The Slicer module read against its .ui and against Slicer's own APIs, without Slicer (issue 12).
+"""The Slicer module (its file and its package) read against its .ui and against Slicer's own APIs, without Slicer.
 
-The headless stubs make ``parameterNodeWrapper`` a no-op, so a binding Slicer would refuse, a widget missing from
-the .ui or a keyword that Slicer's pip helpers do not take would pass every other test and fail on the user's
-first day. These checks read the module's source (AST), the .ui (XML) and the parameter node's type hints.
+The headless stubs store parameters but do not bind widgets (``connectGui`` needs Qt), so a binding Slicer would
+refuse or a widget missing from the .ui would pass every other test and fail on the user's first day. These checks
+read the module's source (AST), the .ui (XML) and the parameter node's type hints.
 
 Facts about Slicer used here come from its sources (github.com/Slicer/Slicer):
 - Base/Python/slicer/parameterNodeWrapper/guiConnectors.py: which widget class binds which type (the
   connectors compare ``type(widget)`` exactly, so a subclass such as qMRMLCheckableNodeComboBox does not bind);
-- Base/Python/slicer/packaging.py (new in v5.12.0): the parameters of ``pip_ensure`` and ``pip_install``;
-- Base/Python/slicer/util.py up to v5.10: ``pip_install(requirements)`` takes nothing else;
-- the scripted-module factory registers every ``*.py`` at the top of a module folder as a module.
+- Base/QTGUI/qSlicerScriptedLoadableModuleFactory.cxx: every ``*.py`` at the top of a module folder is registered
+  as a module, and the module folder is appended to ``sys.path`` (so the package beside the module file imports);
+- Base/Python/slicer/util.py ``reloadScriptedModule``: *Reload* re-executes the module file only.
 """
 
 from __future__ import annotations
@@ -40,13 +40,6 @@ slicer_stubs.install()
 
 import ConvLoRASeg as module  # noqa: E402
 from ConvLoRASegModuleLib import parameters, presenters  # noqa: E402
-
-# Parameters of Slicer's pip helpers (slicer/packaging.py at v5.12.0 and on main; util.pip_install <= v5.10).
-PIP_ENSURE_PARAMETERS = {"requirements", "constraints", "skip_packages", "prompt_install", "prompt_restart",
-                         "requester", "skip_in_testing", "show_progress"}
-PACKAGING_PIP_INSTALL_PARAMETERS = {"requirements", "constraints", "no_deps_requirements", "skip_packages", "blocking",
-                                    "show_progress", "requester", "logCallback", "completedCallback"}
-OLD_UTIL_PIP_INSTALL_PARAMETERS = {"requirements"}
 
 # Widget class -> what guiConnectors.py can bind it to ("node": an MRML node class or a union of them).
 PATHS = (pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath, pathlib.PurePosixPath,
@@ -179,38 +172,6 @@ def _calls(name: str):
                 called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
                 if called == name:
                     yield node
-
-
-def test_pip_ensure_gets_only_its_real_keywords_and_neither_prompts_nor_skips_in_testing():
-    calls = list(_calls("pip_ensure"))
-    assert calls, "the module no longer calls pip_ensure"
-    for call in calls:
-        keywords = {k.arg: k.value for k in call.keywords}
-        assert set(keywords) <= PIP_ENSURE_PARAMETERS, set(keywords) - PIP_ENSURE_PARAMETERS
-        assert "skip_packages" not in keywords, "skip_packages is discouraged and not needed here"
-        # our own confirmation came first; pip_ensure's own modal dialog stalls batch mode
-        assert isinstance(keywords.get("prompt_install"), ast.Constant) and keywords["prompt_install"].value is False
-        # CTest passes --testing: the default skip_in_testing=True would install nothing
-        assert isinstance(keywords.get("skip_in_testing"), ast.Constant) and keywords["skip_in_testing"].value is False
-
-
-def test_pip_install_calls_fit_every_slicer_version_they_run_on():
-    calls = list(_calls("pip_install"))
-    assert calls
-    for call in calls:
-        keywords = {k.arg for k in call.keywords}
-        func = call.func
-        owner = func.value.attr if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute) else None
-        if owner == "util":  # slicer.util.pip_install: the path for Slicer < 5.12, where it takes one argument
-            assert not keywords and len(call.args) == 1
-        else:
-            assert keywords <= PACKAGING_PIP_INSTALL_PARAMETERS
-
-
-def test_packaging_is_looked_up_by_its_real_name():
-    source = "\n".join(path.read_text() for path in SOURCES)
-    assert "slicer.pydeps" not in source, "slicer.pydeps never existed; slicer.packaging appeared in 5.12.0"
-    assert '"slicer.packaging"' in source
 
 
 def test_the_module_needs_no_torch_at_import():

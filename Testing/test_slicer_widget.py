@@ -164,6 +164,120 @@ def test_the_adapter_row_to_select_again():
     assert presenters.adapterRowToSelect(["a"], "") is None
 
 
+# ------------------------------------------------------------------------- installing without freezing Slicer
+
+def _step(what, code):
+    return dependencies.InstallStep(what, [sys.executable, "-c", code])
+
+
+def _plan(*steps):
+    return dependencies.InstallPlan(steps=list(steps))
+
+
+def test_the_installer_runs_each_step_in_the_background_and_reports_it():
+    steps, lines, ended = [], [], []
+    plan = _plan(_step("Python packages: tqdm", "import time; print('Collecting tqdm', flush=True); time.sleep(1.0)"),
+                 _step("PyTorch", "print('Successfully installed torch-2.9')"))
+    started = time.monotonic()
+    installer = dependencies.DependencyInstaller(plan, onStep=lambda i, n, s: steps.append((i, n, s.what)),
+                                                 onLog=lines.append, onFinished=ended.append).start()
+    assert time.monotonic() - started < 0.9  # start() returned while the first step still runs
+    assert installer.isRunning() and installer.step.what == "Python packages: tqdm" and not ended
+    assert installer.wait() is None
+    assert steps == [(0, 2, "Python packages: tqdm"), (1, 2, "PyTorch")]
+    assert lines == ["Collecting tqdm", "Successfully installed torch-2.9"] and ended == [None]
+
+
+def test_a_failed_step_is_one_line_and_stops_the_rest(monkeypatch):
+    steps = []
+    plan = _plan(_step("Python packages: scipy", "import sys; print('ERROR: No matching distribution found for "
+                       "scipy>=99', file=sys.stderr); sys.exit(1)"),
+                 _step("PyTorch", "raise SystemExit('never runs')"))
+    installer = dependencies.DependencyInstaller(plan, onStep=lambda i, n, s: steps.append(s.what))
+    error = installer.start().wait()
+    assert steps == ["Python packages: scipy"]
+    assert "\n" not in error and error.startswith("installing Python packages: scipy failed (exit code 1")
+    assert "No matching distribution found for scipy>=99" in error
+
+
+def test_the_plan_installs_the_small_packages_then_torch_with_light_the_torch(monkeypatch):
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: None)
+    monkeypatch.setattr(dependencies, "missingPipRequirements", lambda: ["scipy>=1.9"])
+    monkeypatch.setattr(dependencies.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "light_the_torch" else object())
+    plan = dependencies.installPlan()
+    pip, torch = plan.steps
+    assert pip.command[1:] == ["-m", "pip", "install", "scipy>=1.9", dependencies.LIGHT_THE_TORCH_REQUIREMENT]
+    assert torch.command[1:] == ["-m", "light_the_torch", "install", f"torch>={TORCH_MIN}"] and torch.torch
+    assert not plan.restartNeeded and "PyTorch" in plan.question() and "scipy" in plan.question()
+
+
+def test_an_old_torch_already_loaded_is_upgraded_and_asks_for_a_restart(monkeypatch):
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "1.13.1")
+    monkeypatch.setattr(dependencies, "missingPipRequirements", lambda: [])
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="1.13.1"))
+    plan = dependencies.installPlan()
+    assert [s.torch for s in plan.steps][-1] and plan.restartNeeded and "restarted" in plan.question()
+    assert "replaces the installed 1.13.1" in plan.steps[-1].what
+    plan.steps = [dependencies.InstallStep(plan.steps[-1].what, [sys.executable, "-c", "pass"], torch=True)]
+    assert "restart Slicer" in dependencies.DependencyInstaller(plan).start().wait()
+
+
+def test_nothing_missing_means_nothing_to_install():
+    plan = dependencies.installPlan()  # this test environment has torch and the pip packages
+    assert not plan and plan.steps == []
+    dependencies.ensureDependencies(askConfirmation=False)
+
+
+def test_the_module_never_calls_a_blocking_installer():
+    """PyTorchUtils.installTorch and Slicer's pip helpers block the GUI thread (minutes for PyTorch)."""
+    sources = [ROOT / "ConvLoRASeg" / "ConvLoRASeg.py"] + sorted((ROOT / "ConvLoRASeg" / "ConvLoRASegModuleLib")
+                                                                  .glob("*.py"))
+    for path in sources:
+        text = path.read_text()
+        for blocking in ("installTorch(", "pip_install(", "pip_ensure(", "executePythonModule("):
+            assert blocking not in text, f"{path.name} calls {blocking}"
+
+
+def test_adapt_on_first_use_installs_in_the_background_then_starts(widget, dialogs, monkeypatch):
+    """Pressing Adapt with dependencies missing asks once, returns at once (Slicer stays responsive), shows the
+    step beside the Adapt button, keeps the run buttons disabled meanwhile, and starts the adaptation after."""
+    plan = _plan(_step("Python packages: tqdm", "import time; print('Collecting tqdm', flush=True); time.sleep(1.0)"))
+    monkeypatch.setattr(module, "installPlan", lambda: plan)
+    started = []
+    began = time.monotonic()
+    widget._prepare("adapt", lambda: started.append("adapt"))
+    assert time.monotonic() - began < 0.9 and started == []
+    assert len(dialogs["question"]) == 1 and "tqdm" in dialogs["question"][0]
+    assert widget.ui.adaptStatusLabel.text == "Installing Python packages: tqdm (step 1 of 1)..."
+    assert widget.ui.adaptProgressBar.format == widget.ui.adaptStatusLabel.text
+    assert (widget.ui.adaptButton.text, widget.ui.adaptButton.enabled) == ("Installing dependencies...", False)
+    assert not widget.ui.segmentButton.enabled and not widget.ui.segmentCohortButton.enabled
+    widget._prepare("adapt", lambda: started.append("twice"))  # a second press while installing: nothing
+    assert widget._installer.wait() is None
+    assert started == ["adapt"] and widget._installer is None
+    assert widget.ui.adaptStatusLabel.text == "Dependencies installed." and widget.ui.adaptButton.enabled
+    assert widget.ui.logTextEdit.lines == ["Collecting tqdm"]
+
+
+def test_a_failed_install_says_so_beside_the_button_and_starts_nothing(widget, dialogs, monkeypatch):
+    plan = _plan(_step("PyTorch", "import sys; sys.exit(3)"))
+    monkeypatch.setattr(module, "installPlan", lambda: plan)
+    started = []
+    widget._prepare("segment", lambda: started.append("segment"))
+    widget._installer.wait()
+    assert started == [] and widget.ui.statusLabel.text.startswith("Installing the dependencies failed: installing "
+                                                                   "PyTorch failed (exit code 3)")
+    assert dialogs["error"] and widget.ui.segmentButton.text == "Segment"
+
+
+def test_nothing_missing_starts_the_job_at_once(widget, dialogs, monkeypatch):
+    monkeypatch.setattr(module, "installPlan", lambda: _plan())
+    started = []
+    widget._prepare("cohort", lambda: started.append("cohort"))
+    assert started == ["cohort"] and not dialogs["question"]
+
+
 # ------------------------------------------------------------------------- results beside the buttons
 
 def test_adaptation_progress_and_result_appear_beside_the_adapt_button(widget):

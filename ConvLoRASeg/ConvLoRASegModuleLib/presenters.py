@@ -68,14 +68,18 @@ JOB_PROGRESS_BARS = {"adapt": ("adaptProgressBar", "progressBar"), "segment": ("
                      "cohort": ("progressBar",)}
 
 
-def actionButtonStates(runningJob: Optional[str], cancelling: bool, hasInputVolume: bool) -> Dict[str, Tuple[str, bool]]:
+def actionButtonStates(runningJob: Optional[str], cancelling: bool, hasInputVolume: bool,
+                       installingFor: Optional[str] = None) -> Dict[str, Tuple[str, bool]]:
     """Text and enabled state of the three run buttons: each starts its job, or cancels it while it runs.
 
-    One background job at a time: while one runs, the other buttons are disabled.
+    One background job at a time: while one runs, the other buttons are disabled. While the dependencies that a
+    job waits for are installed (``installingFor``), every button is disabled and that job's says so.
     """
     states = {}
     for button, (job, idleText) in JOB_BUTTONS.items():
-        if runningJob is None:
+        if installingFor is not None:
+            states[button] = ("Installing dependencies..." if job == installingFor else idleText, False)
+        elif runningJob is None:
             states[button] = (idleText, hasInputVolume if job == "segment" else True)
         elif runningJob == job:
             states[button] = ("Cancelling..." if cancelling else "Cancel", not cancelling)
@@ -210,3 +214,8 @@ def epochsDefaultText(defaultEpochs: Optional[int]) -> Tuple[str, str]:
         return "default", "Self-training epochs; 0 runs the library's default."
     return (f"{defaultEpochs} (default)",
             f"Self-training epochs; 0 runs the library's default, {defaultEpochs} (its fast mode).")
+
+
+def installStepText(index: int, count: int, what: str) -> str:
+    """The progress text of a dependency installation step."""
+    return f"Installing {what} (step {index + 1} of {count})..."
