@@ -9,13 +9,17 @@ This file holds what Slicer loads as the module, as in Slicer's scripted-module 
 - :class:`ConvLoRASegTest` runs inside Slicer on SampleData MRHead (its heavy part only where torch is
   installed, or when ``CONVLORASEG_SELFTEST=full`` asks for it).
 
-The rest lives in the package ``ConvLoRASegModuleLib/`` beside this file: the logic
-(:class:`ConvLoRASegLogic`, the batch-mode API, imported here so that ``ConvLoRASeg.ConvLoRASegLogic`` and
-``slicer.util.getModuleLogic("ConvLoRASeg")`` both give it), the parameter node, dependency installation and
-the GUI decisions. The ML lives in the pure-Python library ``ConvLoRASegLib`` (installed next to this file);
-torch is imported only when a model is needed, so the module loads (and the GUI shows) before PyTorch is
-installed. This must be the only ``*.py`` at the top of the module folder: Slicer registers every one there as a
-module.
+The rest lives in the package ``ConvLoRASegModuleLib/`` beside this file: the logic (:class:`ConvLoRASegLogic`,
+the batch-mode API), the parameter node, dependency installation and the GUI decisions. Batch mode (as in
+docs/slicer.md), in ``Slicer --no-main-window --python-script``::
+
+    import ConvLoRASeg
+    ConvLoRASeg.ensureDependencies(askConfirmation=False)
+    logic = ConvLoRASeg.ConvLoRASegLogic()
+
+The ML lives in the pure-Python library ``ConvLoRASegLib`` (installed next to this file); torch is imported only
+when a model is needed, so the module loads (and the GUI shows) before PyTorch is installed. This must be the only
+``*.py`` at the top of the module folder: Slicer registers every one there as a module.
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 # The package's __init__ makes ConvLoRASegLib importable first (installed next to this file, or one folder up).
+from ConvLoRASegModuleLib import HOMEPAGE_URL
 from ConvLoRASegModuleLib.dependencies import (SELFTEST_ENV, DependencyInstaller, InstallStep,  # noqa: F401
                                                ensureDependencies, hasMainWindow, heavySelfTestWanted,
                                                installedTorchVersion, installPlan)
 from ConvLoRASegModuleLib.logic import (ADAPTER_NOT_USED_ATTRIBUTE, ConvLoRASegLogic,  # noqa: F401
                                         SegmentOutcome)
 from ConvLoRASegModuleLib.manifest import MANIFEST_COLUMNS, loadManifest, manifestEntries, manifestRows
-from ConvLoRASegModuleLib.parameters import (PATH_WIDGETS, ConvLoRASegParameterNode, TargetType, libraryDefaultEpochs,
-                                             pathOrNone)
+from ConvLoRASegModuleLib.parameters import (PATH_WIDGETS, ConvLoRASegParameterNode, TargetType,
+                                             libraryDefaultEpochs, pathOrNone)
 from ConvLoRASegModuleLib.presenters import (JOB_PROGRESS_BARS, JOB_STATUS_LABELS, actionButtonStates,
                                              adaptationMessage, adapterRowToSelect, checkScansFromParameters,
                                              deviceChoices, epochsDefaultText, installStepText, modelInfoText,
@@ -73,7 +78,7 @@ class ConvLoRASeg(ScriptedLoadableModule):
             "scanner; adapters are kept per user and per model, and can be chosen automatically per scan. "
             "Optionally, one scan of that scanner with a trusted brain mask checks the adaptation: the adapter then "
             "never ends worse than no adapter on it. "
-            "See the <a href=\"https://github.com/convloraseg/SlicerConvLoRA#readme\">documentation</a>.")
+            f"See the <a href=\"{HOMEPAGE_URL}\">documentation</a>.")
         self.parent.acknowledgementText = (
             "Method: Sidra Aleem et al., \"ConvLoRA and AdaBN based Domain Adaptation via Self-Training\", "
             "ISBI 2024. This is an independent implementation.")

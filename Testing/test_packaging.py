@@ -148,14 +148,25 @@ def test_s4ext_has_every_field():
     assert fields["scmurl"].startswith("https://") and fields["homepage"].startswith("https://")
 
 
+def top_level_cmake_values() -> Dict[str, str]:
+    """The top-level CMakeLists.txt's ``set()`` values, ``${VAR}`` of earlier ones expanded (as CMake does)."""
+    values: Dict[str, str] = {}
+    for name, items in cmake_set_blocks((ROOT / "CMakeLists.txt").read_text()).items():
+        value = " ".join(items)
+        for key, known in values.items():
+            value = value.replace("${" + key + "}", known)
+        values[name] = value
+    return values
+
+
 def test_top_level_cmake_matches_s4ext():
     text = (ROOT / "CMakeLists.txt").read_text()
-    blocks = {name: " ".join(items) for name, items in cmake_set_blocks(text).items()}
+    blocks = top_level_cmake_values()
     fields = read_s4ext()
     assert re.search(r"project\(\s*ConvLoRA\s*\)", text), "project name must equal the .s4ext file name"
     for cmake_name, s4ext_name in (("EXTENSION_CATEGORY", "category"), ("EXTENSION_DEPENDS", "depends"),
                                    ("EXTENSION_ICONURL", "iconurl"), ("EXTENSION_SCREENSHOTURLS", "screenshoturls"),
-                                   ("EXTENSION_HOMEPAGE", "homepage")):
+                                   ("EXTENSION_HOMEPAGE", "homepage"), ("EXTENSION_STATUS", "status")):
         assert blocks[cmake_name] == fields.get(s4ext_name, ""), cmake_name
     for needed in ("EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
         assert blocks.get(needed), needed
@@ -206,3 +217,53 @@ def test_icon_is_a_128_px_png():
     assert data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (128, 128)
+
+
+def test_one_repository_url_everywhere():
+    """The repository URL is set once (EXTENSION_REPOSITORY in the top-level CMakeLists.txt); every file that cannot
+    read CMake repeats exactly it: the .s4ext, ConvLoRA.json, the icon URL and the module's help text."""
+    import json
+    import sys
+
+    repository = top_level_cmake_values()["EXTENSION_REPOSITORY"]
+    assert re.fullmatch(r"https://github\.com/[^/\s]+/[^/\s]+", repository), repository
+    owner_and_name = repository.removeprefix("https://github.com/")
+    raw = f"https://raw.githubusercontent.com/{owner_and_name}/"
+    fields = read_s4ext()
+    assert top_level_cmake_values()["EXTENSION_HOMEPAGE"] == repository + "#readme" == fields["homepage"]
+    assert fields["scmurl"] == repository + ".git"
+    assert json.loads((ROOT / "ConvLoRA.json").read_text())["scm_url"] == repository
+    assert top_level_cmake_values()["EXTENSION_ICONURL"].startswith(raw) and fields["iconurl"].startswith(raw)
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        from ConvLoRASegModuleLib import HOMEPAGE_URL, REPOSITORY_URL
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    assert REPOSITORY_URL == repository and HOMEPAGE_URL == repository + "#readme"
+    # no other github.com address of an extension repository hides in the files that describe the extension
+    for path in (ROOT / "CMakeLists.txt", S4EXT, ROOT / "ConvLoRA.json", MODULE_DIR / "ConvLoRASeg.py",
+                 *sorted((MODULE_DIR / "ConvLoRASegModuleLib").glob("*.py"))):
+        text = path.read_text()
+        for found in re.findall(r"https://(?:raw\.githubusercontent|github)\.com/([^/\s\"#]+/[^/\s\"#.]+)", text):
+            assert found in (owner_and_name, "Slicer/Slicer"), f"{path.name} names another repository: {found}"
+
+
+#: The Extensions Index's tiers (README of Slicer/ExtensionsIndex; the catalog schema's ``tier``): 1 experimental,
+#: 3 community-supported, 5 supported by Slicer core developers. The .s4ext/CMake status says the same in words.
+TIER_STATUS = {1: "Experimental", 3: "Community-supported", 5: "Core-supported"}
+
+
+def test_status_and_tier_agree():
+    import json
+
+    tier = json.loads((ROOT / "ConvLoRA.json").read_text())["tier"]
+    assert read_s4ext()["status"] == top_level_cmake_values()["EXTENSION_STATUS"] == TIER_STATUS[tier]
+
+
+def test_the_docs_say_what_to_set_before_submitting():
+    text = (ROOT / "docs" / "slicer.md").read_text()
+    assert "## Before submitting to the Extensions Index" in text
+    section = text.split("## Before submitting to the Extensions Index", 1)[1].split("\n## ", 1)[0]
+    for needed in ("EXTENSION_REPOSITORY", "ConvLoRA.s4ext", "ConvLoRA.json", "REPOSITORY_URL",
+                   "EXTENSION_CONTRIBUTORS", "EXTENSION_SCREENSHOTURLS", "tier"):
+        assert needed in section, needed

@@ -16,6 +16,11 @@ Importing this package makes ``import ConvLoRASegLib`` work first: the library i
 import pathlib
 import sys
 
+#: The extension's repository: one URL, set in the top-level CMakeLists.txt (EXTENSION_REPOSITORY) and repeated here
+#: for the help text (Testing/test_packaging.py checks that they agree).
+REPOSITORY_URL = "https://github.com/convloraseg/SlicerConvLoRA"
+HOMEPAGE_URL = REPOSITORY_URL + "#readme"
+
 #: The module folder (``ConvLoRASeg/`` in a source tree, ``qt-scripted-modules/`` in a built extension).
 MODULE_DIR = pathlib.Path(__file__).resolve().parent.parent
 

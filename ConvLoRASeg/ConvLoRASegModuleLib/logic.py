@@ -66,9 +66,11 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         storeRoot: adapter store folder; default the user store (``$CONVLORASEG_HOME`` or the per-user data
             folder), shared with the ``convlora-seg`` command line.
 
-    Example (``Slicer --no-main-window --python-script run.py``)::
+    Example (``Slicer --no-main-window --python-script run.py``; the style of docs/slicer.md)::
 
-        logic = slicer.util.getModuleLogic("ConvLoRASeg")
+        import ConvLoRASeg
+        ConvLoRASeg.ensureDependencies(askConfirmation=False)
+        logic = ConvLoRASeg.ConvLoRASegLogic()
         info = logic.adapt("/data/siteB", name="siteB", device="cuda:0")
         volume = slicer.util.loadVolume("/data/siteB/scan01.nii.gz")
         mask = logic.segment(volume, adapter="siteB")
