@@ -613,7 +613,9 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
                       finished: Optional[Callable[[ProcessResult], None]] = None, timeout: Optional[float] = None):
         """Segment many volumes (folder, files or volume nodes) into ``outputDir`` in a background process.
 
-        ``adapter``: None, a stored name, a file, an AdapterInfo or "auto" (best per scan). Returns the ``done``
+        The process is ``convlora-seg segment``, i.e. the library's one cohort runner,
+        :func:`ConvLoRASegLib.batch.segment_cohort` (the next volume read while one is segmented, a manifest row per
+        case, a failed case a row while the others go on); this method adds no loop of its own. ``adapter``: None, a stored name, a file, an AdapterInfo or "auto" (best per scan). Returns the ``done``
         event's dict when ``waitForCompletion`` (None if cancelled), else the CliProcess. The cases, worst first:
         :func:`.manifest.loadManifest` (``outputDir``).
         """
