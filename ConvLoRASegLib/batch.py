@@ -494,12 +494,15 @@ def adapter_map(path: PathLike, inputs: Sequence[Path]) -> Dict[Path, str]:
 
 
 def complete_output(src: Path, dest: Path) -> bool:
-    """Whether ``dest`` is a readable image on ``src``'s grid size (writes are atomic: then it is complete)."""
+    """Whether ``dest`` is a whole, readable image on ``src``'s grid size (this library writes atomically; a file
+    copied in part is caught by :func:`~ConvLoRASegLib.integrity.check_image_file`)."""
     import SimpleITK as sitk
 
+    from .integrity import check_image_file
     from .volumes import image_info
 
     try:
+        check_image_file(dest, image_info(dest).data_bytes)
         out = sitk.ReadImage(str(dest))
         return tuple(out.GetSize()) == tuple(image_info(src).size[:3])
     except (RuntimeError, ConvLoRASegError):
@@ -770,26 +773,16 @@ def evaluation_pairs(pred: Path, truth: Path) -> List[Tuple[Path, Path]]:
     return pairs
 
 
-def _read_mask(path: Path):
-    import SimpleITK as sitk
-
-    from .volumes import image_info
-
-    info = image_info(path)
-    if info.dimension != 3 or info.n_components != 1:
-        raise ConvLoRASegError(f"{path.name} is not a 3D label image")
-    return sitk.ReadImage(str(path))
-
-
 def evaluate_pair(pred_path: Path, truth_path: Path, tolerance_mm: float) -> Dict[str, Any]:
-    """Dice, surface Dice at ``tolerance_mm``, HD95 (mm) and volumes (ml); a prediction on another grid is
-    resampled (nearest neighbour) onto the truth's."""
+    """Dice, surface Dice at ``tolerance_mm``, HD95 (mm) and volumes (ml) of two label images (non-zero = brain;
+    anything else, e.g. a scan given as a prediction, is refused); a prediction on another grid is resampled
+    (nearest neighbour) onto the truth's."""
     import SimpleITK as sitk
 
     from .metrics import dice, hd95, surface_dice, volume_difference
-    from .volumes import same_grid
+    from .volumes import read_label_image, same_grid
 
-    pred, truth = _read_mask(pred_path), _read_mask(truth_path)
+    pred, truth = read_label_image(pred_path), read_label_image(truth_path)
     same = same_grid(pred, truth)
     if not same:
         pred = sitk.Resample(pred, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)

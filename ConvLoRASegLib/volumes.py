@@ -48,6 +48,7 @@ from scipy import ndimage
 from .atomic import atomic_output
 from .errors import ConvLoRASegError
 from .grid import WorkingGrid
+from .integrity import check_image_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -96,6 +97,11 @@ class ImageInfo:
     def n_voxels(self) -> int:
         return int(np.prod(self.size[:3], dtype=np.int64))
 
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of voxel data the header announces (every volume of a 4D file, every component)."""
+        return int(np.prod(self.size, dtype=np.int64)) * self.n_components * self.bytes_per_component
+
 
 def _dicom_files(folder: Path) -> List[str]:
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -123,6 +129,7 @@ def _header_reader(path: PathLike) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except RuntimeError:
+        check_image_file(p)  # a damaged compressed header says so
         raise ConvLoRASegError(f"{p} is not an image file SimpleITK can read") from None
     return reader
 
@@ -163,11 +170,13 @@ def read_image(path: PathLike, first_volume: bool = False) -> sitk.Image:
         first_volume: for a 4D file (e.g. fMRI, multi-echo), take volume 0 instead of refusing it.
 
     Raises:
-        ConvLoRASegError: missing file, not an image, 2D, 4D, vector pixels, constant volume, NaN/Inf voxels.
+        ConvLoRASegError: missing file, not an image, 2D, 4D, vector pixels, a file cut short or a damaged
+            compressed stream (:func:`~ConvLoRASegLib.integrity.check_image_file`), constant volume, NaN/Inf voxels.
     """
     p = Path(path)
     info = image_info(p)
     cut = _check_shape(info, p.name, first_volume)
+    check_image_file(p, info.data_bytes)
     try:
         if p.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -186,6 +195,21 @@ def read_image(path: PathLike, first_volume: bool = False) -> sitk.Image:
         image = image[:, :, :, 0]
     image = sitk.Cast(image, sitk.sitkFloat32)
     _check_values(image, p.name)
+    return image
+
+
+def read_label_image(path: PathLike) -> sitk.Image:
+    """Read a 3D label image (a brain mask, a segmentation) in its stored pixel type; refuses a file that is not
+    whole (:func:`~ConvLoRASegLib.integrity.check_image_file`)."""
+    p = Path(path)
+    info = image_info(p)
+    if info.dimension != 3 or info.n_components != 1:
+        raise ConvLoRASegError(f"{p.name} is not a 3D label image")
+    check_image_file(p, info.data_bytes)
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as e:
+        raise ConvLoRASegError(f"{p.name} could not be read: {str(e).strip().splitlines()[-1]}") from None
     return image
 
 

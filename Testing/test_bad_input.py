@@ -1,5 +1,5 @@
-"""Issue 3 §3, the bad-input list, through the CLI: each one refused with one line on stderr, exit status 2,
-nothing written, the input untouched (or, for warnings, a warning and a result)."""
+"""The bad-input list, through the CLI: each one refused with one line on stderr, exit status 2, nothing written,
+the input untouched (or, for warnings, a warning and a result)."""
 
 from __future__ import annotations
 
@@ -225,6 +225,67 @@ def test_cohort_skips_unreadable_volumes(capsys, tiny_model, head_files, tmp_pat
     dest = tmp_path / "a.safetensors"
     code, _, err = run_cli(capsys, "adapt", cohort, "-o", dest, "--model", tiny_model, "--method", "adabn")
     assert code == 0 and "skipped bad.nii.gz" in err and dest.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files cut short (an interrupted copy): SimpleITK reads a cut .nii.gz as zeros, the library refuses it
+# ---------------------------------------------------------------------------------------------------------------
+def cut_copy(src: Path, dest: Path, fraction: float = 1 / 3) -> Path:
+    data = Path(src).read_bytes()
+    dest.write_bytes(data[: int(len(data) * fraction)])
+    return dest
+
+
+def test_truncated_nifti_on_segment(capsys, tiny_model, head_files, tmp_path):
+    bad = cut_copy(head_files[0], tmp_path / "trunc.nii.gz")
+    before = sha(bad)
+    out = tmp_path / "m.nii.gz"
+    line = refused(capsys, *segment(tiny_model, bad, out), keyword="trunc.nii.gz is truncated", absent=out)
+    assert "interrupted copy" in line
+    folder = tmp_path / "out"
+    refused(capsys, *segment(tiny_model, bad, folder), keyword="truncated", absent=folder)
+    assert sha(bad) == before
+
+
+def test_truncated_case_of_a_folder_is_a_failed_row(capsys, tiny_model, head_files, tmp_path):
+    import json
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for p in head_files:
+        shutil.copy(p, cohort / p.name)
+    cut_copy(head_files[0], cohort / "trunc.nii.gz")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *segment(tiny_model, cohort, out))
+    assert code == 2 and "warning: skipped trunc.nii.gz: trunc.nii.gz is truncated" in err
+    assert err.strip().splitlines()[-1] == f"{ERROR}1 of 3 volumes failed (see the warnings above); 2 written"
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    rows = {Path(r["input"]).name: r for r in manifest["cases"]}
+    assert rows["trunc.nii.gz"]["status"] == "failed" and "truncated" in rows["trunc.nii.gz"]["flags"][0]
+    assert all(rows[p.name]["status"] == "ok" for p in head_files)
+    assert sorted(p.name for p in out.glob("*_brainmask.nii.gz")) == ["head0_brainmask.nii.gz",
+                                                                       "head1_brainmask.nii.gz"]
+
+
+def test_truncated_mask_on_evaluate(capsys, tmp_path):
+    mask = sitk.GetImageFromArray((np.random.default_rng(0).random((30, 32, 34)) > 0.5).astype(np.uint8))
+    write(mask, tmp_path / "truth.nii.gz")
+    cut_copy(tmp_path / "truth.nii.gz", tmp_path / "pred.nii.gz")
+    refused(capsys, "evaluate", tmp_path / "pred.nii.gz", tmp_path / "truth.nii.gz", keyword="pred.nii.gz is truncated")
+
+
+def test_truncated_target_on_adapt(capsys, tiny_model, head_files, tmp_path):
+    dest = tmp_path / "a.safetensors"
+    bad = cut_copy(head_files[0], tmp_path / "trunc.nii.gz")
+    line = refused(capsys, "adapt", bad, "-o", dest, "--model", tiny_model, "--method", "adabn",
+                   keyword="no readable volumes", absent=dest)
+    assert line.endswith("the target cohort has no readable volumes (1 skipped)")
+    code, _, err = run_cli(capsys, "adapt", bad, head_files[1], "-o", dest, "--model", tiny_model, "--method",
+                           "adabn", "--device", "cpu")
+    assert code == 0 and "skipped trunc.nii.gz: trunc.nii.gz is truncated" in err and dest.is_file()
+    from ConvLoRASegLib.store import read_adapter_info
+
+    assert read_adapter_info(dest).details["target"]["skipped"] == ["trunc.nii.gz"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_manifest_round_trip_worst_first(tmp_path):
     with csv_path.open() as f:
         table = list(csv.DictReader(f))
     assert [Path(r["input"]).name for r in table] == ["bad.nii.gz", "low.nii.gz", "good.nii.gz"]
-    assert json.loads(json_path.read_text())["thresholds"]["low_agreement"] == qc.LOW_AGREEMENT
+    assert json.loads(json_path.read_text(encoding="utf-8"))["thresholds"]["low_agreement"] == qc.LOW_AGREEMENT
     assert not list(tmp_path.glob(".*partial*"))
     with pytest.raises(qc_error()):
         qc.load_manifest(tmp_path / "nowhere")
@@ -116,7 +116,7 @@ def test_qc_pictures_and_index_worst_first(capsys, tiny_model, cohort, tmp_path)
     assert code == 2, err
     assert sorted(p.name for p in report.iterdir()) == ["a.png", "c.png", "index.html"]
     assert (report / "a.png").read_bytes()[:4] == b"\x89PNG"
-    page = (report / "index.html").read_text()
+    page = (report / "index.html").read_text(encoding="utf-8")  # written as UTF-8 whatever the locale
     assert page.index("b_broken.nii.gz") < page.index("a.nii.gz")  # worst (failed) first
     assert "<img src='a.png'" in page
     assert all(r.get("qc_png") for r in qc.load_manifest(out) if r["status"] == "ok")

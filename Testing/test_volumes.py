@@ -143,6 +143,77 @@ def test_read_gives_float32_and_leaves_file_untouched(tmp_path):
     assert sha(p) == before
 
 
+def _cut(path: Path, fraction: float = 1 / 3) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def _damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    at = len(data) * 2 // 3
+    data[at:at + 40] = bytes(b ^ 0xFF for b in data[at:at + 40])
+    path.write_bytes(bytes(data))
+
+
+def _noisy(shape=(20, 24, 22)) -> sitk.Image:
+    return small(np.random.default_rng(0).uniform(1, 100, shape))
+
+
+# the data file SimpleITK writes for each (name, compressed): the header itself, or a detached file
+FORMATS = [("a.nii.gz", True, "a.nii.gz"), ("a.nii", False, "a.nii"), ("a.nrrd", True, "a.nrrd"),
+           ("a.nrrd", False, "a.nrrd"), ("a.mha", True, "a.mha"), ("a.mha", False, "a.mha"),
+           ("a.nhdr", True, "a.raw.gz"), ("a.mhd", True, "a.zraw"), ("a.mhd", False, "a.raw")]
+
+
+@pytest.mark.parametrize("name,compressed,data", FORMATS)
+def test_read_refuses_a_file_cut_short(tmp_path, name, compressed, data):
+    """SimpleITK reads a cut .nii.gz or .nii without a word, the missing voxels zero: the reader refuses it."""
+    path = tmp_path / name
+    sitk.WriteImage(_noisy(), str(path), compressed)
+    assert V.read_image(path).GetSize() == (22, 24, 20)
+    _cut(tmp_path / data)
+    before = sha(tmp_path / data)
+    with pytest.raises(ConvLoRASegError, match=f"^{name} is truncated: "):
+        V.read_image(path)
+    assert sha(tmp_path / data) == before
+
+
+@pytest.mark.parametrize("name,data", [("a.nii.gz", "a.nii.gz"), ("a.nrrd", "a.nrrd"), ("a.mha", "a.mha"),
+                                       ("a.mhd", "a.zraw")])
+def test_read_refuses_damaged_compressed_data(tmp_path, name, data):
+    """A damaged gzip/zlib stream fails its checksum (SimpleITK reads a .nii.gz or .mha with one as noise)."""
+    path = tmp_path / name
+    sitk.WriteImage(_noisy(), str(path), True)
+    _damage(tmp_path / data)
+    with pytest.raises(ConvLoRASegError, match=f"^{name} is (corrupt|truncated): "):
+        V.read_image(path)
+
+
+def test_read_accepts_what_is_whole(tmp_path):
+    """A plain NIfTI named .nii.gz (SimpleITK reads it), two gzip members, and zero padding after the stream."""
+    import gzip
+
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(_noisy(), str(plain), False)
+    (tmp_path / "plain.nii.gz").write_bytes(plain.read_bytes())
+    data = plain.read_bytes()
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
+    (tmp_path / "padded.nii.gz").write_bytes(gzip.compress(data) + bytes(16))
+    for name in ("plain.nii.gz", "two.nii.gz", "padded.nii.gz"):
+        assert V.read_image(tmp_path / name).GetSize() == (22, 24, 20), name
+
+
+def test_a_stream_with_all_its_bytes_but_too_few_voxels_is_refused(tmp_path):
+    """A whole gzip stream of a NIfTI whose voxels were cut before compression: fewer bytes than the header says."""
+    import gzip
+
+    plain = tmp_path / "a.nii"
+    sitk.WriteImage(_noisy(), str(plain), False)
+    (tmp_path / "a.nii.gz").write_bytes(gzip.compress(plain.read_bytes()[:-500]))
+    with pytest.raises(ConvLoRASegError, match="holds .* of the 42,240 bytes"):
+        V.read_image(tmp_path / "a.nii.gz")
+
+
 def test_check_intensities_flags_ct():
     a = np.full((6, 6, 6), -1000.0)
     a[2:4, 2:4, 2:4] = 1500.0
