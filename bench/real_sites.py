@@ -85,6 +85,7 @@ def mask_of(path: Path):
 
 def segment(model: Path, name: str, out: Path, adapter: Optional[Path] = None, check: bool = True) -> dict:
     """Segment a head (with an adapter, checked or not): its scores and the CLI's row."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     args = ["segment", str(HEADS / name / "image.nii.gz"), "-o", str(out), "--model", str(model), "--overwrite"]
     if adapter is not None:
         args += ["--adapter", str(adapter)] + ([] if check else ["--no-scan-check"])
@@ -118,7 +119,7 @@ def cases() -> List[dict]:
     return out
 
 
-def run(models: Path, work: Path, only: Optional[List[str]] = None) -> None:
+def run(models: Path, work: Path, only: Optional[List[str]] = None, methods: Optional[List[str]] = None) -> None:
     (work / "rows").mkdir(parents=True, exist_ok=True)
     for case in cases():
         if only and case["volume"] not in only:
@@ -132,6 +133,8 @@ def run(models: Path, work: Path, only: Optional[List[str]] = None) -> None:
             res = segment(model, case["volume"], work / "masks" / f"{case['volume']}__source.nii.gz")
             src_file.write_text(json.dumps(res, indent=1))
         for method, options in METHODS:
+            if methods and method not in methods:
+                continue
             key = f"{case['volume']}__{case['scope']}__{method}"
             f = work / "rows" / f"{key}.json"
             if f.is_file():
@@ -164,6 +167,41 @@ def load_rows(work: Path) -> List[dict]:
         r["source"] = json.loads((work / "rows" / f"{r['volume']}__source.json").read_text())
         rows.append(r)
     return rows
+
+
+def rule_uses_adapter(rule, row: dict) -> bool:
+    """Whether ``rule`` (an entry of :data:`RULES`) delivers the adapter's mask on this row's scan."""
+    name, margin, volume = rule
+    if name == "never":
+        return False
+    chk = row["checked"]["row"]
+    if chk.get("adapter") is None:  # today's per-scan check refused it (or the adapter is empty)
+        return False
+    scores = chk.get("adapter_scores") or {}
+    src = scores.get("source")
+    other = next((v for k, v in scores.items() if k != "source"), None)
+    if margin is not None and (src is None or other is None or other - src <= margin):
+        return False
+    if volume is not None:
+        a, b = row["source"]["row"].get("brain_ml"), row["unchecked"]["row"].get("brain_ml")
+        if not a or b is None or abs(b - a) / a > volume:
+            return False
+    return True
+
+
+def rules_table(rows: List[dict], metric: str = "surface_dice_1mm") -> List[dict]:
+    """Every rule of :data:`RULES` on every row: cases below source - TOLERANCE, mean gain, adapters used."""
+    out = []
+    for rule in RULES:
+        deltas, used = [], 0
+        for r in rows:
+            use = rule_uses_adapter(rule, r)
+            used += use
+            deltas.append((r["unchecked"][metric] if use else r["source"][metric]) - r["source"][metric])
+        worst = min(deltas) if deltas else 0.0
+        out.append({"rule": rule[0], "cases": len(rows), "used": used, "worse": sum(d < -TOLERANCE for d in deltas),
+                    "mean_gain": sum(deltas) / max(1, len(deltas)), "worst": worst})
+    return out
 
 
 def report(work: Path, out: Path, cache: Path) -> str:
@@ -219,10 +257,16 @@ def report(work: Path, out: Path, cache: Path) -> str:
                 r = rs.get(m)
                 cells += ([f"{r['unchecked'][metric]:.4f}", f"{r['checked'][metric]:.4f}"] if r else ["-", "-"])
             lines.append(f"| {v} | {any_r['group']} | {scope} | " + " | ".join(cells) + " |")
+    rt = rules_table(rows)
+    lines += ["", "Never worse without labels: each rule of `RULES` (written down before the first row) on every row "
+              "above (in-sample).", "", "| rule | cases | adapter used | worse | mean gain | worst |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['rule']} | {r['cases']} | {r['used']} | {r['worse']} | {r['mean_gain']:+.4f} | {r['worst']:+.4f} |"
+              for r in rt]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_sites.md").write_text(text)
-    (out / "real_sites.json").write_text(json.dumps({"summary": summary, "rows": rows, "peers": peers}, indent=1))
+    (out / "real_sites.json").write_text(json.dumps({"summary": summary, "rules": rt, "rows": rows, "peers": peers}, indent=1))
     return text
 
 
@@ -233,12 +277,13 @@ def main() -> int:
     p = sub.add_parser("run")
     p.add_argument("--models", type=Path, required=True)
     p.add_argument("--only", nargs="*", help="these volumes only")
+    p.add_argument("--methods", nargs="*", choices=[m for m, _ in METHODS], help="these methods only")
     p = sub.add_parser("report")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--cache", type=Path, default=Path("/work/cache/peers"))
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.models, a.work, a.only)
+        run(a.models, a.work, a.only, a.methods)
         return 0
     print(report(a.work, a.out, a.cache))
     return 0
