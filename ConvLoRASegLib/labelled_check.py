@@ -191,13 +191,14 @@ def apply_check(model, result, check: LabelledCheck):
 
 
 def read_labelled_scans(pairs: Sequence[Tuple[PathLike, PathLike]]) -> List[LabelledScan]:
-    """``adapt --check IMAGE MASK`` pairs read from disk (the readers' one-line errors for bad files)."""
-    from .volumes import read_image
+    """``adapt --check IMAGE MASK`` pairs read from disk (the readers' one-line errors for bad files; a MASK that
+    is not a label image, e.g. the two swapped, is refused)."""
+    from .volumes import read_image, read_label_image
 
     out = []
     for image_path, mask_path in pairs:
         image = read_image(Path(image_path).expanduser())
-        mask = read_image(Path(mask_path).expanduser())
+        mask = read_label_image(Path(mask_path).expanduser())
         name = Path(image_path).name
         check_geometry(image, mask, name)
         out.append(LabelledScan(name, image, mask))

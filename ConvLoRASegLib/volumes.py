@@ -198,9 +198,14 @@ def read_image(path: PathLike, first_volume: bool = False) -> sitk.Image:
     return image
 
 
+#: A label image (a mask, a segmentation) has at most this many distinct values; a scan has hundreds.
+MAX_LABELS = 16
+
+
 def read_label_image(path: PathLike) -> sitk.Image:
-    """Read a 3D label image (a brain mask, a segmentation) in its stored pixel type; refuses a file that is not
-    whole (:func:`~ConvLoRASegLib.integrity.check_image_file`)."""
+    """Read a 3D label image (a brain mask, a segmentation) in its stored pixel type. Refuses what is not one: a
+    scan or a probability map given as a mask (non-integer values, or more than :data:`MAX_LABELS` distinct
+    values), besides everything :func:`read_image` refuses except an empty mask."""
     p = Path(path)
     info = image_info(p)
     if info.dimension != 3 or info.n_components != 1:
@@ -210,7 +215,35 @@ def read_label_image(path: PathLike) -> sitk.Image:
         image = sitk.ReadImage(str(p))
     except RuntimeError as e:
         raise ConvLoRASegError(f"{p.name} could not be read: {str(e).strip().splitlines()[-1]}") from None
+    check_label_image(image, p.name)
     return image
+
+
+def check_label_image(image: sitk.Image, name: str) -> None:
+    """Refuse (one line) an image that is not a label image: non-integer values, or more than :data:`MAX_LABELS`
+    distinct values."""
+    a = sitk.GetArrayViewFromImage(image)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ConvLoRASegError(f"{name} contains NaN or infinite voxels: not a label image")
+        frac = a[a != np.round(a)]
+        if frac.size:
+            raise ConvLoRASegError(f"{name} is not a label image: it has non-integer values (e.g. {float(frac[0]):g}; "
+                                   "a scan or probabilities?); give a mask")
+    sample = np.unique(a.ravel()[:: max(1, a.size // 100_000)])
+    sampled = sample.size > MAX_LABELS
+    n = sample.size if sampled else _distinct(a)
+    if n > MAX_LABELS:
+        raise ConvLoRASegError(f"{name} is not a label image: {n:,}{' or more' if sampled else ''} distinct values "
+                               f"where a mask has at most {MAX_LABELS} (a scan?); give a mask")
+
+
+def _distinct(a: np.ndarray) -> int:
+    """Number of distinct values of an integer-valued array (by counting when their range is small: fast)."""
+    lo, hi = a.min(), a.max()
+    if hi - lo < (1 << 20):
+        return int(np.count_nonzero(np.bincount((np.asarray(a, np.int64) - int(lo)).ravel())))
+    return int(np.unique(a).size)
 
 
 def _check_values(image: sitk.Image, name: str) -> None:

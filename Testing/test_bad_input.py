@@ -289,6 +289,30 @@ def test_truncated_target_on_adapt(capsys, tiny_model, head_files, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# evaluate: a prediction or reference must be a label image
+# ---------------------------------------------------------------------------------------------------------------
+def test_evaluate_refuses_a_scan_given_as_a_mask(capsys, head_files, tmp_path):
+    """``evaluate IMAGE MASK`` once scored a T1 scan as a prediction (Dice 0.46, exit 0)."""
+    head = sitk.ReadImage(str(head_files[0]))
+    mask = write(sitk.Cast(head > 50, sitk.sitkUInt8), tmp_path / "mask.nii.gz")
+    code, out, err = run_cli(capsys, "evaluate", mask, mask)
+    assert code == 0 and "1.0000" in out, err
+    line = refused(capsys, "evaluate", head_files[0], mask, keyword="head0.nii.gz is not a label image")
+    assert "non-integer values" in line
+    t1 = write(sitk.Cast(head * 10, sitk.sitkInt16), tmp_path / "t1.nii.gz")  # a scan stored as integers
+    line = refused(capsys, "evaluate", mask, t1, keyword="t1.nii.gz is not a label image")
+    assert "distinct values" in line
+
+
+def test_adapt_check_refuses_image_and_mask_swapped(capsys, tiny_model, head_files, tmp_path):
+    head = sitk.ReadImage(str(head_files[0]))
+    mask = write(sitk.Cast(head > 50, sitk.sitkUInt8), tmp_path / "mask.nii.gz")
+    dest = tmp_path / "a.safetensors"
+    refused(capsys, "adapt", head_files[1], "-o", dest, "--model", tiny_model, "--check", mask, head_files[0],
+            keyword="head0.nii.gz is not a label image", absent=dest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # devices
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

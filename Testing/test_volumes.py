@@ -214,6 +214,24 @@ def test_a_stream_with_all_its_bytes_but_too_few_voxels_is_refused(tmp_path):
         V.read_image(tmp_path / "a.nii.gz")
 
 
+def test_label_images_are_read_as_stored_and_scans_refused(tmp_path):
+    mask = sitk.GetImageFromArray((np.random.default_rng(0).random((20, 24, 22)) > 0.5).astype(np.uint8))
+    sitk.WriteImage(mask, str(tmp_path / "m.nii.gz"))
+    got = V.read_label_image(tmp_path / "m.nii.gz")
+    assert got.GetPixelID() == sitk.sitkUInt8
+    sitk.WriteImage(sitk.Image(22, 24, 20, sitk.sitkUInt8), str(tmp_path / "empty.nii.gz"))
+    assert V.read_label_image(tmp_path / "empty.nii.gz").GetSize() == (22, 24, 20)  # an empty mask is a mask
+    sitk.WriteImage(sitk.Cast(_noisy() * 10, sitk.sitkInt16), str(tmp_path / "t1.nii.gz"))
+    with pytest.raises(ConvLoRASegError, match="t1.nii.gz is not a label image: .* distinct values"):
+        V.read_label_image(tmp_path / "t1.nii.gz")
+    sitk.WriteImage(_noisy() / 100.0, str(tmp_path / "prob.nii.gz"))
+    with pytest.raises(ConvLoRASegError, match="prob.nii.gz is not a label image: it has non-integer values"):
+        V.read_label_image(tmp_path / "prob.nii.gz")
+    _cut(tmp_path / "m.nii.gz")
+    with pytest.raises(ConvLoRASegError, match="truncated"):
+        V.read_label_image(tmp_path / "m.nii.gz")
+
+
 def test_check_intensities_flags_ct():
     a = np.full((6, 6, 6), -1000.0)
     a[2:4, 2:4, 2:4] = 1500.0
