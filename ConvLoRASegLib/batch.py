@@ -165,20 +165,26 @@ class AdaptRun:
 
 def adapt_cohort(model, paths: Sequence[PathLike], dest: PathLike, name: str, *, labelled: Sequence[Any] = (),
                  device="auto", overwrite: bool = False, progress: Progress = None, warn: Log = None,
-                 what: str = "the target cohort", details: Optional[Dict[str, Any]] = None,
+                 log: Log = None, what: str = "the target cohort", details: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> AdaptRun:
     """Adapt ``model`` to a site's unlabelled volumes and write the adapter: read every readable volume
     (:func:`read_slices`), :func:`~ConvLoRASegLib.selftrain.adapt` (``kwargs``: method, mode, epochs, ...), with
     ``labelled`` scans (:func:`~ConvLoRASegLib.labelled_check.read_labelled_scans`) the labelled check, then save
-    the adapter to ``dest`` under ``name`` (``details`` added to its metadata)."""
+    the adapter to ``dest`` under ``name`` (``details`` added to its metadata). With ``log``, the expected
+    duration is said before the adaptation starts (:func:`~ConvLoRASegLib.selftrain.estimate_seconds`)."""
     from .labelled_check import apply_check, check_adaptation
+    from .progress import duration
     from .segment import resolve_device
-    from .selftrain import adapt
+    from .selftrain import adapt, estimate_seconds
     from .store import save_adapter
 
     report = progress or (lambda e: None)
     dev = resolve_device(device)
     stacks, used, skipped = read_slices(paths, model.grid, progress, warn, what=what)
+    if log is not None:
+        expected = estimate_seconds(model, stacks, device=dev, **kwargs)
+        log(f"adapting to {len(used)} volumes ({sum(len(v) for v in stacks)} slices) on {dev}: expected about "
+            f"{duration(expected)} (a rough estimate from one timed batch)")
     result = adapt(model, stacks, device=dev, progress=progress, **kwargs)
     label_free, check = result.selected, None
     if labelled:

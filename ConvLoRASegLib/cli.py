@@ -124,7 +124,7 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     check_output_path(dest, args.overwrite)
     labelled = read_labelled_scans(args.check) if args.check else []  # bad check files fail before the work
     run = adapt_cohort(model, target_paths(args.targets), dest, name, labelled=labelled, device=device,
-                       overwrite=args.overwrite, progress=rep, warn=rep.warn, **_adapt_kwargs(args))
+                       overwrite=args.overwrite, progress=rep, warn=rep.warn, log=rep.info, **_adapt_kwargs(args))
     info, result, check, label_free, used = run.info, run.result, run.check, run.label_free_selected, run.used
     base_params, model_bytes, summary = run.base_params, mpath.stat().st_size, run.summary(mpath.stat().st_size)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in result.candidates.items())
@@ -593,7 +593,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rep.cancelled()
         return EXIT_CANCELLED
     finally:
-        rep.close_bar()
+        rep.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

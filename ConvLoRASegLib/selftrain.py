@@ -374,6 +374,52 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     return result
 
 
+#: Cost of a training step's slice (forward and backward) and of an AdaBN slice (train-mode BatchNorm, fp32) in
+#: inference passes of one slice, for :func:`estimate_seconds`.
+TRAIN_SLICE_PASSES, ADABN_SLICE_PASSES = 3.0, 2.0
+
+
+def estimate_seconds(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
+                     mode: str = "fast", epochs: int = 5, batch_size: int = 32, device="auto",
+                     selection_volumes: int = 4, steps_per_epoch: Optional[int] = None,
+                     precision: Optional[str] = None, **_: object) -> float:
+    """A rough duration (seconds) of :func:`adapt` with the same arguments, before it runs: one batch of target
+    slices is timed through the network on ``device`` (after a warm-up batch), and the adaptation's passes are
+    counted in slices (AdaBN, pseudo-labels, training steps at :data:`TRAIN_SLICE_PASSES`, the label-free scoring
+    of every candidate on the selection volumes). Costs about two inference batches."""
+    spec = METHOD_SPECS.get(method)
+    volumes = [np.asarray(v, np.float32) for v in target if v is not None and len(v)]
+    if spec is None or not volumes:
+        return 0.0
+    fast = mode == "fast"
+    precision = precision or ("auto" if fast else "fp32")
+    epochs = 0 if spec.trains == "nothing" else epochs
+    busy = [int(nonempty_slices(v).sum()) for v in volumes]
+    n = sum(busy)
+    s = sum(busy[i] for i in selection_indices(len(volumes), selection_volumes))
+    first = volumes[int(np.argmax(busy))]
+    sample = first[nonempty_slices(first)]
+    mid = len(sample) // 2
+    sample = sample[max(0, mid - batch_size // 2):][:batch_size]
+    if not len(sample):
+        return 0.0
+    dev = resolve_device(device)
+    predict_slices(model, sample, dev, precision=precision if fast else "fp32")  # warm-up
+    t0 = time.perf_counter()
+    predict_slices(model, sample, dev, precision=precision if fast else "fp32")
+    per_slice = (time.perf_counter() - t0) / len(sample)
+    cap = (FAST_STEPS_PER_EPOCH if fast else 0) if steps_per_epoch is None else steps_per_epoch
+    full = (n + batch_size - 1) // batch_size
+    steps = min(full, cap) if cap else full
+    passes = 2.0 * s  # the source model: a pass with the ESH, one over the perturbed shares
+    if spec.adabn:
+        passes += ADABN_SLICE_PASSES * n + 2.0 * s
+    if epochs:
+        passes += n if (fast or spec.learner == "final") else 0.0  # pseudo-labels
+        passes += epochs * (steps * batch_size * TRAIN_SLICE_PASSES + 2.0 * s)
+    return passes * per_slice
+
+
 def _with_state(model: ConvLoRASegModel, spec: Method, placement: str, rank: int, alpha: float,
                 state: Dict[str, torch.Tensor]) -> ConvLoRASegModel:
     """A frozen eval-mode copy of the source ``model`` with one candidate's adapter tensors (none: the source)."""

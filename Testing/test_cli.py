@@ -506,3 +506,56 @@ def test_reporter_modes():
     silent = Reporter("silent", stdout=out, stderr=err)
     silent({"event": "progress", "stage": "x", "step": 1, "total": 2})
     assert out.getvalue() == "" and jsonable({"a": (1, float("nan"))}) == {"a": [1, None]}
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_few_seconds():
+    """``adapt`` under nohup or in CI once printed nothing for 15 minutes: without a terminal, progress is a line on
+    stderr at most every interval (and at each new stage), with the stage, the epoch, the time since the start and
+    what is left of the stage."""
+    import io
+    import sys as _sys
+
+    from ConvLoRASegLib.progress import LINE_INTERVAL_S, Reporter
+
+    now = [0.0]
+    out, err = io.StringIO(), io.StringIO()
+    rep = Reporter("lines", stdout=out, stderr=err, clock=lambda: now[0])
+    rep({"event": "progress", "stage": "adabn", "step": 0, "total": 100})
+    for epoch in (1, 2):
+        for step in range(1, 9):
+            now[0] += 2.0
+            rep({"event": "progress", "stage": "train", "step": step, "total": 8, "epoch": epoch, "epochs": 4,
+                 "loss": 0.25})
+    rep.close()
+    lines = err.getvalue().splitlines()
+    assert out.getvalue() == "" and lines[0] == "convlora-seg: 0 s elapsed: adabn, step 0/100"
+    assert lines[1] == "convlora-seg: 2 s elapsed: train, epoch 1 of 4, step 1/8, loss 0.250"  # a new stage
+    assert lines[2].startswith("convlora-seg: 12 s elapsed: train, epoch 1 of 4, step 6/8, loss 0.250; about ")
+    assert lines[2].endswith("left in train") and "about 52 s left" in lines[2]  # 26 of 32 steps at 2 s each
+    assert len(lines) == 2 + int(30 // LINE_INTERVAL_S)  # 32 s of training: at most one line every interval
+    assert Reporter.for_cli(False).mode == ("bar" if _sys.stderr.isatty() else "lines")
+
+
+def test_a_long_step_still_gets_a_line(monkeypatch):
+    import io
+    import time as _time
+
+    from ConvLoRASegLib.progress import Reporter
+
+    err = io.StringIO()
+    rep = Reporter("lines", stderr=err, interval=0.2)
+    rep({"event": "progress", "stage": "select", "step": 0, "total": 1})
+    _time.sleep(0.7)  # scoring a volume: no event for a while
+    rep.close()
+    lines = err.getvalue().splitlines()
+    assert len(lines) >= 2 and lines[-1].endswith("select, step 0/1 (still working)")
+    n = len(lines)
+    _time.sleep(0.3)
+    assert len(err.getvalue().splitlines()) == n  # closed: quiet
+
+
+def test_adapt_says_how_long_it_expects_to_take(capsys, tiny_model, head_files, tmp_path):
+    code, stdout, err = run_cli(capsys, "adapt", head_files[0], "-o", tmp_path / "a.safetensors", "--model",
+                                tiny_model, "--method", "adabn", "--device", "cpu")
+    assert code == 0, err
+    assert "expected about " in stdout.splitlines()[0] and "elapsed: read" in err
