@@ -5,7 +5,7 @@ variance are merged per channel in float64 and its ``running_mean``/``running_va
 unbiased variance of that input over *all* target slices (not PyTorch's average of per-batch values, which ignores
 the spread between batches). Which statistics: those of the inputs as AdaBN's original recipe produces them, i.e. with the upstream
 layers normalising each batch with its own statistics — not the inputs the eval-mode network will see, which would
-need one pass per layer (measured in issue 10: no better, and 40 passes). The layers of
+need one pass per layer (measured: no better, and 40 passes; BENCHMARKS.md, "Answered once"). The layers of
 :data:`ADABN_KEEP_SOURCE` keep the source statistics. Weights are untouched; no gradients.
 
 :func:`adabn_volumes` is the one recipe that turns working-grid volumes into such statistics (their non-empty
@@ -144,7 +144,7 @@ def adabn_volumes(model: nn.Module, volumes: Sequence[np.ndarray],
     layers of :data:`ADABN_KEEP_SOURCE` and the ESH keep their statistics. Returns the number of slices seen.
 
     The pass runs channels-last (except on MPS), as segmentation does: on a CPU the train-mode convolutions and
-    BatchNorms are much faster so (BENCHMARKS.md, issue 10); the model's weights are put back in their own layout
+    BatchNorms are much faster so (bench/speed.py, the adaptation stages); the model's weights are put back in their own layout
     afterwards. It runs in fp32: train-mode BatchNorm under bf16 autocast is many times slower on a CPU."""
     from .segment import nonempty_slices
 

@@ -61,7 +61,7 @@ def test_a_candidate_less_consistent_than_the_source_is_refused():
 
 
 def test_a_candidate_that_shrinks_the_brain_is_refused():
-    """AdaBN without a scanner shift shrinks the mask while its scores rise (issue 10): more than
+    """AdaBN without a scanner shift shrinks the mask while its scores rise (BENCHMARKS.md, "Never worse"): more than
     VOLUME_SHRINK_MAX below the source's brain volume is refused, however well it scores; growing is allowed."""
     table = {"source": 0.60, "adabn": 0.70, "epoch 1": 0.65}
     ml = {"source": 1500.0, "adabn": 1500.0 * (1 - 1.5 * selection.VOLUME_SHRINK_MAX), "epoch 1": 1499.0}
@@ -116,7 +116,7 @@ def test_scoring_every_other_slice_estimates_the_whole_volume():
     ones left out (without it the volume halves, the brain looks implausible); the agreement of a mask that moved
     is about the same as on every slice, along and across the slice axis; the consistency (shares of a stack that
     is already halved: a slice axis 4x coarser) reads large moves as smaller on this toy ball but ranks them the
-    same. Real candidates: BENCHMARKS.md, issue 10, "scoring on every other slice"."""
+    same. Real candidates: BENCHMARKS.md, "Answered once", "every other slice"."""
     step = 2
     brain = _ball(80, 34)
     full = selection.score_volume(brain, brain, 2.0)
@@ -159,4 +159,4 @@ def test_the_adaptation_scores_with_the_slice_step(monkeypatch):
     vols = [np.clip(np.random.default_rng(i).random((12, 32, 32), dtype=np.float32), 0, 1) for i in range(2)]
     selftrain.adapt(model, vols, epochs=1, steps_per_epoch=1, batch_size=4, device="cpu")
     assert seen and all(step == 2 for _, step in seen)
-    assert selection.SCORE_SLICE_STEP == 1  # the default: every slice (BENCHMARKS.md, issue 10)
+    assert selection.SCORE_SLICE_STEP == 1  # the default: every slice (BENCHMARKS.md, "Answered once")

@@ -1,4 +1,4 @@
-"""The fast inference path gives the reference path's answer (issue 6): BN folding is exact, batching and crops do
+"""The fast inference path gives the reference path's answer: BN folding is exact, batching and crops do
 not change the mask, bf16 changes it by a hair, the source model is left untouched, and the benchmark's smoke mode
 runs end to end. Correctness only: the timings live in bench/speed.py."""
 

@@ -1,4 +1,4 @@
-"""Speed of whole-volume segmentation and adaptation, side by side (issue 6).
+"""Speed of whole-volume segmentation and adaptation, side by side.
 
     python bench/speed.py            # full run (the lead's run for BENCHMARKS.md; ~15-25 min on 2 quiet cores)
     python bench/speed.py --quick    # fewer repetitions, no torch.compile, shorter paper-mode adaptation
