@@ -531,7 +531,7 @@ def postprocess(mask: np.ndarray) -> np.ndarray:
 
 
 #: Radius (mm) of the erosion that cuts leaks off the brain (:func:`detach_leaks`); 0 turns it off. Chosen in
-#: bench/leak_removal.py on the leave-one-head-out models' held-out heads (BENCHMARKS.md).
+#: bench/leak_removal.py (commit 566cb1e) on the leave-one-head-out models' held-out heads (BENCHMARKS.md, "Answered once").
 LEAK_RADIUS_MM = 8.0
 #: The cut is applied only if what it keeps is at least this share of the mask: a leak is the smaller part.
 LEAK_KEEP_MIN = 0.5
