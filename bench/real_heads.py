@@ -110,8 +110,17 @@ def score_volume(mask, name: str) -> Dict[str, float]:
     return scores(mask, sitk.GetArrayFromImage(ref) > 0, sp)
 
 
+def peer_mask(tool: str, image: Path, cache: Path, compute: bool):
+    """A peer's (mask, seconds) of ``image`` from the cache (computed and cached when ``compute``), or None."""
+    from peers import cache_key, cached_mask
+
+    if compute or (cache / tool / f"{cache_key(image)}.json").is_file():
+        return cached_mask(tool, image, cache)
+    return None
+
+
 def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional[Path] = None,
-             masks: Optional[Path] = None) -> dict:
+             masks: Optional[Path] = None, compute_peers: bool = True) -> dict:
     """Every volume segmented by the model of the fold that holds it out (or by ``single``, one model for every
     volume, e.g. an earlier bundled model); deepbet and ROBEX beside. ``masks``: a folder to keep our masks in."""
     import SimpleITK as sitk
@@ -119,8 +128,6 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
     from ConvLoRASegLib import store
     from ConvLoRASegLib.segment import segment_image
     from ConvLoRASegLib.volumes import read_image
-    from peers import cached_mask
-
     fs = folds()
     check_split(fs)
     meta = {r["name"]: r for r in index()}
@@ -146,8 +153,9 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
             row = {"volume": name, "group": meta[name]["group"], "fold": k,
                    "ours": dict(score_volume(ours, name), seconds=round(time.perf_counter() - t, 2))}
             for tool in ("deepbet",) + (("robex",) if robex else ()):
-                mask, secs = cached_mask(tool, img_path, cache)
-                row[tool] = dict(score_volume(mask, name), seconds=round(secs, 2))
+                got = peer_mask(tool, img_path, cache, compute_peers)
+                if got is not None:
+                    row[tool] = dict(score_volume(got[0], name), seconds=round(got[1], 2))
             rows.append(row)
             print(f"fold {k} {name:30} " + " | ".join(
                 f"{t} {row[t]['dice']:.4f} {row[t]['surface_dice_1mm']:.4f}" for t in ("ours", "deepbet", "robex")
@@ -206,6 +214,8 @@ def main() -> int:
     p.add_argument("--models", type=Path, help="folder with fold0..fold4.safetensors")
     p.add_argument("--single", type=Path, help="one model for every volume instead (e.g. an earlier default)")
     p.add_argument("--masks", type=Path, help="keep our masks in this folder")
+    p.add_argument("--cached-peers", action="store_true",
+                   help="use only the peers' cached masks (bench/real_heads.py peers), never run them here")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-robex", action="store_true")
     p.add_argument("--cache", type=Path, default=Path("/work/cache/peers"), help="peer masks cache")
@@ -226,7 +236,7 @@ def main() -> int:
         return 0
     if (a.models is None) == (a.single is None):
         raise SystemExit("evaluate needs --models DIR or --single MODEL")
-    card = evaluate(a.models, a.out, not a.no_robex, a.cache, a.single, a.masks)
+    card = evaluate(a.models, a.out, not a.no_robex, a.cache, a.single, a.masks, not a.cached_peers)
     print(markdown(card))
     return 0
 
