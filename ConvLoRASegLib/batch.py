@@ -154,9 +154,10 @@ class AdaptRun:
         r = self.result
         return {
             "selected": r.selected, "adapted": r.adapted, "candidates": r.candidates,
-            "agreement_source": r.agreement_source, "agreement_selected": r.best_agreement,
+            "score_source": r.agreement_source, "score_selected": r.best_agreement,
             "best_epoch": r.best_epoch, "epochs": r.epochs, "trainable_params": r.trainable_params,
             "trainable_percent": 100.0 * r.trainable_params / max(self.base_params, 1),
+            "stored_values": self.info.stored_values, "base_params": self.base_params,
             "adapter_bytes": self.info.bytes, "model_bytes": model_bytes, "seconds": round(r.seconds, 1),
             "n_volumes": len(self.used), "n_skipped": len(self.skipped),
             "label_free_selected": self.label_free_selected,
@@ -287,8 +288,8 @@ class Segmenter:
                 if log is not None:
                     name = info.name if info is not None else "source model (no adapter)"
                     others = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-                    log(f"{Path(job.input).name}: chose {name}, score "
-                        f"{scores[SOURCE if info is None else info.name]:.3f} (scores: {others})")
+                    log(f"{Path(job.input).name}: chose {name}, label-free score "
+                        f"{scores[SOURCE if info is None else info.name]:.3f} (label-free scores: {others})")
                 if job.candidates is None and info is None:
                     requested = next(k for k in scores if k != SOURCE)
                     warnings.append(adapter_not_used(requested, scores))
@@ -590,7 +591,7 @@ def segment_cohort(inputs: Sequence[PathLike], output: PathLike, *, model: Union
         progress: the library's progress callback (per case: ``volume``/``volumes`` keys; with a runner one
             ``"cohort"`` event per finished case).
         on_row: called with every case's row as it finishes (``status`` ``"ok"`` or ``"failed"``, ``flags``,
-            ``brain_ml``, ``agreement``, ``output``, ...).
+            ``brain_ml``, ``agreement`` (the ESH agreement), ``output``, ...).
         log, warn: one line of information / of warning for the user (a failed case of several is warned about:
             ``skipped NAME: reason``).
 

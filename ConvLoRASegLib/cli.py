@@ -56,6 +56,18 @@ def _base_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _parameter_lines(method: str, trainable: int, stored: int, base_params: Optional[int], nbytes: int,
+                     model_bytes: Optional[int] = None) -> List[str]:
+    """``adapt``'s and ``info``'s two counts of an adapter, each saying what it counts."""
+    from .selftrain import METHOD_SPECS
+
+    what = METHOD_SPECS[method].trained if method in METHOD_SPECS else method
+    share = f" = {100.0 * trainable / base_params:.2f} % of the base model's {base_params:,}" if base_params else ""
+    return [f"  trainable parameters ({what}): {trainable:,}{share}",
+            f"  stored in the adapter file: {stored:,} values (the trainable parameters + BatchNorm statistics), "
+            f"{_fmt_bytes(nbytes)}" + (f" vs the model file's {_fmt_bytes(model_bytes)}" if model_bytes else "")]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # segment
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,7 +89,7 @@ def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
         for w in row.get("warnings") or []:
             rep.warn(f"{name} {w}")
         extra = "" if args.probabilities else f", brain {row['brain_ml']:.0f} ml"
-        score = "" if row.get("agreement") is None else f", agreement {row['agreement']:.3f}"
+        score = "" if row.get("agreement") is None else f", ESH agreement {row['agreement']:.3f}"
         flags = f", flags: {', '.join(row['flags'])}" if row.get("flags") else ""
         rep.info(f"{name} -> {row['output']} ({row['seconds']:.1f} s{extra}{score}{flags})")
 
@@ -139,9 +151,8 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
         f"  label-free score of each candidate (ESH agreement + gamma consistency): {scores}",
         *checked,
         f"  selected: {result.selected}",
-        f"  trainable parameters: {result.trainable_params:,} = {summary['trainable_percent']:.2f} % of the "
-        f"base model's {base_params:,}",
-        f"  adapter file {_fmt_bytes(info.bytes)} vs model file {_fmt_bytes(model_bytes)}",
+        *_parameter_lines(result.method, result.trainable_params, info.stored_values, base_params, info.bytes,
+                          model_bytes),
         f"  time {result.seconds:.1f} s"]))
     if check is not None and not result.adapted and label_free != "source":
         rep.warn(f"the adapted model was worse than the unadapted one on the labelled check scans "
@@ -196,8 +207,8 @@ def cmd_adapt_sites(args: argparse.Namespace, rep: Reporter) -> int:
             rep.warn(f"site {res['site']}: {res['failed']}")
         else:
             rep.info(f"site {res['site']}: adapter {res['adapter']['name']!r} written to {res['adapter']['path']} "
-                     f"({res['n_volumes']} volumes, {res['n_skipped']} skipped; agreement "
-                     f"{res['agreement_before']:.3f} -> {res['agreement_after']:.3f}, {res['seconds']:.0f} s)")
+                     f"({res['n_volumes']} volumes, {res['n_skipped']} skipped; label-free score "
+                     f"{res['score_before']:.3f} -> {res['score_after']:.3f}, {res['seconds']:.0f} s)")
 
     adapt_sites(jobs, rep, on_result, workers=args.workers, scheduler=args.scheduler)
     failed = [r for r in results if "failed" in r]
@@ -302,15 +313,16 @@ def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
     result: Dict[str, Any] = {"command": "info", "kind": "adapter", **info.to_dict()}
     lines = [f"adapter {info.name!r} ({path})", f"  base model sha256 {info.base_sha256}",
              f"  method {info.method} ({info.mode}), rank {info.rank}, placement {info.placement}",
-             f"  created {info.created}, agreement {info.agreement}",
-             f"  {info.n_params:,} parameters, {_fmt_bytes(info.bytes)}"]
+             f"  created {info.created}, label-free score (ESH agreement + gamma consistency) "
+             + ("-" if info.score is None else f"{info.score:.3f}")]
+    base_params = None
     with contextlib.suppress(ConvLoRASegError):
         base = load_model(model_path(args.model))
         if base.sha256 == info.base_sha256:
             load_adapter(base, path)  # verifies the adapter's checksum too
-            base_params = _base_parameters(base)
-            result["percent_of_base_model"] = 100.0 * info.n_params / base_params
-            lines.append(f"  = {result['percent_of_base_model']:.2f} % of its base model's {base_params:,} parameters")
+            base_params = result["base_params"] = _base_parameters(base)
+            result["trainable_percent"] = 100.0 * info.trainable_params / base_params
+    lines += _parameter_lines(info.method, info.trainable_params, info.stored_values, base_params, info.bytes)
     rep.info("\n".join(lines))
     rep.done(result)
     return EXIT_OK
@@ -330,8 +342,8 @@ def cmd_adapters(args: argparse.Namespace, rep: Reporter) -> int:
         if not infos:
             rep.info(f"no adapters for this model in {store.root}")
         for i in infos:
-            agreement = "-" if i.agreement is None else f"{i.agreement:.3f}"
-            rep.info(f"{i.name:<24} {i.method:<15} agreement {agreement:>6}  {_fmt_bytes(i.bytes):>9}  {i.created}")
+            score = "-" if i.score is None else f"{i.score:.3f}"
+            rep.info(f"{i.name:<24} {i.method:<15} label-free score {score:>6}  {_fmt_bytes(i.bytes):>9}  {i.created}")
         rep.done({"command": "adapters", "store": str(store.root), "adapters": [i.to_dict() for i in infos]})
         return EXIT_OK
     if action == "import":
@@ -377,7 +389,7 @@ def cmd_import_checkpoint(args: argparse.Namespace, rep: Reporter) -> int:
                                    esh=args.esh)
     if not args.esh:
         rep.warn("no --esh given: the early segmentation head is untrained, so this model can segment but "
-                 "its label-free agreement and adaptation are meaningless")
+                 "its label-free score and adaptation are meaningless")
     sha = save_model(model, out, overwrite=args.overwrite)
     rep.info(f"model written to {out} (sha256 {sha[:12]}…)")
     rep.info("note: the paper's code slices the native grid (sagittal array axis 0, rotated, edge-padded to a "
@@ -432,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output file for one input, or a folder (created) for several")
     p.add_argument("--adapter", metavar="A", help="adapter file, a name in the store, or 'auto' (best label-free "
-                                                  "agreement on each scan); default: none")
+                                                  "score on each scan); default: none")
     p.add_argument("--adapters", metavar="DIR", help="where 'auto' and names look (default: the user store)")
     p.add_argument("--no-scan-check", action="store_true",
                    help="use the given adapter on every scan; by default each scan is also segmented without it and "

@@ -289,8 +289,8 @@ def adapt_site(job: SiteJob, progress: Optional[Callable[[dict], None]] = None) 
                        overwrite=job.overwrite, progress=progress, what=f"site {job.site}",
                        details={"site": job.site}, **job.kwargs)
     return {"site": job.site, "adapter": run.info.to_dict(), "n_volumes": len(run.used),
-            "n_skipped": len(run.skipped), "skipped": run.skipped, "agreement_before": run.result.agreement[0],
-            "agreement_after": run.result.best_agreement, "seconds": round(run.result.seconds, 1)}
+            "n_skipped": len(run.skipped), "skipped": run.skipped, "score_before": run.result.agreement[0],
+            "score_after": run.result.best_agreement, "seconds": round(run.result.seconds, 1)}
 
 
 def site_jobs(sites: PathLike, model: PathLike, adapters_dir: Optional[PathLike] = None, device: str = "auto",

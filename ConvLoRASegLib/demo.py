@@ -45,8 +45,8 @@ class DemoResult:
     dice_after: float
     surface_dice_before: float
     surface_dice_after: float
-    agreement_source: float  #: label-free score of the unadapted model on the cohort
-    agreement_selected: float  #: the same for the selected candidate
+    score_source: float  #: label-free score of the unadapted model on the cohort
+    score_selected: float  #: the same for the selected candidate
     selected: str  #: which candidate the label-free selection kept ("source" = no adaptation)
     adapter_bytes: int
     model_bytes: int
@@ -72,8 +72,8 @@ class DemoResult:
             f"adapter {self.adapter_bytes / 1e3:.1f} kB vs model {self.model_bytes / 1e6:.2f} MB "
             f"({100.0 * self.adapter_bytes / max(self.model_bytes, 1):.1f} %); adaptation {s['adapt']:.1f} s "
             f"({self.epochs} epochs); simulation {s['simulate']:.1f} s; total {s['total']:.1f} s",
-            f"label-free score on the cohort (ESH agreement + gamma consistency): {self.agreement_source:.4f} "
-            f"unadapted, {self.agreement_selected:.4f} selected ({self.selected})",
+            f"label-free score on the cohort (ESH agreement + gamma consistency): {self.score_source:.4f} "
+            f"unadapted, {self.score_selected:.4f} selected ({self.selected})",
             "per-scan check on the test scan (as segment --adapter): " + (
                 "the adapter scores better than no adapter, used" if self.adapter_used else
                 "the adapter does not score better than no adapter: not used"),
@@ -291,8 +291,8 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
         (f"source model: Dice {d0:.3f}, surface Dice {s0:.3f}", f"adapted: Dice {d1:.3f}, surface Dice {s1:.3f}"))
     demo = DemoResult(
         site=site, test_head=test_name, n_target_volumes=len(stacks), epochs=result.epochs, dice_before=d0,
-        dice_after=d1, surface_dice_before=s0, surface_dice_after=s1, agreement_source=result.agreement_source,
-        agreement_selected=result.best_agreement, selected=result.selected, adapter_bytes=info.bytes, model_bytes=model_path.stat().st_size,
+        dice_after=d1, surface_dice_before=s0, surface_dice_after=s1, score_source=result.agreement_source,
+        score_selected=result.best_agreement, selected=result.selected, adapter_bytes=info.bytes, model_bytes=model_path.stat().st_size,
         adapter_used=used is not None,
         seconds={"simulate": round(t_sim, 1), "segment_before": round(t_before, 1),
                  "adapt": round(result.seconds, 1), "segment_after": round(t_after, 1),

@@ -4,7 +4,7 @@ The library reports progress through one callback taking a dict (the protocol th
 :mod:`ConvLoRASegLib.jobs`)::
 
     {"event": "progress", "stage": "adabn|pseudo-labels|train|select|save|segment|...", "step": i, "total": n,
-     "epoch": e, "epochs": E, "loss": x, "agreement": a}
+     "epoch": e, "epochs": E, "loss": x, "score": s}
 
 A :class:`Reporter` is that callback. With ``--json`` every event becomes one JSON object per line on stdout,
 followed by exactly one ``{"event": "done", ...}``, ``{"event": "error", "message": ...}`` or
@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Dict, Optional, TextIO
 
 #: Event keys shown next to the bar (in this order) when present.
-_POSTFIX_KEYS = ("epoch", "loss", "agreement")
+_POSTFIX_KEYS = ("epoch", "loss", "score")
 #: Without a terminal, the most often a progress line is printed (seconds); a new stage prints at once.
 LINE_INTERVAL_S = 10.0
 
@@ -154,7 +154,7 @@ class Reporter:
             parts.append(f"volume {event['volume']}/{event['volumes']}")
         if event.get("site"):
             parts.append(f"site {event['site']}")
-        for key in ("loss", "agreement"):
+        for key in ("loss", "score"):
             if isinstance(event.get(key), float):
                 parts.append(f"{key} {event[key]:.3f}")
         with self._lock:

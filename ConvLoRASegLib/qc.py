@@ -1,12 +1,13 @@
-"""Per-case quality without labels: brain volume, the label-free agreement score, field-of-view contact, flags,
+"""Per-case quality without labels: brain volume, the ESH agreement, field-of-view contact, flags,
 the cohort manifest (``manifest.csv`` / ``manifest.json``) and the overlay pictures of ``--qc DIR``.
 
 Nothing here needs dask; matplotlib is used for the pictures when it is installed (else they are skipped).
 
 Flags (a case may carry several; ``failed: <reason>`` replaces the others):
 
-* ``low_agreement``: the ESH's mask and the final mask agree less than :data:`LOW_AGREEMENT` (the score of
-  :func:`ConvLoRASegLib.segment.agreement`, the same one ``--adapter auto`` ranks adapters by).
+* ``low_agreement``: the ESH's mask and the final mask agree less than :data:`LOW_AGREEMENT` (the ESH agreement,
+  :func:`ConvLoRASegLib.selection.agreement`: surface Dice at one working voxel; one half of the label-free score
+  that ``--adapter auto`` ranks adapters by, the other being the gamma consistency).
 * ``implausible_volume``: brain volume outside :data:`BRAIN_ML_RANGE` (ml).
 * ``touches_field_of_view``: more than :data:`FOV_CONTACT_MM2` of the mask lies within :data:`FOV_MARGIN_MM`
   of the image's faces, the inferior one excepted (the brain runs out of the scan, or the mask leaks into the
@@ -32,8 +33,8 @@ import numpy as np
 
 PathLike = Union[str, Path]
 
-#: Below this label-free agreement a case is flagged ``low_agreement``. Re-derived when the score moved to a
-#: tolerance of one working-grid voxel (issue 10), from the fixed shift benchmark (``bench/shifts.py``: 83 test
+#: Below this ESH agreement a case is flagged ``low_agreement``. Re-derived when the agreement moved to a
+#: tolerance of one working-grid voxel (BENCHMARKS.md, "Never worse"), from the fixed shift benchmark (``bench/shifts.py``: 83 test
 #: volumes of held-out heads, leave-one-head-out models, source/AdaBN/adapted masks): the lowest agreement of a good
 #: case (Dice >= 0.93, 49 cases) was 0.324, rounded down to 0.30; it flags 13 of the 18 cases with Dice < 0.9 and
 #: none of the good ones.
@@ -268,9 +269,9 @@ def write_index(qc_dir: PathLike, rows: Iterable[Dict[str, Any]]) -> Path:
              "<style>body{font-family:sans-serif;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #ddd;"
              "vertical-align:top;text-align:left} .flag{color:#b00;font-weight:bold} img{height:150px}</style>",
              f"<h1>ConvLoRASeg quality report</h1><p>{len(ordered)} cases, {n_flagged} flagged; worst first. "
-             f"Thresholds: agreement &lt; {LOW_AGREEMENT}, brain volume outside {BRAIN_ML_RANGE[0]:g}-"
+             f"Thresholds: ESH agreement &lt; {LOW_AGREEMENT}, brain volume outside {BRAIN_ML_RANGE[0]:g}-"
              f"{BRAIN_ML_RANGE[1]:g} ml, more than {FOV_CONTACT_MM2:g} mm² of mask on the image border.</p>",
-             "<table><tr><th>case</th><th>flags</th><th>agreement</th><th>brain ml</th><th>adapter</th>"
+             "<table><tr><th>case</th><th>flags</th><th>ESH agreement</th><th>brain ml</th><th>adapter</th>"
              "<th>seconds</th><th>overlay</th></tr>"]
     for r in ordered:
         name = Path(str(r.get("input"))).name

@@ -72,6 +72,18 @@ class Method:
     def uses_lora(self) -> bool:
         return self.trains.startswith("lora")
 
+    @property
+    def trained(self) -> str:
+        """What its trainable parameters are, in words."""
+        return TRAINED[self.trains]
+
+
+#: What each kind of method trains, in words: the "trainable parameters" of ``adapt`` and ``info``. An adapter file
+#: stores more values: these and the BatchNorm statistics (running mean and variance) of every layer for AdaBN.
+TRAINED = {"nothing": "none: AdaBN statistics only", "lora": "ConvLoRA A and B", "lora+bn":
+           "ConvLoRA A and B + BatchNorm scale and shift of the placement", "init_path": "every init_path weight",
+           "unet": "every U-Net weight"}
+
 
 METHOD_SPECS: Dict[str, Method] = {m.name: m for m in (
     Method("convlora-adabn", adabn=True, trains="lora+bn", learner="esh"),
@@ -100,8 +112,9 @@ class AdaptResult:
     selected: str
     #: label-free score of every candidate, in the order they were made
     candidates: Dict[str, float]
-    #: the score of the model the training started from (after AdaBN in fast mode, else the source model), then
-    #: after each epoch
+    #: the label-free score (:mod:`~ConvLoRASegLib.selection`: ESH agreement + gamma consistency) of the model the
+    #: training started from (after AdaBN in fast mode, else the source model), then after each epoch (JSON
+    #: ``score_per_epoch``; the attribute keeps its first name for the benchmarks)
     agreement: List[float]
     losses: List[float]
     trainable_params: int
@@ -124,18 +137,20 @@ class AdaptResult:
 
     @property
     def best_agreement(self) -> float:
+        """The selected candidate's label-free score (JSON ``score``)."""
         return self.candidates[self.selected]
 
     @property
     def agreement_source(self) -> float:
+        """The unadapted model's label-free score (JSON ``score_source``)."""
         return self.candidates[SOURCE]
 
     def summary(self) -> Dict[str, object]:
         return {"method": self.method, "mode": self.mode, "placement": self.placement, "rank": self.rank,
                 "alpha": self.alpha, "epochs": self.epochs, "selected": self.selected, "adapted": self.adapted,
-                "best_epoch": self.best_epoch, "agreement": self.best_agreement,
-                "agreement_source": self.agreement_source, "candidates": self.candidates,
-                "agreement_per_epoch": self.agreement, "loss_per_epoch": self.losses,
+                "best_epoch": self.best_epoch, "score": self.best_agreement,
+                "score_source": self.agreement_source, "candidates": self.candidates,
+                "score_per_epoch": self.agreement, "loss_per_epoch": self.losses,
                 "trainable_params": self.trainable_params, "seconds": round(self.seconds, 2),
                 "n_volumes": self.n_volumes, "n_slices": self.n_slices, "seed": self.seed, **self.details}
 
@@ -221,7 +236,7 @@ class _Scorer:
         self.per_volume[name] = scores
         self.scores[name] = CandidateScore.of(scores)
         self.emit({"event": "progress", "stage": "select", "step": epoch, "total": self.total, "epoch": epoch,
-                   "candidate": name, "agreement": self.scores[name].value})
+                   "candidate": name, "score": self.scores[name].value})
         return self.scores[name].value
 
     def predict(self, model: ConvLoRASegModel, v: np.ndarray, with_esh: bool):
@@ -370,7 +385,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
                  "candidate_scores": {n: vars(c) for n, c in scorer.scores.items()},
                  "candidate_volumes": per_volume_table(scorer.per_volume)})
     emit({"event": "progress", "stage": "select", "step": epochs, "total": epochs, "epoch": result.best_epoch,
-          "candidate": selected, "agreement": result.best_agreement})
+          "candidate": selected, "score": result.best_agreement})
     return result
 
 

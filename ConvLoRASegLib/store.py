@@ -228,11 +228,20 @@ class AdapterInfo:
     rank: int
     placement: str
     created: str
-    agreement: Optional[float]
-    #: numbers the adapter stores: LoRA factors, trained weights and BatchNorm statistics
-    n_params: int
+    #: the label-free score (ESH agreement + gamma consistency) of the selected candidate on its target
+    score: Optional[float]
+    #: its trainable parameters: what the adaptation trained (LoRA factors, BN scale/shift, weights), as the
+    #: adaptation counted them (in the file when a trained candidate was selected)
+    trainable_params: int
+    #: every value the file stores: the trainable parameters and the BatchNorm statistics (running mean, variance)
+    stored_values: int
     bytes: int
     details: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def agreement(self) -> Optional[float]:
+        """The former name of :attr:`score` (the Slicer module reads it until it moves to ``score``)."""
+        return self.score
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -245,7 +254,7 @@ def save_adapter(model: ConvLoRASegModel, state: Dict[str, torch.Tensor], path: 
                  details: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> AdapterInfo:
     """Write an adapter (``state`` from :func:`~ConvLoRASegLib.convlora.adapter_state`) bound to ``model``."""
     details = dict(details or {})
-    agreement = details.get("agreement")
+    score = details.get("score", details.get("agreement"))  # "agreement": the former name, in callers' details
     state = stored_form(state)
     meta = {
         "format": ADAPTER_FORMAT,
@@ -258,7 +267,7 @@ def save_adapter(model: ConvLoRASegModel, state: Dict[str, torch.Tensor], path: 
         "alpha": str(alpha),
         "placement": placement,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "agreement": "" if agreement is None else repr(float(agreement)),
+        "score": "" if score is None else repr(float(score)),
         "details": json.dumps(details, default=str),
         "library_version": __version__,
         "adapter_sha256": tensors_sha256(state),
@@ -275,18 +284,25 @@ def stored_form(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
+_BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def _adapter_info(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> AdapterInfo:
     try:
         details = json.loads(meta.get("details", "{}"))
     except ValueError:
         details = {}
     details["alpha"] = float(meta.get("alpha", "2"))
+    score = meta.get("score") or meta.get("agreement")  # "agreement": the key of older files
+    # what the adaptation trained, as it counted it (an adapter that keeps the unadapted model stores none of it)
+    trained = sum(t.numel() for k, t in tensors.items() if not k.endswith(_BN_STATISTICS))
     return AdapterInfo(
         path=path, name=meta.get("name", path.stem), base_sha256=meta.get("base_sha256", ""),
         method=meta.get("method", "?"), mode=meta.get("mode", "?"), rank=int(meta.get("rank", "0")),
         placement=meta.get("placement", "?"), created=meta.get("created", ""),
-        agreement=float(meta["agreement"]) if meta.get("agreement") else None,
-        n_params=sum(t.numel() for t in tensors.values()),
+        score=float(score) if score else None,
+        trainable_params=int(details.get("trainable_params", trained)),
+        stored_values=sum(t.numel() for t in tensors.values()),
         bytes=path.stat().st_size, details=details)
 
 

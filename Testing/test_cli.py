@@ -259,14 +259,14 @@ def test_adapt_to_file_and_to_store(capsys, tiny_model, head_files, tmp_path):
     # the selection's verdict is in the JSON and, when no candidate beat the unadapted model, a warning says so
     assert set(summary["candidates"]) == {"source", "adabn", "epoch 1"}
     assert summary["selected"] in summary["candidates"] and summary["adapted"] == (summary["selected"] != "source")
-    assert summary["agreement_source"] == summary["candidates"]["source"]
+    assert summary["score_source"] == summary["candidates"]["source"]
     assert ("did not beat the unadapted model" in err) == (not summary["adapted"])
     assert info.details["selected"] == summary["selected"]
 
     code, stdout, err = run_cli(capsys, "adapt", *head_files, "--name", "ge-site", "--model", tiny_model,
                                 "--method", "adabn")
     assert code == 0, err
-    assert "agreement" in stdout and "% of the base model" in stdout
+    assert "label-free score" in stdout and "% of the base model" in stdout
     model = load_model(tiny_model)
     assert [i.name for i in AdapterStore().list(model.sha256)] == ["ge-site"]
 
@@ -278,7 +278,42 @@ def test_info_model_and_adapter(capsys, tiny_model, tiny_adapter):
     assert len(done["file_sha256"]) == 64 and done["n_parameters"] > 0
     code, stdout, _ = run_cli(capsys, "info", tiny_adapter, "--model", tiny_model, "--json")
     done = json_lines(stdout)[-1]
-    assert code == 0 and done["kind"] == "adapter" and 0 <= done["percent_of_base_model"] < 5
+    assert code == 0 and done["kind"] == "adapter" and 0 <= done["trainable_percent"] < 5
+
+
+def test_adapt_and_info_count_and_name_the_same_quantities(capsys, tiny_model, head_files, tmp_path,
+                                                           monkeypatch):
+    """adapt said "trainable parameters 3,954 = 0.16 %" and info "10,292 parameters, 0.42 %" of one adapter; segment
+    said "score" and "agreement" of one scan. One name per quantity, each saying what it counts."""
+    from ConvLoRASegLib import selftrain
+
+    # the tiny random model keeps the source model; take the trained candidate so the file holds what it trained
+    monkeypatch.setattr(selftrain, "choose", lambda table, **_: "epoch 1")
+    dest = tmp_path / "site.safetensors"
+    code, stdout, err = run_cli(capsys, "adapt", head_files[0], "-o", dest, "--model", tiny_model, "--epochs", "1",
+                                "--device", "cpu", "--json")
+    assert code == 0, err
+    adapted = json_lines(stdout)[-1]["summary"]
+    code, text, err = run_cli(capsys, "adapt", head_files[0], "-o", dest, "--model", tiny_model, "--epochs", "1",
+                              "--device", "cpu", "--overwrite")
+    assert code == 0, err
+    code, stdout, _ = run_cli(capsys, "info", dest, "--model", tiny_model, "--json")
+    info = json_lines(stdout)[-1]
+    code, shown, _ = run_cli(capsys, "info", dest, "--model", tiny_model)
+    for key in ("trainable_params", "trainable_percent", "stored_values", "base_params"):
+        assert info[key] == adapted[key], key
+    assert adapted["stored_values"] > adapted["trainable_params"] > 0 and adapted["selected"] == "epoch 1"
+    line = f"trainable parameters (ConvLoRA A and B + BatchNorm scale and shift of the placement): " \
+           f"{adapted['trainable_params']:,} = {adapted['trainable_percent']:.2f} % of the base model's"
+    stored = f"stored in the adapter file: {adapted['stored_values']:,} values (the trainable parameters + " \
+             "BatchNorm statistics)"
+    assert line in text and line in shown and stored in text and stored in shown
+    assert info["score"] == adapted["score_selected"]
+    assert f"label-free score (ESH agreement + gamma consistency) {info['score']:.3f}\n" in shown  # rounded
+    code, out, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "n.nii.gz", "--model", tiny_model,
+                             "--adapter", "auto", "--adapters", tmp_path)
+    assert code == 0 and "ESH agreement 0." in out and ": chose " in out and "label-free score 0." in out
+    assert " score 0." not in out.replace("label-free score 0.", "")
 
 
 def test_adapters_store_commands(capsys, tiny_model, tiny_adapter, tmp_path):

@@ -89,7 +89,7 @@ def test_adapter_under_one_percent_and_applies_exactly(model, tmp_path, force_ad
     assert n_adapter / n_base < 0.01
     info = store.save_adapter(model, r.state, tmp_path / "a.safetensors", name="t", method=r.method, mode=r.mode,
                               rank=r.rank, alpha=r.alpha, placement=r.placement, details=r.summary())
-    assert info.agreement == pytest.approx(r.best_agreement)
+    assert info.score == pytest.approx(r.best_agreement) and info.trainable_params == r.trainable_params
     # the source model + the adapter reproduces the adapted model
     _, tensors = store.load_adapter(model, info.path)
     target = store.load_model(model.info["path"])

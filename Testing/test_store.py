@@ -73,8 +73,8 @@ def test_adapter_bound_to_base_model(tmp_path):
     m = _model()
     store.save_model(m, tmp_path / "m.safetensors")
     info = store.save_adapter(m, _adapter(m), tmp_path / "a.safetensors", name="site", method="convlora-adabn",
-                              mode="fast", rank=2, alpha=2, placement="init_path", details={"agreement": 0.9})
-    assert info.base_sha256 == m.sha256 and info.agreement == pytest.approx(0.9) and info.rank == 2
+                              mode="fast", rank=2, alpha=2, placement="init_path", details={"score": 0.9})
+    assert info.base_sha256 == m.sha256 and info.score == pytest.approx(0.9) and info.rank == 2
     got, tensors = store.load_adapter(m, tmp_path / "a.safetensors")
     assert "init_path.0.lora_A" in tensors and got.name == "site"
     other = _model(seed=1)
@@ -84,7 +84,7 @@ def test_adapter_bound_to_base_model(tmp_path):
     with pytest.raises(ConvLoRASegError, match="expected model"):
         store.load_model(tmp_path / "a.safetensors")
     n_params = sum(p.numel() for p in m.parameters())
-    assert info.n_params < 0.01 * n_params
+    assert info.trainable_params < info.stored_values < 0.01 * n_params
     assert info.bytes < 0.01 * (tmp_path / "m.safetensors").stat().st_size * 2
 
 
