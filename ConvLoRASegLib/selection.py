@@ -56,6 +56,12 @@ CONSISTENCY_GAMMAS = (0.7, 1.4)
 CONSISTENCY_DROP_MAX = 0.0
 #: An adapted candidate whose mean brain volume is below the unadapted model's by more than this share is refused.
 VOLUME_SHRINK_MAX = 0.02
+#: The per-scan check (``segment --adapter``, :func:`choose_volume_scores`) also refuses an adapter whose brain is more
+#: than this share *larger* than the unadapted model's on the scan. Adopted by the rule written down in
+#: bench/real_sites.py before its first row ("volume 0.02"): on real heads of scanners the source never saw, every
+#: fast adaptation that the check let through and that lost surface Dice had grown the brain (colin27 +2.2 %, -0.033;
+#: siemens_trio +3.7 %, -0.143), while the score rose with every epoch (BENCHMARKS.md, "Real scanner shifts").
+VOLUME_GROWTH_MAX = 0.02
 #: The adaptation scores its candidates on every n-th slice of each scoring volume. 1 (every slice): scoring on every
 #: other slice was measured on 2026-12-02 (BENCHMARKS.md, "Answered once") and saved 33 s of 202 s, but it changed 3 of 60
 #: Table 1 selections, each to a worse one (one volume scores a Table 1 task): not worth it.
@@ -175,12 +181,14 @@ def mean_score(scores: Sequence[VolumeScore]) -> float:
 
 
 def choose(table: Dict[str, float], order: Sequence[str] = (),
-           consistency: Optional[Dict[str, float]] = None, brain_ml: Optional[Dict[str, float]] = None) -> str:
+           consistency: Optional[Dict[str, float]] = None, brain_ml: Optional[Dict[str, float]] = None,
+           grow_max: Optional[float] = None) -> str:
     """The selected candidate of ``{name: mean score}``: the best, unless it does not beat :data:`SOURCE` by more
     than :data:`SELECT_MARGIN`; refused beforehand (with ``consistency``, ``{name: mean consistency}``) a candidate
     whose consistency falls more than :data:`CONSISTENCY_DROP_MAX` below the source's and (with ``brain_ml``,
     ``{name: mean brain volume}``) one whose brain is more than :data:`VOLUME_SHRINK_MAX` smaller than the
-    source's; ties go to the earlier name in ``order``."""
+    source's (with ``grow_max`` too, one whose brain is more than that share larger); ties go to the earlier name in
+    ``order``."""
     names = list(order) + [n for n in table if n not in order]
     names = [n for n in names if n in table]
     if SOURCE in table and consistency is not None:
@@ -189,6 +197,9 @@ def choose(table: Dict[str, float], order: Sequence[str] = (),
     if SOURCE in table and brain_ml is not None and brain_ml.get(SOURCE, 0.0) > 0:
         floor = brain_ml[SOURCE] * (1.0 - VOLUME_SHRINK_MAX)
         names = [n for n in names if n == SOURCE or brain_ml.get(n, 0.0) >= floor]
+        if grow_max is not None:
+            ceiling = brain_ml[SOURCE] * (1.0 + grow_max)
+            names = [n for n in names if n == SOURCE or brain_ml.get(n, 0.0) <= ceiling]
     best = max(names, key=lambda n: (table[n], -names.index(n)))
     if SOURCE in table and best != SOURCE and table[best] <= table[SOURCE] + SELECT_MARGIN:
         return SOURCE
@@ -196,11 +207,12 @@ def choose(table: Dict[str, float], order: Sequence[str] = (),
 
 
 def choose_volume_scores(scores: Dict[str, VolumeScore], order: Sequence[str] = (SOURCE,)) -> str:
-    """:func:`choose` among candidates scored on one volume (``segment --adapter auto``'s per-scan rule): the score
-    of each, its consistency (0 for an implausible brain) and its brain volume."""
+    """:func:`choose` among candidates scored on one volume (the per-scan check of ``segment --adapter`` and
+    ``--adapter auto``'s rule): the score of each, its consistency (0 for an implausible brain) and its brain volume,
+    which may neither shrink by more than :data:`VOLUME_SHRINK_MAX` nor grow by more than :data:`VOLUME_GROWTH_MAX`."""
     return choose({n: s.value for n, s in scores.items()}, order=order,
                   consistency={n: s.consistency if s.plausible else 0.0 for n, s in scores.items()},
-                  brain_ml={n: s.brain_ml for n, s in scores.items()})
+                  brain_ml={n: s.brain_ml for n, s in scores.items()}, grow_max=VOLUME_GROWTH_MAX)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -287,7 +299,7 @@ def scan_scores(candidates: Iterable[Tuple[str, ConvLoRASegModel]], slices: np.n
 
 
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
-           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
+           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "VOLUME_GROWTH_MAX", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
            "brain_ml", "agreement", "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model",
            "mean_score", "choose", "choose_volume_scores", "spearman", "per_volume_table", "scan_scores", "choose_adapter",
            "segment_checked", "adapter_not_used"]

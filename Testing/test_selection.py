@@ -73,6 +73,21 @@ def test_a_candidate_that_shrinks_the_brain_is_refused():
     assert selection.CandidateScore.of(scores).brain_ml == pytest.approx(scores[0].brain_ml)
 
 
+def test_the_per_scan_check_refuses_an_adapter_that_grows_the_brain():
+    """On real heads every fast adapter that the per-scan check let through and that lost accuracy had grown the brain
+    while its score rose (BENCHMARKS.md, "Real scanner shifts"): the check refuses more than VOLUME_GROWTH_MAX growth,
+    the cohort selection (choose without grow_max) still allows it, and a small change passes."""
+    def score(value, ml):
+        return selection.VolumeScore(agreement=value, consistency=value, brain_ml=ml, plausible=True)
+
+    grown = 1500.0 * (1 + 1.5 * selection.VOLUME_GROWTH_MAX)
+    scores = {"source": score(0.74, 1500.0), "site": score(0.76, grown)}
+    assert selection.choose_volume_scores(scores) == "source"
+    assert selection.choose({"source": 0.74, "site": 0.76}, ["source"], brain_ml={"source": 1500.0, "site": grown}) \
+        == "site"
+    assert selection.choose_volume_scores({**scores, "site": score(0.76, 1500.0 * 1.01)}) == "site"
+
+
 def test_consistency_comes_from_perturbed_passes():
     brain = _ball(40, 14)
     shifted = _ball(40, 14, shift=3)
