@@ -232,10 +232,16 @@ def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dic
 # one scan, several candidates: segment --adapter auto and the per-scan check of segment --adapter FILE
 # ---------------------------------------------------------------------------------------------------------------
 def adapter_not_used(name: str, scores: Optional[Dict[str, float]] = None) -> str:
-    """The warning of a scan on which the adapter ``name`` did not beat the unadapted model (per-scan check)."""
+    """The warning of a scan on which the per-scan check refused the adapter ``name``: its label-free score did not
+    beat the unadapted model's, or it did but a guard refused it (brain volume changed by more than
+    :data:`VOLUME_SHRINK_MAX` / :data:`VOLUME_GROWTH_MAX`, or a lower gamma consistency)."""
     table = f" (label-free scores: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())})" if scores else ""
-    return (f"adapter {name!r} did not beat the unadapted model on this scan{table}: segmented without it "
-            "(--no-scan-check, or checkAdapter=False in Slicer, uses it anyway)")
+    higher = bool(scores) and name in scores and SOURCE in scores and scores[name] > scores[SOURCE] + SELECT_MARGIN
+    why = (f"scored higher{table} but changed the brain volume by more than -{VOLUME_SHRINK_MAX:.0%} / "
+           f"+{VOLUME_GROWTH_MAX:.0%} or lowered the gamma consistency, which on real scans went with worse masks"
+           if higher else f"did not beat the unadapted model on this scan{table}")
+    return (f"adapter {name!r} {why}: segmented without it (--no-scan-check, or checkAdapter=False in Slicer, uses it "
+            "anyway)")
 
 
 def segment_checked(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike,

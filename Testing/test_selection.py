@@ -86,6 +86,10 @@ def test_the_per_scan_check_refuses_an_adapter_that_grows_the_brain():
     assert selection.choose({"source": 0.74, "site": 0.76}, ["source"], brain_ml={"source": 1500.0, "site": grown}) \
         == "site"
     assert selection.choose_volume_scores({**scores, "site": score(0.76, 1500.0 * 1.01)}) == "site"
+    # the warning says why an adapter that scored higher was refused, instead of "did not beat"
+    text = selection.adapter_not_used("site", {"source": 0.74, "site": 0.76})
+    assert "scored higher" in text and "+2%" in text and "did not beat" not in text
+    assert "did not beat" in selection.adapter_not_used("site", {"source": 0.74, "site": 0.70})
 
 
 def test_consistency_comes_from_perturbed_passes():
