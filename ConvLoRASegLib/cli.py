@@ -283,23 +283,20 @@ def cmd_evaluate(args: argparse.Namespace, rep: Reporter) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # info, adapters, import-checkpoint
 # ---------------------------------------------------------------------------------------------------------------
-def _file_format(path: Path) -> Optional[str]:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format")
-    except Exception:  # noqa: BLE001 - unreadable files get the store's own message below
-        return None
-
-
 def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
-    from .store import ADAPTER_FORMAT, load_adapter, load_model, read_adapter_info, read_model_metadata
+    from .store import ADAPTER_FORMAT, file_format, load_adapter, load_model, read_adapter_info, read_model_metadata
 
-    path = Path(args.file).expanduser()
-    if _file_format(path) != ADAPTER_FORMAT:
+    bundled = (args.file or "bundled").lower() in ("bundled", "default")
+    path = model_path(None) if bundled else Path(args.file).expanduser()
+    if not path.exists():
+        raise ConvLoRASegError(f"{path}: no such file")
+    kind = file_format(path)
+    if kind is None:
+        raise ConvLoRASegError(f"{path.name} is not a .safetensors file: info describes a model or adapter "
+                               ".safetensors file (no FILE or 'bundled': the bundled default model)")
+    if kind != ADAPTER_FORMAT:
         meta = read_model_metadata(path)
-        lines = [f"model {path}", f"  weights sha256 {meta.get('weights_sha256')}",
+        lines = [f"model {path}" + (" (the bundled default model)" if bundled else ""), f"  weights sha256 {meta.get('weights_sha256')}",
                  f"  file sha256    {meta['file_sha256']}", f"  size {_fmt_bytes(meta['bytes'])}, "
                  f"{meta['n_parameters']:,} parameters", f"  architecture {meta.get('architecture')}",
                  f"  working grid {meta.get('grid')}", f"  library {meta.get('library_version')}"]
@@ -541,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="what a model or adapter file holds")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", nargs="?", help="a model or adapter .safetensors file; none or 'bundled': "
+                                                          "the bundled default model")
     _common(p, device=False)
     p.set_defaults(func=cmd_info)
 

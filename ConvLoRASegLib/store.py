@@ -67,6 +67,29 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def is_safetensors(path: PathLike) -> bool:
+    """Whether ``path`` starts like a .safetensors file (an 8-byte header length, then a JSON header): a file cut
+    short still does, and is then refused as unreadable by the reader itself."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") < (1 << 27) and head[8:9] == b"{"
+
+
+def file_format(path: PathLike) -> Optional[str]:
+    """The ConvLoRASeg format of a file: :data:`MODEL_FORMAT`, :data:`ADAPTER_FORMAT`, :data:`CHECKPOINT_FORMAT`,
+    ``""`` for another .safetensors file, None for a file that is not .safetensors (or not there)."""
+    if not is_safetensors(path):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format", "")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def _refuse_pickle(path: Path, what: str) -> None:
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise ConvLoRASegError(
@@ -82,6 +105,9 @@ def _read(path: PathLike, expected_format: str) -> Tuple[Dict[str, torch.Tensor]
     if path.is_dir():
         raise ConvLoRASegError(f"{what} path is a folder, expected a .safetensors file: {path}")
     _refuse_pickle(path, what)
+    if not is_safetensors(path):
+        raise ConvLoRASegError(f"{path.name} is not a .safetensors file: a {what} file written by convlora-seg "
+                               "(.safetensors) is expected")
     try:
         with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
             meta = dict(f.metadata() or {})

@@ -281,6 +281,24 @@ def test_info_model_and_adapter(capsys, tiny_model, tiny_adapter):
     assert code == 0 and done["kind"] == "adapter" and 0 <= done["trainable_percent"] < 5
 
 
+def test_info_describes_the_bundled_model_and_names_what_it_expects(capsys, head_files, tmp_path):
+    from ConvLoRASegLib.store import default_model_path
+
+    if not default_model_path().is_file():
+        pytest.skip("the bundled default model is not installed")
+    for argv in (["info"], ["info", "bundled"]):
+        code, stdout, err = run_cli(capsys, *argv)
+        assert code == 0 and stdout.startswith(f"model {default_model_path()} (the bundled default model)"), err
+    code, _, err = run_cli(capsys, "info", head_files[0])
+    assert code == 2 and err.count("\n") == 1 and "UTF-8" not in err
+    assert err.startswith("convlora-seg: error: head0.nii.gz is not a .safetensors file: info describes a model or "
+                          "adapter .safetensors file")
+    code, _, err = run_cli(capsys, "info", tmp_path / "nope.safetensors")
+    assert code == 2 and err.endswith("nope.safetensors: no such file\n")
+    code, _, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "m.nii.gz", "--model", head_files[1])
+    assert code == 2 and "head1.nii.gz is not a .safetensors file: a model file" in err
+
+
 def test_adapt_and_info_count_and_name_the_same_quantities(capsys, tiny_model, head_files, tmp_path,
                                                            monkeypatch):
     """adapt said "trainable parameters 3,954 = 0.16 %" and info "10,292 parameters, 0.42 %" of one adapter; segment
