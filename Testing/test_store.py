@@ -60,8 +60,11 @@ def test_refusals(tmp_path):
     with pytest.raises(ConvLoRASegError, match="corrupt"):
         store.load_model(tmp_path / "bad.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file at all")
-    with pytest.raises(ConvLoRASegError, match="not a readable"):
+    with pytest.raises(ConvLoRASegError, match="junk.safetensors is not a .safetensors file: a model file"):
         store.load_model(tmp_path / "junk.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ConvLoRASegError, match="not a readable"):
+        store.load_model(tmp_path / "cut.safetensors")
     torch.save(m.state_dict(), tmp_path / "m.pth")
     with pytest.raises(ConvLoRASegError, match="import-checkpoint"):
         store.load_model(tmp_path / "m.pth")
