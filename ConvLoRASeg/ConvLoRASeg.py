@@ -415,8 +415,10 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             table.setRowCount(len(adapters))
             for row, info in enumerate(adapters):
-                agreement = "" if info.agreement is None else f"{info.agreement:.3f}"
-                for column, text in enumerate((info.name, info.created[:10], info.method, agreement)):
+                # the label-free score (ESH agreement + gamma consistency) that selected the adapter; the library
+                # reads it from an older file's "agreement" too
+                score = "" if info.score is None else f"{info.score:.3f}"
+                for column, text in enumerate((info.name, info.created[:10], info.method, score)):
                     table.setItem(row, column, qt.QTableWidgetItem(text))
             p = self._parameterNode
             if p is not None:
@@ -504,8 +506,9 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         kind = event.get("event")
         if kind == "progress":
             total = int(event.get("total") or 0)
+            # "score": a candidate's label-free score (ESH agreement + gamma consistency), as the CLI's bar shows it
             details = [f"{key} {event[key]:.4g}" if isinstance(event[key], float) else f"{key} {event[key]}"
-                       for key in ("volume", "epoch", "loss", "agreement") if event.get(key) is not None]
+                       for key in ("volume", "epoch", "loss", "score") if event.get(key) is not None]
             for name in JOB_PROGRESS_BARS.get(self.logic.runningJob, ("progressBar",)):
                 bar = getattr(self.ui, name)
                 if total > 0:
@@ -602,9 +605,14 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # the automatic choice already compared every adapter with the unadapted model on this scan
         labelmap = self.logic.segment(volume, adapter=adapter, outputNode=output, device=device,
                                       checkAdapter=not auto)
+        if auto:
+            self.logic.setLabelFreeScores(labelmap, scores)
+        else:  # the per-scan check's label-free scores of the adapter and the unadapted model, if it ran
+            scores = self.logic.labelFreeScores(labelmap)
         refused = labelmap.GetAttribute(ADAPTER_NOT_USED_ATTRIBUTE) or ""
         used = None if refused else self.logic.resolveAdapter(adapter)
-        return SegmentOutcome(labelmap, used, scores, [adapter_not_used(refused)] if refused else [])
+        # the warning says as the command line's does why the adapter was not used, with both label-free scores
+        return SegmentOutcome(labelmap, used, scores, [adapter_not_used(refused, scores)] if refused else [])
 
     def onSegmentFinished(self, volume, output, result: ProcessResult) -> None:
         if self._jobEnded("segment", "Segmentation", result):
@@ -619,7 +627,8 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=volume, label=labelmap)
         lines = []
         if outcome.scores:
-            lines.append("Agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in outcome.scores.items()))
+            lines.append("Label-free score (ESH agreement + gamma consistency): "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in outcome.scores.items()))
         adapterName = getattr(outcome.adapter, "name", None) or "none (source model)"
         lines.append(f"Brain volume {self.logic.brainVolumeMl(labelmap):.0f} ml; adapter: {adapterName}.")
         lines += [f"Warning: {w}" for w in outcome.warnings]

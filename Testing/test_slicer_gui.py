@@ -145,21 +145,34 @@ def test_segment_writes_which_volume_a_mask_belongs_to(logic, head):
 
 def test_an_adapter_that_changes_nothing_is_a_warning():
     """The label-free selection kept the unadapted model: the user is told, not just shown a saved adapter."""
-    kept = {"adapter": {"name": "siteB", "agreement": 0.61},
-            "summary": {"adapted": False, "selected": "source", "agreement_source": 0.61,
+    kept = {"adapter": {"name": "siteB", "score": 0.61},
+            "summary": {"adapted": False, "selected": "source", "score_source": 0.61, "score_selected": 0.61,
                         "candidates": {"source": 0.61, "adabn": 0.58, "epoch 1": 0.6}}}
     text, warn = presenters.adaptationMessage(kept)
-    assert warn and "did not beat the unadapted model" in text and "0.610" in text and "0.600" in text
-    adapted = {"adapter": {"name": "siteB", "agreement": 0.7}, "summary": {"adapted": True, "selected": "epoch 2"}}
+    assert warn and "did not beat the unadapted model" in text and "(source 0.610" in text and "0.600" in text
+    adapted = {"adapter": {"name": "siteB", "score": 0.7},
+               "summary": {"adapted": True, "selected": "epoch 2", "score_source": 0.61, "score_selected": 0.7}}
     text, warn = presenters.adaptationMessage(adapted)
-    assert not warn and "epoch 2" in text and "0.700" in text
+    assert not warn and "epoch 2" in text and "label-free score 0.700" in text
+
+
+def test_the_adaptation_message_reads_the_label_free_score_not_an_esh_agreement():
+    """The adapt summary's and the adapter's label-free score is ``score``; an ``agreement`` key (an ESH
+    agreement, or the former name) is not taken for it."""
+    kept = {"adapter": {"name": "siteB", "score": 0.61, "agreement": 0.2},
+            "summary": {"adapted": False, "selected": "source", "score_source": 0.61, "agreement_source": 0.2,
+                        "candidates": {"source": 0.61, "adabn": 0.58}}}
+    text, _ = presenters.adaptationMessage(kept)
+    assert "(source 0.610, best adapted candidate 0.580)" in text and "0.200" not in text
+    adapted = {"adapter": {"name": "siteB", "agreement": 0.7}, "summary": {"adapted": True, "selected": "epoch 2"}}
+    assert presenters.adaptationMessage(adapted)[0].endswith("label-free score ?).")
 
 
 def _checked(adapted: bool, selected: str, label_free: str, surface_dice, scans=("scan1.nrrd",)):
     """A ``done`` event of ``adapt --check`` (the CLI's shape: summary.labelled_check from LabelledCheck.to_dict)."""
-    return {"adapter": {"name": "siteB", "agreement": 0.7},
+    return {"adapter": {"name": "siteB", "score": 0.7},
             "summary": {"adapted": adapted, "selected": selected, "label_free_selected": label_free,
-                        "agreement_source": 0.61, "candidates": {"source": 0.61, "adabn": 0.65, "epoch 1": 0.7},
+                        "score_source": 0.61, "score_selected": 0.7, "candidates": {"source": 0.61, "adabn": 0.65, "epoch 1": 0.7},
                         "labelled_check": {"scans": list(scans), "tolerance_mm": 1.0, "margin": 0.005,
                                            "rule": "pick", "label_free_selected": label_free, "selected": selected,
                                            "reason": "...", "surface_dice": surface_dice, "dice": surface_dice,
@@ -187,12 +200,12 @@ def test_the_labelled_check_is_in_the_status_line():
     assert warn and "no adapted candidate beat the unadapted model" in text and "0.800" in text and "0.700" in text
     # no check (the key absent, or None as the CLI writes it): exactly the messages without a check
     for extra in ({}, {"labelled_check": None, "label_free_selected": "epoch 2"}):
-        adapted = {"adapter": {"name": "siteB", "agreement": 0.7},
+        adapted = {"adapter": {"name": "siteB", "score": 0.7},
                    "summary": {"adapted": True, "selected": "epoch 2", **extra}}
         assert presenters.adaptationMessage(adapted) == ("Adapter 'siteB' saved (selected: epoch 2, label-free score "
                                                      "0.700).", False)
-        kept = {"adapter": {"name": "siteB", "agreement": 0.61},
-                "summary": {"adapted": False, "selected": "source", "agreement_source": 0.61,
+        kept = {"adapter": {"name": "siteB", "score": 0.61},
+                "summary": {"adapted": False, "selected": "source", "score_source": 0.61,
                             "candidates": {"source": 0.61, "adabn": 0.58, "epoch 1": 0.6}, **extra}}
         assert presenters.adaptationMessage(kept) == (
             "Adapter 'siteB' saved, but adaptation did not beat the unadapted model on the label-free score (source "
@@ -277,10 +290,15 @@ def test_missing_manifest_is_one_line(monkeypatch, tmp_path):
 
 
 def test_the_cli_done_list_is_a_manifest_too():
-    """Without a manifest the module shows the run's own "outputs" (agreement: per-adapter scores)."""
+    """Without a manifest the module shows the run's own "outputs": their ``agreement`` is the ESH agreement; the
+    label-free scores of the adapters compared on the scan (``adapter_scores``) are not shown as one."""
     entries = manifest.manifestEntries([{"input": "/d/a.nii.gz", "output": "/o/a.nii.gz", "adapter": "x",
-                                       "seconds": 1.0, "brain_ml": 1000.0, "agreement": {"source": 0.8, "x": 0.9}}])
-    assert entries[0]["flags"] == [] and manifest.manifestRows(entries)[0][4] == "0.900"
+                                         "seconds": 1.0, "brain_ml": 1000.0, "agreement": 0.55,
+                                         "adapter_scores": {"source": 0.8, "x": 0.9}}])
+    assert entries[0]["flags"] == [] and manifest.manifestRows(entries)[0][4] == "0.550"
+    assert manifest.MANIFEST_COLUMNS[4] == "ESH agreement"
+    # a value that is not one number is not an ESH agreement: the cell stays empty
+    assert manifest.manifestRows(manifest.manifestEntries([{"agreement": {"source": 0.8}}]))[0][4] == ""
 
 
 def test_a_flagged_case_loads_into_the_scene(logic, scene, tmp_path):

@@ -120,8 +120,9 @@ def tiny_model_file(folder: Path, seed: int, name: str = "model") -> Path:
     return path
 
 
-def adapter_file(model_path: Path, dest: Path, name: str, seed: int = 1) -> Path:
-    """A genuine adapter (ConvLoRA factors + BN statistics) of the model in ``model_path``."""
+def adapter_file(model_path: Path, dest: Path, name: str, seed: int = 1, score: float = 0.9) -> Path:
+    """A genuine adapter (ConvLoRA factors + BN statistics) of the model in ``model_path``, whose metadata holds
+    ``score`` as the label-free score that selected it."""
     import torch
     from ConvLoRASegLib.convlora import adapter_state, inject_convlora, lora_layers
     from ConvLoRASegLib.store import load_model, save_adapter
@@ -133,7 +134,22 @@ def adapter_file(model_path: Path, dest: Path, name: str, seed: int = 1) -> Path
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.05)
     save_adapter(model, adapter_state(model), dest, name=name, method="convlora-adabn", mode="test",
-                 rank=2, alpha=2, placement="init_path", details={"agreement": 0.9})
+                 rank=2, alpha=2, placement="init_path", details={"score": score})
+    return dest
+
+
+def older_adapter_file(model_path: Path, dest: Path, name: str, score: float, seed: int = 1) -> Path:
+    """An adapter file as the library wrote it before the label-free score was called ``score``: its metadata holds
+    the score under ``agreement`` and has no ``score`` key."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    new = adapter_file(model_path, dest.with_name(f"new-{dest.name}"), name, seed=seed, score=score)
+    with safe_open(str(new), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["agreement"] = meta.pop("score")
+    save_file(tensors, str(dest), metadata=meta)
+    new.unlink()
     return dest
 
 
@@ -162,7 +178,7 @@ FAKE_CLI = textwrap.dedent("""
         print("not json on stdout", flush=True)
         for step in range(1, 6):
             time.sleep(0.05)
-            emit(event="progress", stage="train", step=step, total=5, epoch=1, loss=1.0 / step, agreement=None)
+            emit(event="progress", stage="train", step=step, total=5, epoch=1, loss=1.0 / step, score=None)
         emit(event="done", adapter={"name": "x", "path": "/nowhere"})
     elif mode == "error":
         emit(event="error", message="target cohort is empty")
@@ -403,6 +419,7 @@ def test_segment_with_a_stored_adapter_changes_the_result_and_is_recorded(logic,
     source = slicer.util.arrayFromVolume(logic.segment(head, device="cpu")).copy()
     adapted_node = logic.segment(head, adapter="site_b", device="cpu", checkAdapter=False)
     assert adapted_node.GetAttribute("ConvLoRASeg.adapter") == "site_b"
+    assert logic.labelFreeScores(adapted_node) == {}  # nothing was compared on the scan
     best, scores = logic.chooseAdapter(head, device="cpu")
     assert set(scores) == {"source", "site_b"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
@@ -421,6 +438,9 @@ def test_segment_uses_an_adapter_only_where_it_beats_the_source_on_the_scan(logi
     best, _ = logic.chooseAdapter(head, device="cpu")  # the same rule, among {source, site_b}
     node = logic.segment(head, adapter="site_b", device="cpu")
     assert node.GetAttribute("ConvLoRASeg.adapter") == (best.name if best else "")
+    # the check's label-free scores of both are kept on the mask (the warning of a refused adapter quotes them)
+    scores = logic.labelFreeScores(node)
+    assert set(scores) == {"source", "site_b"} and all(0.0 <= v <= 1.0 for v in scores.values())
     assert node.GetAttribute(module_logic.ADAPTER_NOT_USED_ATTRIBUTE) == ("" if best else "site_b")
     for winner in ("source", "site_b"):
         monkeypatch.setattr(selection, "choose_volume_scores", lambda scores, order=(), w=winner: w)
@@ -439,6 +459,12 @@ def test_adapt_in_the_background_reports_progress_and_stores_the_adapter(logic, 
     progress = [e for e in events if e["event"] == "progress"]
     assert progress and {"stage", "step", "total"} <= set(progress[-1])
     assert events[-1]["event"] == "done"
+    # the selection's progress and the done event carry the label-free score as "score", which the module shows
+    assert any(isinstance(e.get("score"), float) for e in progress if e.get("stage") == "select")
+    assert events[-1]["adapter"]["score"] == pytest.approx(info.score)
+    assert events[-1]["summary"]["score_source"] == pytest.approx(events[-1]["summary"]["candidates"]["source"])
+    text, _ = presenters.adaptationMessage(events[-1])
+    assert "label-free score" in text and "?" not in text
     assert info.name == "siteX" and info.base_sha256 == logic.modelSha256()
     assert [a.name for a in logic.adapters()] == ["siteX"]
     assert info.path.is_relative_to(logic.adapterStore().root)

@@ -34,7 +34,7 @@ from ConvLoRASegModuleLib import dependencies, parameters, presenters  # noqa: E
 from ConvLoRASegModuleLib import logic as module_logic  # noqa: E402
 from ConvLoRASegLib import TORCH_MIN  # noqa: E402
 from ConvLoRASegLib.jobs import ProcessResult  # noqa: E402
-from test_slicer_logic import adapter_file, tiny_model_file  # noqa: E402
+from test_slicer_logic import adapter_file, older_adapter_file, tiny_model_file  # noqa: E402
 
 UI_FILE = ROOT / "ConvLoRASeg" / "Resources" / "UI" / "ConvLoRASeg.ui"
 
@@ -113,8 +113,8 @@ def test_a_new_adapter_becomes_the_one_segment_uses(widget, model_file, tmp_path
     _click_row(widget, "siteA")
     _store_adapters(widget, model_file, tmp_path, "siteB")  # what the adaptation process wrote
     info = widget.logic.adapterStore().find(widget.logic.modelSha256(), "siteB")
-    done = {"event": "done", "adapter": {"name": "siteB", "agreement": 0.8, "path": str(info.path)},
-            "summary": {"adapted": True, "selected": "epoch 2"}}
+    done = {"event": "done", "adapter": {"name": "siteB", "score": 0.8, "path": str(info.path)},
+            "summary": {"adapted": True, "selected": "epoch 2", "score_source": 0.7, "score_selected": 0.8}}
     widget.onAdaptFinished(ProcessResult(returnCode=0, done=done, value=info))
     assert widget._parameterNode.selectedAdapter == "siteB" and widget._selectedAdapterName() == "siteB"
     widget.updateGuiFromParameterNode()
@@ -126,8 +126,8 @@ def test_an_adapter_that_changes_nothing_is_not_chosen_for_segment(widget, model
     widget.refreshAdapters()
     _click_row(widget, "siteA")
     info = widget.logic.adapterStore().find(widget.logic.modelSha256(), "siteB")
-    done = {"adapter": {"name": "siteB", "agreement": 0.6}, "summary": {"adapted": False, "agreement_source": 0.6,
-                                                                        "candidates": {"source": 0.6, "adabn": 0.5}}}
+    done = {"adapter": {"name": "siteB", "score": 0.6}, "summary": {"adapted": False, "score_source": 0.6,
+                                                                    "candidates": {"source": 0.6, "adabn": 0.5}}}
     widget.onAdaptFinished(ProcessResult(returnCode=0, done=done, value=info))
     assert widget._parameterNode.selectedAdapter == "siteA"
     assert "changes nothing" in widget.ui.adaptStatusLabel.text
@@ -156,6 +156,20 @@ def test_the_segment_section_says_which_adapter_segment_uses(widget):
     section = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "segmentCollapsibleButton")
     names = [w.get("name") for w in section.iter("widget")]
     assert names.index("segmentAdapterLabel") < names.index("segmentButton")
+
+
+def test_the_adapters_table_shows_each_adapters_label_free_score(widget, model_file, tmp_path):
+    """The fourth column is the label-free score (ESH agreement + gamma consistency) that selected the adapter: the
+    file's ``score``, or an older file's ``agreement`` (the same score under its former name)."""
+    widget.logic.importAdapter(adapter_file(model_file, tmp_path / "siteA.safetensors", "siteA", seed=1, score=0.8125))
+    widget.logic.importAdapter(older_adapter_file(model_file, tmp_path / "siteOld.safetensors", "siteOld",
+                                                  score=0.6875, seed=2))
+    widget.refreshAdapters()
+    table = widget.ui.adaptersTableWidget
+    shown = {table.item(r, 0).text(): table.item(r, 3).text() for r in range(table.rowCount)}
+    assert shown == {"siteA": "0.812", "siteOld": "0.688"}
+    header = [c.find("property/string").text for c in ET.parse(UI_FILE).iter("column")][:4]
+    assert header == ["Name", "Created", "Method", "Label-free score"]
 
 
 def test_the_adapter_row_to_select_again():
@@ -291,6 +305,46 @@ def test_adaptation_progress_and_result_appear_beside_the_adapt_button(widget):
     assert widget.ui.statusLabel.text == ""  # the Segment section's label is left alone
 
 
+def test_the_adaptation_progress_shows_the_label_free_score(widget):
+    """The library's progress events carry a candidate's label-free score as ``score``."""
+    widget.logic.runningJob = "adapt"
+    widget.onProcessEvent({"event": "progress", "stage": "select", "step": 2, "total": 5, "epoch": 2,
+                           "candidate": "epoch 2", "score": 0.6543})
+    assert widget.ui.adaptProgressBar.format == "select %v/%m epoch 2 score 0.6543"
+    widget.logic.runningJob = None
+
+
+def test_a_refused_adapter_is_a_warning_with_both_label_free_scores(widget, scene, monkeypatch):
+    """Segment with a chosen adapter that the per-scan check refused (no main window: in this process): the
+    warning quotes the check's label-free scores of the adapter and the unadapted model, as the CLI's does, and
+    the status shows them."""
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+
+    def segment(volumeNode, adapter=None, outputNode=None, device="auto", checkAdapter=True):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "scan brain mask")
+        labelmap.SetAttribute(module_logic.ADAPTER_NOT_USED_ATTRIBUTE, "siteB" if checkAdapter else "")
+        widget.logic.setLabelFreeScores(labelmap, {"source": 0.7, "siteB": 0.65} if checkAdapter else None)
+        return labelmap
+
+    monkeypatch.setattr(widget.logic, "segment", segment)
+    outcome = widget._segmentHere(volume, "siteB", None, "cpu")
+    assert outcome.adapter is None and outcome.scores == {"source": 0.7, "siteB": 0.65}
+    assert len(outcome.warnings) == 1 and "'siteB' did not beat the unadapted model" in outcome.warnings[0]
+    assert "label-free scores: source 0.700, siteB 0.650" in outcome.warnings[0]
+    monkeypatch.setattr(widget.logic, "brainVolumeMl", lambda node: 1234.0)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: None, raising=False)
+    widget._parameterNode.createSegmentation = False
+    widget._showSegmentation(volume, None, outcome)
+    lines = widget.ui.statusLabel.text.split("\n")
+    assert lines[0] == "Label-free score (ESH agreement + gamma consistency): source 0.700, siteB 0.650"
+    assert lines[-1].startswith("Warning: adapter 'siteB' did not beat")
+    # used without the check (as --no-scan-check): no scores compared, no warning
+    monkeypatch.setattr(widget.logic, "segment", lambda *a, **kw: segment(*a, **{**kw, "checkAdapter": False}))
+    monkeypatch.setattr(widget.logic, "resolveAdapter", lambda name: types.SimpleNamespace(name=name))
+    forced = widget._segmentHere(volume, "siteB", None, "cpu")
+    assert forced.adapter.name == "siteB" and not forced.warnings and not forced.scores
+
+
 def test_segment_progress_leaves_the_adapt_bar_alone(widget):
     widget.logic.runningJob = "segment"
     widget.onProcessEvent({"event": "progress", "stage": "segment", "step": 1, "total": 4})
@@ -316,11 +370,22 @@ def test_the_epochs_field_shows_the_librarys_default_number(widget):
     assert spin.displayedText() == "3"
 
 
+def test_the_default_epochs_come_from_the_torch_free_constants(monkeypatch):
+    from ConvLoRASegLib import constants
+
+    if not hasattr(constants, "ADAPT_EPOCHS"):
+        pytest.skip("this library keeps the default epochs in selftrain only")
+    monkeypatch.setattr(constants, "ADAPT_EPOCHS", 9)
+    assert parameters.libraryDefaultEpochs() == 9
+
+
 def test_the_default_epochs_are_read_without_importing_torch(tmp_path, monkeypatch):
     """A literal default, or a module constant it names; None (the field then says "default") otherwise."""
     package = tmp_path / "ConvLoRASegLib"
     package.mkdir()
     (package / "__init__.py").write_text("")
+    # a library whose constants module has no ADAPT_EPOCHS: selftrain's source is read
+    monkeypatch.setitem(sys.modules, "ConvLoRASegLib.constants", types.ModuleType("ConvLoRASegLib.constants"))
     for source, expected in (("import torch\ndef adapt(model, volumes, *, mode='fast', epochs: int = 7): pass\n", 7),
                              ("import torch\nEPOCHS = 4\ndef adapt(model, epochs=EPOCHS): pass\n", 4),
                              ("import torch\ndef adapt(model, epochs=None): pass\n", None)):

@@ -8,6 +8,7 @@ the user store. It works in ``Slicer --no-main-window --python-script`` and in p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -40,11 +41,15 @@ BRAIN_COLOR = (0.88, 0.63, 0.65)
 SOURCE_VOLUME_ATTRIBUTE = "ConvLoRASeg.sourceVolumeID"
 # ... and the adapter asked for that did not beat the unadapted model on this scan (so it was not used), or "".
 ADAPTER_NOT_USED_ATTRIBUTE = "ConvLoRASeg.adapterNotUsed"
+# ... and the label-free scores (ESH agreement + gamma consistency) the per-scan check or the automatic choice
+# compared on this scan, JSON {"source": s, adapter name: s, ...}, or "" when none were compared.
+LABEL_FREE_SCORES_ATTRIBUTE = "ConvLoRASeg.labelFreeScores"
 
 
 @dataclass
 class SegmentOutcome:
-    """What a background *Segment* produced: the labelmap, the adapter used and the label-free scores."""
+    """What a background *Segment* produced: the labelmap, the adapter used and the label-free scores (ESH
+    agreement + gamma consistency) of the candidates compared on the scan."""
 
     labelmap: Any
     adapter: Any = None
@@ -229,7 +234,8 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
             device: "auto", "cpu", "cuda", "cuda:N" or "mps".
             checkAdapter: use the adapter only if it beats the unadapted model on this scan (label-free, as
                 ``convlora-seg segment --adapter``); the labelmap's ``ConvLoRASeg.adapterNotUsed`` attribute then
-                names an adapter that did not.
+                names an adapter that did not, and ``ConvLoRASeg.labelFreeScores`` holds the scores compared
+                (:meth:`labelFreeScores`).
         Returns:
             The ``vtkMRMLLabelMapVolumeNode``.
         """
@@ -239,10 +245,11 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
 
         image = self.imageFromVolumeNode(volumeNode)
         info = self.resolveAdapter(adapter)
-        refused = ""
+        refused, scores = "", {}
         try:
             if info is not None and checkAdapter:
-                mask, winner, _ = segment_checked(self.model(), image, info, device=device, postprocess=postprocess)
+                mask, winner, scores = segment_checked(self.model(), image, info, device=device,
+                                                       postprocess=postprocess)
                 refused, info = ("" if winner is not None else info.name), winner
             else:
                 mask = segment_image(self.model(), image, adapter=info, device=device, postprocess=postprocess)
@@ -252,9 +259,10 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
                                        "or close other programs using the GPU") from None
             raise
         maskArray = array_from_image(mask).astype("uint8", copy=False)
-        return self._writeLabelmap(volumeNode, maskArray, outputNode, info, refused)
+        return self._writeLabelmap(volumeNode, maskArray, outputNode, info, refused, scores)
 
-    def _writeLabelmap(self, volumeNode, maskArray, outputNode, info, refused: str = ""):
+    def _writeLabelmap(self, volumeNode, maskArray, outputNode, info, refused: str = "",
+                       scores: Optional[Dict[str, float]] = None):
         inputShape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
         if maskArray.shape != inputShape:
             raise RuntimeError(f"mask shape {maskArray.shape} differs from the input's {inputShape}")
@@ -269,10 +277,30 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
         outputNode.SetAttribute(SOURCE_VOLUME_ATTRIBUTE, volumeNode.GetID() or "")
         outputNode.SetAttribute("ConvLoRASeg.adapter", info.name if info is not None else "")
         outputNode.SetAttribute(ADAPTER_NOT_USED_ATTRIBUTE, refused)
+        self.setLabelFreeScores(outputNode, scores)
         outputNode.SetAttribute("ConvLoRASeg.modelSha256", self.modelSha256())
         if outputNode.GetDisplayNode() is None:
             outputNode.CreateDefaultDisplayNodes()
         return outputNode
+
+    @staticmethod
+    def setLabelFreeScores(labelmapNode, scores: Optional[Dict[str, float]]) -> None:
+        """Record on ``labelmapNode`` the label-free scores compared on its scan (none: "")."""
+        numbers = {str(k): round(float(v), 4) for k, v in (scores or {}).items()}
+        labelmapNode.SetAttribute(LABEL_FREE_SCORES_ATTRIBUTE, json.dumps(numbers) if numbers else "")
+
+    @staticmethod
+    def labelFreeScores(labelmapNode) -> Dict[str, float]:
+        """The label-free scores (ESH agreement + gamma consistency) by candidate that the per-scan check or the
+        automatic choice compared on the scan of ``labelmapNode``; {} when none were (or it is not our mask)."""
+        try:
+            scores = json.loads(labelmapNode.GetAttribute(LABEL_FREE_SCORES_ATTRIBUTE) or "{}")
+        except ValueError:
+            return {}
+        if not isinstance(scores, dict):
+            return {}
+        return {str(k): float(v) for k, v in scores.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def chooseAdapter(self, volumeNode, device: str = "auto") -> Tuple[Any, Dict[str, float]]:
         """Best adapter for this scan, label-free: (AdapterInfo or None for the source model, scores by name)."""
@@ -599,10 +627,10 @@ class ConvLoRASegLogic(ScriptedLoadableModuleLogic):
                 chosen, refused = None, info.name
             target = outputNode if outputNode is not None and outputNode.GetScene() is not None else None
             mask = array_from_image(sitk.ReadImage(str(tempDir / "mask.nrrd"))).astype("uint8", copy=False)
-            labelmap = self._writeLabelmap(volumeNode, mask, target, chosen, refused)
             scores = outputs[0].get("adapter_scores")  # the CLI's per-candidate label-free scores
-            return SegmentOutcome(labelmap, chosen, dict(scores) if isinstance(scores, dict) else {},
-                                  [str(w) for w in outputs[0].get("warnings") or []])
+            scores = dict(scores) if isinstance(scores, dict) else {}
+            labelmap = self._writeLabelmap(volumeNode, mask, target, chosen, refused, scores)
+            return SegmentOutcome(labelmap, chosen, scores, [str(w) for w in outputs[0].get("warnings") or []])
 
         return self._runBackground("segment", arguments, progress, log, finished, waitForCompletion, timeout,
                                    onSuccess)

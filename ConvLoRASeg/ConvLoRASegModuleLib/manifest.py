@@ -1,5 +1,9 @@
 """The per-case rows of a cohort run (``convlora-seg segment ... -o OUTDIR``) for the module's QC table, worst
-first: most flags, then lowest label-free score."""
+first: most flags, then lowest ESH agreement.
+
+``agreement`` in a row is the ESH agreement of the case's mask (how well the early segmentation head's mask agrees
+with the final one; the ``low_agreement`` flag), not the label-free score that picks adapters (ESH agreement + gamma
+consistency; a row's ``adapter_scores``)."""
 
 from __future__ import annotations
 
@@ -16,9 +20,6 @@ def _number(value: Any) -> Optional[float]:
         return None
     if isinstance(value, (int, float)):
         return float(value)
-    if isinstance(value, dict):  # the CLI's per-adapter scores: the chosen one is the best
-        numbers = [float(v) for v in value.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return max(numbers) if numbers else None
     return None
 
 
@@ -29,7 +30,7 @@ def _worstFirst(entry: Dict[str, Any]) -> Tuple:
 
 def manifestEntries(items: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Cases of a cohort run as dicts with at least input, output, adapter, seconds, brain_ml, agreement and
-    flags (list of str), worst first (most flags, then lowest agreement)."""
+    flags (list of str), worst first (most flags, then lowest ESH agreement)."""
     entries = []
     for item in items:
         entry = {"input": "", "output": "", "adapter": None, "seconds": None, "brain_ml": None, "agreement": None}
@@ -66,7 +67,7 @@ def loadManifest(outputDir: Union[str, pathlib.Path]) -> List[Dict[str, Any]]:
     return manifestEntries(data)
 
 
-MANIFEST_COLUMNS = ("Flags", "Input", "Adapter", "Brain (ml)", "Agreement", "Seconds")
+MANIFEST_COLUMNS = ("Flags", "Input", "Adapter", "Brain (ml)", "ESH agreement", "Seconds")
 
 
 def manifestRows(entries: Sequence[Dict[str, Any]]) -> List[Tuple[str, ...]]:

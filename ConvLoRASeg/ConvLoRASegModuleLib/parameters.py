@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import importlib
 import importlib.util
 import pathlib
 from typing import Optional, Union
@@ -84,10 +85,22 @@ def libraryDefaultEpochs() -> Optional[int]:
     """The number of self-training epochs the library runs when none is given (``epochs`` = 0 here), or None when
     it cannot be read.
 
-    It is the default of ``epochs`` in ``ConvLoRASegLib.selftrain.adapt`` (the fast mode the CLI runs). That module
-    imports torch, which the module must not need to show its GUI, so the default is read from the module's
-    source (a literal, or a module-level constant it names) instead of importing it.
+    It is the default of ``epochs`` in ``ConvLoRASegLib.selftrain.adapt`` (the fast mode the CLI runs), which the
+    library keeps as ``ConvLoRASegLib.constants.ADAPT_EPOCHS`` (torch-free). A library without that constant: the
+    default is read from selftrain's source (a literal, or a module-level constant it names), as selftrain imports
+    torch, which the module must not need to show its GUI.
     """
+    try:
+        value = getattr(importlib.import_module("ConvLoRASegLib.constants"), "ADAPT_EPOCHS", None)
+    except ImportError:
+        value = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return _selftrainSourceDefaultEpochs()
+
+
+def _selftrainSourceDefaultEpochs() -> Optional[int]:
+    """The default of ``epochs`` in ``ConvLoRASegLib.selftrain.adapt``, read from its source without importing it."""
     try:
         spec = importlib.util.find_spec("ConvLoRASegLib.selftrain")
         tree = ast.parse(pathlib.Path(spec.origin).read_text(encoding="utf-8"))

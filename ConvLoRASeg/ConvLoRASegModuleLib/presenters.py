@@ -170,6 +170,9 @@ def adaptationMessage(done: Dict[str, Any]) -> Tuple[str, bool]:
 
     With a labelled check (``summary.labelled_check``, ``adapt --check``) the line says what the check measured on
     the labelled scans, and warns when the check refused the label-free choice (the adapter then changes nothing).
+
+    The numbers are label-free scores (ESH agreement + gamma consistency, what selects the candidate): the summary's
+    ``score_source`` and ``candidates``, the adapter's ``score``.
     """
     adapter = done.get("adapter") or {}
     summary = done.get("summary") or {}
@@ -181,14 +184,14 @@ def adaptationMessage(done: Dict[str, Any]) -> Tuple[str, bool]:
         scores = summary.get("candidates") or {}
         best = max((v for k, v in scores.items() if k != "source"), default=None)
         best_text = f", best adapted candidate {best:.3f}" if isinstance(best, (int, float)) else ""
-        source = summary.get("agreement_source")
+        source = summary.get("score_source")
         source_text = f"{source:.3f}" if isinstance(source, (int, float)) else "?"
         return (f"Adapter '{name}' saved, but adaptation did not beat the unadapted model on the label-free score "
                 f"(source {source_text}{best_text}): it changes nothing; segment without it.", True)
     selected = summary.get("selected")
-    agreement = adapter.get("agreement")
-    score = f"{agreement:.3f}" if isinstance(agreement, (int, float)) else "?"
-    return f"Adapter '{name}' saved (selected: {selected or '?'}, label-free score {score}).", False
+    score = adapter.get("score")
+    scoreText = f"{score:.3f}" if isinstance(score, (int, float)) else "?"
+    return f"Adapter '{name}' saved (selected: {selected or '?'}, label-free score {scoreText}).", False
 
 
 def segmentAdapterText(autoAdapter: bool, selectedAdapter: Optional[str]) -> str:
