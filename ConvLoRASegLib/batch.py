@@ -149,11 +149,39 @@ class AdaptRun:
     #: parameters of the base model (U-Net and ESH)
     base_params: int = 0
 
+    def report(self, model_bytes: Optional[int] = None) -> Tuple[List[str], Optional[str]]:
+        """The run in words: the lines ``adapt`` prints, and a warning when the adapter changes nothing."""
+        r, info, check, label_free = self.result, self.info, self.check, self.label_free_selected
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in r.candidates.items())
+        checked = [] if check is None else [
+            f"  labelled check on {len(check.scans)} scan(s), surface Dice at 1 mm as segment --adapter delivers it: "
+            + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in check.surface_dice.items()),
+            f"  label-free selection {label_free}; after the labelled check: {check.selected} ({check.reason})"]
+        lines = [f"adapter {info.name!r} written to {info.path}",
+                 f"  target: {len(self.used)} volumes ({r.n_slices} slices), {len(self.skipped)} skipped",
+                 f"  method {r.method} ({r.mode}), rank {r.rank}, placement {r.placement}",
+                 f"  label-free score of each candidate (ESH agreement + gamma consistency): {scores}",
+                 *checked, f"  {r.verdict() if check is None else 'selected: ' + r.selected}",
+                 *parameter_lines(r.method, r.trainable_params, info.stored_values, self.base_params, info.bytes,
+                                  model_bytes),
+                 f"  time {r.seconds:.1f} s"]
+        warning = None
+        if check is not None and not r.adapted and label_free != SOURCE:
+            warning = (f"the adapted model was worse than the unadapted one on the labelled check scans "
+                       f"({check.reason}): the adapter {info.name!r} changes nothing; segmenting without it gives "
+                       "the same masks")
+        elif not r.adapted:
+            best = max((v for k, v in r.candidates.items() if k != SOURCE), default=float("nan"))
+            warning = (f"adaptation did not beat the unadapted model on the label-free score (source "
+                       f"{r.agreement_source:.3f}, best adapted candidate {best:.3f}): the adapter {info.name!r} "
+                       "changes nothing; segmenting without it gives the same masks")
+        return lines, warning
+
     def summary(self, model_bytes: Optional[int] = None) -> Dict[str, Any]:
         """The run in numbers (the CLI's JSON ``summary``)."""
         r = self.result
         return {
-            "selected": r.selected, "adapted": r.adapted, "candidates": r.candidates,
+            "selected": r.selected, "adapted": r.adapted, "verdict": r.verdict(), "candidates": r.candidates,
             "score_source": r.agreement_source, "score_selected": r.best_agreement,
             "best_epoch": r.best_epoch, "epochs": r.epochs, "trainable_params": r.trainable_params,
             "trainable_percent": 100.0 * r.trainable_params / max(self.base_params, 1),
@@ -162,6 +190,19 @@ class AdaptRun:
             "n_volumes": len(self.used), "n_skipped": len(self.skipped),
             "label_free_selected": self.label_free_selected,
             "labelled_check": self.check.to_dict() if self.check else None}
+
+
+def parameter_lines(method: str, trainable: int, stored: int, base_params: Optional[int], nbytes: int,
+                    model_bytes: Optional[int] = None) -> List[str]:
+    """An adapter's two counts, each saying what it counts (``adapt`` and ``info`` print these)."""
+    from .progress import byte_size
+    from .selftrain import METHOD_SPECS
+
+    what = METHOD_SPECS[method].trained if method in METHOD_SPECS else method
+    share = f" = {100.0 * trainable / base_params:.2f} % of the base model's {base_params:,}" if base_params else ""
+    return [f"  trainable parameters ({what}): {trainable:,}{share}",
+            f"  stored in the adapter file: {stored:,} values (the trainable parameters + BatchNorm statistics), "
+            f"{byte_size(nbytes)}" + (f" vs the model file's {byte_size(model_bytes)}" if model_bytes else "")]
 
 
 def adapt_cohort(model, paths: Sequence[PathLike], dest: PathLike, name: str, *, labelled: Sequence[Any] = (),

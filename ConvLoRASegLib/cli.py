@@ -23,7 +23,7 @@ from .batch import output_paths  # noqa: F401 - named here for scripts (bench/co
 from .cohorts import volume_stem
 from .errors import Cancelled, ConvLoRASegError
 from .jobs import CANCEL_FILE_ENV, CANCEL_REQUESTED, cancel_file_as_interrupt, sigterm_as_interrupt
-from .progress import Reporter
+from .progress import Reporter, byte_size
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 130
 #: = train.OUT_SCALE (not imported: the parser must not import torch; a test keeps the two equal).
@@ -44,28 +44,8 @@ def _adapt_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} GB"
-
-
 def _base_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _parameter_lines(method: str, trainable: int, stored: int, base_params: Optional[int], nbytes: int,
-                     model_bytes: Optional[int] = None) -> List[str]:
-    """``adapt``'s and ``info``'s two counts of an adapter, each saying what it counts."""
-    from .selftrain import METHOD_SPECS
-
-    what = METHOD_SPECS[method].trained if method in METHOD_SPECS else method
-    share = f" = {100.0 * trainable / base_params:.2f} % of the base model's {base_params:,}" if base_params else ""
-    return [f"  trainable parameters ({what}): {trainable:,}{share}",
-            f"  stored in the adapter file: {stored:,} values (the trainable parameters + BatchNorm statistics), "
-            f"{_fmt_bytes(nbytes)}" + (f" vs the model file's {_fmt_bytes(model_bytes)}" if model_bytes else "")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,32 +117,12 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     labelled = read_labelled_scans(args.check) if args.check else []  # bad check files fail before the work
     run = adapt_cohort(model, target_paths(args.targets), dest, name, labelled=labelled, device=device,
                        overwrite=args.overwrite, progress=rep, warn=rep.warn, log=rep.info, **_adapt_kwargs(args))
-    info, result, check, label_free, used = run.info, run.result, run.check, run.label_free_selected, run.used
-    base_params, model_bytes, summary = run.base_params, mpath.stat().st_size, run.summary(mpath.stat().st_size)
-    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.candidates.items())
-    checked = [] if check is None else [
-        f"  labelled check on {len(check.scans)} scan(s), surface Dice at 1 mm as segment --adapter delivers it: "
-        + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in check.surface_dice.items()),
-        f"  label-free selection {label_free}; after the labelled check: {check.selected} ({check.reason})"]
-    rep.info("\n".join([
-        f"adapter {info.name!r} written to {info.path}",
-        f"  target: {len(used)} volumes ({result.n_slices} slices), {len(run.skipped)} skipped",
-        f"  method {result.method} ({result.mode}), rank {result.rank}, placement {result.placement}",
-        f"  label-free score of each candidate (ESH agreement + gamma consistency): {scores}",
-        *checked,
-        f"  selected: {result.selected}",
-        *_parameter_lines(result.method, result.trainable_params, info.stored_values, base_params, info.bytes,
-                          model_bytes),
-        f"  time {result.seconds:.1f} s"]))
-    if check is not None and not result.adapted and label_free != "source":
-        rep.warn(f"the adapted model was worse than the unadapted one on the labelled check scans "
-                 f"({check.reason}): the adapter {info.name!r} changes nothing; segmenting without it gives the "
-                 "same masks")
-    elif not result.adapted:
-        best = max((v for k, v in result.candidates.items() if k != "source"), default=float("nan"))
-        rep.warn(f"adaptation did not beat the unadapted model on the label-free score (source "
-                 f"{result.agreement_source:.3f}, best adapted candidate {best:.3f}): the adapter {info.name!r} "
-                 "changes nothing; segmenting without it gives the same masks")
+    info, model_bytes = run.info, mpath.stat().st_size
+    summary = run.summary(model_bytes)
+    lines, warning = run.report(model_bytes)
+    rep.info("\n".join(lines))
+    if warning:
+        rep.warn(warning)
     rep.done({"command": "adapt", "adapter": info.to_dict(), "summary": summary})
     return EXIT_OK
 
@@ -257,7 +217,7 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
                          checkpoint_every=args.checkpoint_every, resume=args.resume)
     sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     record = model.info.get("training", {})
-    rep.info(f"model written to {out} ({_fmt_bytes(out.stat().st_size)}, sha256 {sha[:12]}…): "
+    rep.info(f"model written to {out} ({byte_size(out.stat().st_size)}, sha256 {sha[:12]}…): "
              f"{len(train)} training / {len(val)} validation volumes, best epoch {record.get('best_epoch')}, "
              f"validation surface Dice {record.get('best_val_surface_dice', 'n/a')}, {record.get('seconds')} s")
     rep.done({"command": "train", "model": str(out), "sha256": sha, "training": record})
@@ -284,6 +244,7 @@ def cmd_evaluate(args: argparse.Namespace, rep: Reporter) -> int:
 # info, adapters, import-checkpoint
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
+    from .batch import parameter_lines
     from .store import ADAPTER_FORMAT, file_format, load_adapter, load_model, read_adapter_info, read_model_metadata
 
     bundled = (args.file or "bundled").lower() in ("bundled", "default")
@@ -297,7 +258,7 @@ def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
     if kind != ADAPTER_FORMAT:
         meta = read_model_metadata(path)
         lines = [f"model {path}" + (" (the bundled default model)" if bundled else ""), f"  weights sha256 {meta.get('weights_sha256')}",
-                 f"  file sha256    {meta['file_sha256']}", f"  size {_fmt_bytes(meta['bytes'])}, "
+                 f"  file sha256    {meta['file_sha256']}", f"  size {byte_size(meta['bytes'])}, "
                  f"{meta['n_parameters']:,} parameters", f"  architecture {meta.get('architecture')}",
                  f"  working grid {meta.get('grid')}", f"  library {meta.get('library_version')}"]
         training = (meta.get("info") or {}).get("training")
@@ -319,7 +280,7 @@ def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
             load_adapter(base, path)  # verifies the adapter's checksum too
             base_params = result["base_params"] = _base_parameters(base)
             result["trainable_percent"] = 100.0 * info.trainable_params / base_params
-    lines += _parameter_lines(info.method, info.trainable_params, info.stored_values, base_params, info.bytes)
+    lines += parameter_lines(info.method, info.trainable_params, info.stored_values, base_params, info.bytes)
     rep.info("\n".join(lines))
     rep.done(result)
     return EXIT_OK
@@ -340,7 +301,7 @@ def cmd_adapters(args: argparse.Namespace, rep: Reporter) -> int:
             rep.info(f"no adapters for this model in {store.root}")
         for i in infos:
             score = "-" if i.score is None else f"{i.score:.3f}"
-            rep.info(f"{i.name:<24} {i.method:<15} label-free score {score:>6}  {_fmt_bytes(i.bytes):>9}  {i.created}")
+            rep.info(f"{i.name:<24} {i.method:<15} label-free score {score:>6}  {byte_size(i.bytes):>9}  {i.created}")
         rep.done({"command": "adapters", "store": str(store.root), "adapters": [i.to_dict() for i in infos]})
         return EXIT_OK
     if action == "import":
@@ -428,7 +389,7 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``convlora-seg`` argument parser."""
-    from .selftrain import METHODS, MODES
+    from .constants import ADAPT_EPOCHS, METHODS, MODES, PLACEMENTS
 
     parser = argparse.ArgumentParser(
         prog="convlora-seg", description="Brain masks for MRI volumes, and label-free adapters for new scanners "
@@ -468,41 +429,48 @@ def build_parser() -> argparse.ArgumentParser:
     dest.add_argument("-o", "--output", metavar="ADAPTER", help="adapter file to write (.safetensors)")
     dest.add_argument("--name", help="store the adapter under this name in the user store")
     p.add_argument("--adapters", metavar="DIR", help="store folder for --name (default: the user store)")
-    p.add_argument("--method", default="convlora-adabn", choices=METHODS)
+    p.add_argument("--method", default="convlora-adabn", choices=METHODS,
+                   help="convlora-adabn (default: the target's BatchNorm statistics, AdaBN, then ConvLoRA trained "
+                        "label-free through the early segmentation head, UDAS), adabn (the statistics only), or the "
+                        "other methods of the paper's Table 1")
     p.add_argument("--mode", default="fast", choices=MODES, help="fast (default) or the paper's exact recipe")
-    p.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: the library's)")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help=f"training epochs (default {ADAPT_EPOCHS} in both modes; 0: AdaBN only)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimiser steps per epoch, 0 = every slice (default: 8 in fast mode, all in paper mode)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast of the forward passes (default: auto = bf16 where native in fast mode, fp32 in "
                         "paper mode)")
     p.add_argument("--rank", type=int, default=2, metavar="R", help="ConvLoRA rank (default 2)")
-    p.add_argument("--placement", default="init_path", metavar="P", help="where ConvLoRA goes (default init_path)")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--placement", default="init_path", choices=PLACEMENTS,
+                   help=f"where ConvLoRA goes: {', '.join(PLACEMENTS)} (default init_path, the paper's)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the initialisation and batch order: the same seed, the same adapter (default 0)")
     p.add_argument("--check", nargs=2, action="append", metavar=("IMAGE", "MASK"),
                    help="a labelled scan of the target site and its brain mask (repeatable): every candidate is "
                         "checked on it and the adapter never ends worse than no adapter there (optional; the "
                         "adaptation itself needs no labels)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter file or store entry")
     _cluster_options(p)
     _common(p)
     p.set_defaults(func=cmd_adapt_dispatch)
 
     p = sub.add_parser("train", help="train a source model from images and brain masks")
-    p.add_argument("--images", required=True, metavar="DIR")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of training images")
     p.add_argument("--masks", required=True, metavar="DIR", help="masks named like the images (+ _mask etc.)")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     p.add_argument("--spacing", type=float, default=2.0, metavar="MM", help="working-grid spacing (default 2)")
     p.add_argument("--slice-size", type=int, default=128, metavar="N", help="slice size in voxels (default 128)")
-    p.add_argument("--epochs", type=int, default=20, metavar="N")
-    p.add_argument("--esh-epochs", type=int, default=10, metavar="N")
-    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--epochs", type=int, default=20, metavar="N", help="U-Net training epochs (default 20)")
+    p.add_argument("--esh-epochs", type=int, default=10, metavar="N", help="ESH training epochs (default 10)")
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                   help="share of the volumes held out to pick the best epoch (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the split and training (default 0)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="constant learning rate (the paper) or cosine decay to 0")
     p.add_argument("--init", metavar="MODEL", help="continue training from this model's weights")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N")
-    p.add_argument("--lr", type=float, default=1e-3, metavar="LR")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="slices per step (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="Adam learning rate (default 1e-3)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimiser steps per epoch (default: one pass over the epoch's slices)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -526,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the checkpoint every N steps and after every epoch (default 50; 0: epochs only)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the file size)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     _common(p, model=False)
     p.set_defaults(func=cmd_train)
 
@@ -544,26 +512,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("adapters", help="list/import/export/rename/delete adapters in the user store")
-    p.add_argument("action", nargs="?", default="list", choices=("list", "import", "export", "rename", "delete"))
-    p.add_argument("args", nargs="*", metavar="ARG")
+    p.add_argument("action", nargs="?", default="list", choices=("list", "import", "export", "rename", "delete"),
+                   help="list (default); import FILE; export NAME DEST; rename NAME NEW; delete NAME")
+    p.add_argument("args", nargs="*", metavar="ARG", help="the action's arguments")
     p.add_argument("--name", help="name for 'import' (default: the adapter's own)")
     p.add_argument("--adapters", metavar="DIR", help="store folder (default: the user store)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
     _common(p, device=False)
     p.set_defaults(func=cmd_adapters)
 
     p = sub.add_parser("import-checkpoint", help="convert the paper's U-Net .pth (no pickle execution)")
-    p.add_argument("checkpoint", metavar="UNET.pth")
+    p.add_argument("checkpoint", metavar="UNET.pth", help="the paper's source U-Net state dict")
     p.add_argument("--esh", metavar="ESH.pth", help="the early segmentation head's .pth")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL.safetensors")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.safetensors", help="model file to write")
     p.add_argument("--spacing", type=float, required=True, metavar="MM", help="working-grid spacing it expects")
     p.add_argument("--slice-size", type=int, required=True, metavar="N", help="slice size it expects")
-    p.add_argument("--n-filters", type=int, default=16, metavar="N")
-    p.add_argument("--esh-level", type=int, default=3, metavar="L")
+    p.add_argument("--n-filters", type=int, default=16, metavar="N", help="U-Net width (default 16, the paper's)")
+    p.add_argument("--esh-level", type=int, default=3, metavar="L", help="the ESH's U-Net level (default 3)")
     p.add_argument("--normalisation", choices=("minmax", "percentile"), default="minmax",
                    help="intensity scaling it was trained with (default minmax: the paper's code scales each "
                         "volume to [0, 1] by its minimum and maximum)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     _common(p, device=False, model=False)
     p.set_defaults(func=cmd_import_checkpoint)
 

@@ -148,7 +148,7 @@ def find_volumes(inputs: Sequence[PathLike]) -> List[Path]:
         elif path.is_file():
             if _image_extension(path) is None:
                 raise ConvLoRASegError(f"{path} is not a volume file (expected one of {', '.join(IMAGE_EXTENSIONS)},"
-                                       " or a folder of DICOM files).")
+                                       " or a folder of DICOM files)")
             found[path] = None
         elif _is_glob(text):
             for match in sorted(Path(m) for m in glob.glob(text)):
@@ -157,11 +157,11 @@ def find_volumes(inputs: Sequence[PathLike]) -> List[Path]:
                 elif match.is_file() and _image_extension(match):
                     found[match] = None
         else:
-            raise ConvLoRASegError(f"No such file or folder: {path}")
+            raise ConvLoRASegError(f"{path}: no such file or folder")
     unique = sorted({p.resolve(): p for p in found}.values(), key=lambda p: str(p.resolve()))
     if not unique:
         searched = ", ".join(str(i) for i in inputs) or "(nothing)"
-        raise ConvLoRASegError(f"Found no readable volumes ({', '.join(IMAGE_EXTENSIONS)} files or DICOM folders)"
+        raise ConvLoRASegError(f"found no readable volumes ({', '.join(IMAGE_EXTENSIONS)} files or DICOM folders)"
                                f" in: {searched}")
     return unique
 

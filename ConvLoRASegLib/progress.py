@@ -41,6 +41,15 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def byte_size(n: float) -> str:
+    """``"512 B"``, ``"41.1 kB"``, ``"9.8 MB"`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} GB"
+
+
 class _StagePace:
     """Time left in the current stage from the pace of its steps so far (epochs of training count as one stage:
     ``epoch``/``epochs`` extend its total)."""

@@ -38,13 +38,15 @@ import torch.nn.functional as F
 
 from .adabn import adabn_volumes, batchnorm_layers, set_bn_momentum_mode
 from .convlora import PLACEMENTS, adapter_state, inject_convlora, load_adapter_state, remove_convlora
+from .constants import ADAPT_EPOCHS
+from .constants import MODES as _MODES
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
 from .segment import autocast_dtype, grad_scaler, nonempty_slices, predict_slices, resolve_device
 from .selection import SCORE_SLICE_STEP, SOURCE, CandidateScore, VolumeScore, choose, per_volume_table, score_model
 from .unet import LEVELS
 
-MODES = ("paper", "fast")
+MODES = _MODES
 #: Fast mode's default cap on optimiser steps per epoch (256 slices per epoch at batch 32; a new random subset each
 #: epoch). Measured on a 10-volume cohort (BENCHMARKS.md, Speed): within 0.01 surface Dice of paper mode.
 FAST_STEPS_PER_EPOCH = 8
@@ -144,6 +146,49 @@ class AdaptResult:
     def agreement_source(self) -> float:
         """The unadapted model's label-free score (JSON ``score_source``)."""
         return self.candidates[SOURCE]
+
+    def candidate_words(self, name: str) -> str:
+        """What candidate ``name`` is, in words (``"adabn"`` -> ``"AdaBN alone (...)"``)."""
+        spec = METHOD_SPECS.get(self.method)
+        if name == SOURCE:
+            return "the unadapted model (no adapter)"
+        if name == "adabn":
+            return "AdaBN alone (the target's BatchNorm statistics" + (", no trained ConvLoRA)" if spec and
+                                                                         spec.uses_lora else ")")
+        trained = spec.trained if spec else self.method
+        return f"{name} of training ({trained}{' + AdaBN statistics' if spec and spec.adabn else ''})"
+
+    def verdict(self) -> str:
+        """Which candidate was kept and why, in one sentence (label-free scores: ESH agreement + gamma consistency;
+        a higher-scoring candidate may have been refused by :func:`~ConvLoRASegLib.selection.choose`'s guards)."""
+        from .selection import CONSISTENCY_DROP_MAX, VOLUME_SHRINK_MAX
+
+        s, kept = self.candidates, self.selected
+        per = self.details.get("candidate_scores") or {}
+        src = per.get(SOURCE) or {}
+
+        def refused(name: str) -> str:
+            c = per.get(name) or {}
+            if src and c.get("consistency", 1.0) < src.get("consistency", 0.0) - CONSISTENCY_DROP_MAX:
+                return "its gamma consistency fell below the unadapted model's"
+            if src and c.get("brain_ml", 1e9) < src.get("brain_ml", 0.0) * (1.0 - VOLUME_SHRINK_MAX):
+                return f"its brain was more than {VOLUME_SHRINK_MAX:.0%} smaller than the unadapted model's"
+            return "a guard refused it"
+
+        higher = [n for n in s if n not in (kept, SOURCE) and s[n] > s[kept]]
+        if kept == SOURCE:
+            others = ", ".join(f"{n} {v:.3f}" for n, v in s.items() if n != SOURCE)
+            text = f"kept the unadapted model (label-free score {s[SOURCE]:.3f})" + (
+                "" if higher else f": no adapted candidate beat it ({others or 'none made'})")
+        else:
+            text = (f"kept {self.candidate_words(kept)}: label-free score {s[kept]:.3f}, the unadapted model "
+                    f"{s[SOURCE]:.3f}")
+            beaten = [n for n in s if n not in (kept, SOURCE) and n not in higher]
+            if beaten:
+                text += ", " + ", ".join(f"{n} {s[n]:.3f}" for n in beaten)
+        if higher:
+            text += "; " + "; ".join(f"{n} scored higher ({s[n]:.3f}) but {refused(n)}" for n in higher)
+        return text
 
     def summary(self) -> Dict[str, object]:
         return {"method": self.method, "mode": self.mode, "placement": self.placement, "rank": self.rank,
@@ -252,7 +297,7 @@ class _Scorer:
 
 
 def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
-          mode: str = "fast", epochs: int = 5, lr: float = 1e-4, batch_size: int = 32, rank: int = 2,
+          mode: str = "fast", epochs: int = ADAPT_EPOCHS, lr: float = 1e-4, batch_size: int = 32, rank: int = 2,
           alpha: float = 2.0, placement: str = "init_path", seed: int = 0, device="auto",
           selection_volumes: int = 4, steps_per_epoch: Optional[int] = None, precision: Optional[str] = None,
           progress: Progress = None, should_stop: StopFlag = None) -> AdaptResult:

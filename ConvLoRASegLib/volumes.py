@@ -154,8 +154,8 @@ def _check_shape(info: ImageInfo, name: str, first_volume: bool) -> bool:
     size = info.size
     if info.dimension == 4 and size[3] > 1:
         if not first_volume:
-            raise ConvLoRASegError(f"{name} is 4D with {size[3]} volumes; use the first volume option to "
-                                   "take volume 0")
+            raise ConvLoRASegError(f"{name} is 4D with {size[3]} volumes; pass --first-volume to take volume 0 "
+                                   "(in Python: first_volume=True)")
         return True
     if info.dimension < 3 or info.dimension > 4 or min(size[:3]) < 2:
         raise ConvLoRASegError(f"{name} is {'x'.join(map(str, size))} voxels: not a 3D volume")

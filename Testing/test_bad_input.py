@@ -52,7 +52,8 @@ def segment(tiny_model, src, out, *extra):
 # ---------------------------------------------------------------------------------------------------------------
 def test_missing_file(capsys, tiny_model, tmp_path):
     out = tmp_path / "m.nii.gz"
-    refused(capsys, *segment(tiny_model, tmp_path / "nope.nii.gz", out), keyword="no such file", absent=out)
+    line = refused(capsys, *segment(tiny_model, tmp_path / "nope.nii.gz", out), keyword="no such file", absent=out)
+    assert line.endswith("nope.nii.gz: no such file or folder")  # as the README shows it, lower case
 
 
 def test_not_an_image(capsys, tiny_model, tmp_path):
@@ -79,7 +80,8 @@ def test_4d_image_refused_unless_first_volume(capsys, tiny_model, tmp_path):
     src = write(four, tmp_path / "fmri.nii.gz")
     before = sha(src)
     out = tmp_path / "m.nii.gz"
-    refused(capsys, *segment(tiny_model, src, out), keyword="4D with 3 volumes", absent=out)
+    line = refused(capsys, *segment(tiny_model, src, out), keyword="4D with 3 volumes", absent=out)
+    assert "pass --first-volume to take volume 0" in line
     code, _, err = run_cli(capsys, *segment(tiny_model, src, out, "--first-volume"))
     assert code == 0, err
     assert sitk.ReadImage(str(out)).GetSize() == vols[0].GetSize()

@@ -612,3 +612,31 @@ def test_adapt_says_how_long_it_expects_to_take(capsys, tiny_model, head_files, 
                                 tiny_model, "--method", "adabn", "--device", "cpu")
     assert code == 0, err
     assert "expected about " in stdout.splitlines()[0] and "elapsed: read" in err
+
+
+def test_every_option_has_help_and_the_parser_needs_no_torch():
+    """adapt --help left --method, --seed and --overwrite unexplained, hid --placement's choices and said only "the
+    library's" default for --epochs; the choices come from constants.py, so --help works before torch is there."""
+    import argparse
+    import inspect
+
+    from ConvLoRASegLib import constants, convlora, selftrain
+
+    for action in cli.build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                bare = [a.option_strings or a.dest for a in sub._actions
+                        if a.help is None and not isinstance(a, argparse._HelpAction)]
+                assert not bare, f"{name}: {bare} without help"
+    assert constants.METHODS == selftrain.METHODS and constants.MODES == selftrain.MODES
+    assert constants.PLACEMENTS == tuple(convlora.PLACEMENTS)
+    assert inspect.signature(selftrain.adapt).parameters["epochs"].default == constants.ADAPT_EPOCHS
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ConvLoRASegLib import cli\n"
+            "sys.exit(cli.main(['adapt', '--help']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "--placement {init_path,init_path+down1,init_path+down1+down2,all}" in text
+    assert f"training epochs (default {constants.ADAPT_EPOCHS} in both modes" in text
+    assert "the same seed, the same adapter" in text and "replace an existing adapter file" in text

@@ -168,7 +168,7 @@ def test_real_dicom_series(tmp_path):
 
 
 def test_find_volumes_errors(tmp_path):
-    with pytest.raises(ConvLoRASegError, match="No such file or folder"):
+    with pytest.raises(ConvLoRASegError, match=": no such file or folder$"):
         find_volumes([tmp_path / "absent.nii.gz"])
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConvLoRASegError, match="no readable volumes") as info:

@@ -293,3 +293,21 @@ def test_scoring_volumes_are_spread_over_the_cohort():
     assert selection_indices(10, 4) == [0, 3, 6, 9]
     assert selection_indices(12, 4) == [0, 4, 7, 11]
     assert selection_indices(3, 4) == [0, 1, 2] and selection_indices(5, 1) == [0] and selection_indices(1, 0) == [0]
+
+
+def test_the_result_says_which_candidate_it_kept_and_why(model, force_adapted, monkeypatch):
+    r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
+    text = r.verdict()
+    s = r.candidates
+    assert text.startswith(f"kept {r.selected} of training (ConvLoRA A and B + BatchNorm scale and shift of the "
+                           f"placement + AdaBN statistics): label-free score {s[r.selected]:.3f}, the unadapted "
+                           f"model {s['source']:.3f}")
+    r.selected = "adabn"
+    assert r.verdict().startswith("kept AdaBN alone (the target's BatchNorm statistics, no trained ConvLoRA)")
+    r.selected = "source"
+    assert r.verdict().startswith(f"kept the unadapted model (label-free score {s['source']:.3f})")
+    r.candidates = {"source": 0.5, "adabn": 0.6, "epoch 1": 0.4}
+    r.details["candidate_scores"] = {"source": {"consistency": 0.5, "brain_ml": 1000.0},
+                                     "adabn": {"consistency": 0.6, "brain_ml": 900.0}}
+    assert r.verdict() == ("kept the unadapted model (label-free score 0.500); adabn scored higher (0.600) but its "
+                           "brain was more than 2% smaller than the unadapted model's")
