@@ -8,7 +8,8 @@
 3. A table (Dice and surface Dice at 1 mm before/after, adapter vs model size, times) is printed, and the masks,
    the adapter, the test scan and a PNG with the overlays before/after are written into the output folder.
 
-The PNG is drawn with matplotlib when it is installed, otherwise by :func:`write_png` (numpy + zlib).
+The PNG is drawn with matplotlib when it is installed, otherwise by :func:`write_png` (numpy + zlib) with the
+titles, scores and colour legend in a small built-in bitmap font (:func:`draw_text`), so that it reads the same.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +49,8 @@ class DemoResult:
     score_source: float  #: label-free score of the unadapted model on the cohort
     score_selected: float  #: the same for the selected candidate
     selected: str  #: which candidate the label-free selection kept ("source" = no adaptation)
+    #: which candidate was kept and why, in words (:meth:`~ConvLoRASegLib.selftrain.AdaptResult.verdict`)
+    verdict: str
     adapter_bytes: int
     model_bytes: int
     seconds: Dict[str, float]
@@ -69,11 +72,13 @@ class DemoResult:
             f"{'Dice':30} {self.dice_before:>13.4f} {self.dice_after:>9.4f}",
             f"{'surface Dice (1 mm)':30} {self.surface_dice_before:>13.4f} {self.surface_dice_after:>9.4f}",
             f"{'segmentation time (s)':30} {s['segment_before']:>13.1f} {s['segment_after']:>9.1f}",
+            "  (with the adapter a scan takes longer: the per-scan check segments it with and without the adapter "
+            "and scores both, label-free, as segment --adapter does)",
             f"adapter {self.adapter_bytes / 1e3:.1f} kB vs model {self.model_bytes / 1e6:.2f} MB "
             f"({100.0 * self.adapter_bytes / max(self.model_bytes, 1):.1f} %); adaptation {s['adapt']:.1f} s "
             f"({self.epochs} epochs); simulation {s['simulate']:.1f} s; total {s['total']:.1f} s",
-            f"label-free score on the cohort (ESH agreement + gamma consistency): {self.score_source:.4f} "
-            f"unadapted, {self.score_selected:.4f} selected ({self.selected})",
+            f"the adaptation (convlora-adabn) made {self.epochs + 2} candidates, the unadapted model included, and "
+            f"{self.verdict} (label-free score: ESH agreement + gamma consistency, on the cohort)",
             "per-scan check on the test scan (as segment --adapter): " + (
                 "the adapter scores better than no adapter, used" if self.adapter_used else
                 "the adapter does not score better than no adapter: not used"),
@@ -107,6 +112,86 @@ def write_png(rgb: np.ndarray, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# text without matplotlib: a 5 x 7 bitmap font (upper case, digits, punctuation)
+# ---------------------------------------------------------------------------------------------------------------
+_GLYPHS = """
+A .###.|#...#|#...#|#####|#...#|#...#|#...#  B ####.|#...#|#...#|####.|#...#|#...#|####.
+C .###.|#...#|#....|#....|#....|#...#|.###.  D ####.|#...#|#...#|#...#|#...#|#...#|####.
+E #####|#....|#....|####.|#....|#....|#####  F #####|#....|#....|####.|#....|#....|#....
+G .###.|#...#|#....|#.###|#...#|#...#|.####  H #...#|#...#|#...#|#####|#...#|#...#|#...#
+I .###.|..#..|..#..|..#..|..#..|..#..|.###.  J ..###|...#.|...#.|...#.|...#.|#..#.|.##..
+K #...#|#..#.|#.#..|##...|#.#..|#..#.|#...#  L #....|#....|#....|#....|#....|#....|#####
+M #...#|##.##|#.#.#|#.#.#|#...#|#...#|#...#  N #...#|#...#|##..#|#.#.#|#..##|#...#|#...#
+O .###.|#...#|#...#|#...#|#...#|#...#|.###.  P ####.|#...#|#...#|####.|#....|#....|#....
+Q .###.|#...#|#...#|#...#|#.#.#|#..#.|.##.#  R ####.|#...#|#...#|####.|#.#..|#..#.|#...#
+S .####|#....|#....|.###.|....#|....#|####.  T #####|..#..|..#..|..#..|..#..|..#..|..#..
+U #...#|#...#|#...#|#...#|#...#|#...#|.###.  V #...#|#...#|#...#|#...#|#...#|.#.#.|..#..
+W #...#|#...#|#...#|#.#.#|#.#.#|#.#.#|.#.#.  X #...#|#...#|.#.#.|..#..|.#.#.|#...#|#...#
+Y #...#|#...#|.#.#.|..#..|..#..|..#..|..#..  Z #####|....#|...#.|..#..|.#...|#....|#####
+0 .###.|#...#|#..##|#.#.#|##..#|#...#|.###.  1 ..#..|.##..|..#..|..#..|..#..|..#..|.###.
+2 .###.|#...#|....#|...#.|..#..|.#...|#####  3 #####|...#.|..#..|...#.|....#|#...#|.###.
+4 ...#.|..##.|.#.#.|#..#.|#####|...#.|...#.  5 #####|#....|####.|....#|....#|#...#|.###.
+6 ..##.|.#...|#....|####.|#...#|#...#|.###.  7 #####|....#|...#.|..#..|.#...|.#...|.#...
+8 .###.|#...#|#...#|.###.|#...#|#...#|.###.  9 .###.|#...#|#...#|.####|....#|...#.|.##..
+. .....|.....|.....|.....|.....|.##..|.##..  , .....|.....|.....|.....|.##..|..#..|.#...
+: .....|.##..|.##..|.....|.##..|.##..|.....  % ##...|##..#|...#.|..#..|.#...|#..##|...##
+( ...#.|..#..|.#...|.#...|.#...|..#..|...#.  ) .#...|..#..|...#.|...#.|...#.|..#..|.#...
+- .....|.....|.....|#####|.....|.....|.....  + .....|..#..|..#..|#####|..#..|..#..|.....
+/ .....|....#|...#.|..#..|.#...|#....|.....  = .....|.....|#####|.....|#####|.....|.....
+? .###.|#...#|....#|...#.|..#..|.....|..#..  ' ..#..|..#..|.#...|.....|.....|.....|.....
+"""
+#: character -> 7 x 5 bool array
+FONT: Dict[str, np.ndarray] = {
+    entry[0]: np.array([[c == "#" for c in row] for row in entry[2:].split("|")], bool)
+    for entry in (e.strip() for e in _GLYPHS.replace("  ", "\n").splitlines()) if len(entry) > 2}
+FONT[" "] = np.zeros((7, 5), bool)
+
+
+def text_width(text: str, scale: int = 1) -> int:
+    """Pixels the text takes (6 font pixels per character: 5 and a gap)."""
+    return 6 * scale * len(text)
+
+
+def draw_text(rgb: np.ndarray, text: str, x: int, y: int, colour=(0, 0, 0), scale: int = 1) -> None:
+    """Draw ``text`` (upper-cased; unknown characters as '?') into an RGB uint8 array in place, its top left corner
+    at (``x``, ``y``), each font pixel ``scale`` x ``scale``; clipped at the array's edges."""
+    for i, ch in enumerate(text.upper()):
+        glyph = np.kron(FONT.get(ch, FONT["?"]), np.ones((scale, scale), bool))
+        x0 = x + i * 6 * scale
+        h, w = glyph.shape
+        sub = rgb[max(y, 0):y + h, max(x0, 0):x0 + w]
+        g = glyph[max(-y, 0):max(-y, 0) + sub.shape[0], max(-x0, 0):max(-x0, 0) + sub.shape[1]]
+        sub[g] = colour
+
+
+def _wrap(lines: Sequence[str], chars: int) -> List[str]:
+    """``lines`` broken at spaces into lines of at most ``chars`` characters (a longer word is cut)."""
+    out: List[str] = []
+    for line in lines:
+        cur = ""
+        for word in line.split(" "):
+            if cur and len(cur) + 1 + len(word) > chars:
+                out.append(cur)
+                cur = ""
+            cur = f"{cur} {word}" if cur else word
+            while len(cur) > chars:
+                out.append(cur[:chars])
+                cur = cur[chars:]
+        out.append(cur)
+    return out
+
+
+def _band(width: int, lines: Sequence[str], scale: int, n_lines: Optional[int] = None) -> np.ndarray:
+    """A white band of ``width`` pixels holding ``lines`` of text (black), one below the other (room for
+    ``n_lines``)."""
+    line_h = 9 * scale
+    band = np.full((line_h * max(len(lines), n_lines or 0) + 2 * scale, width, 3), 255, np.uint8)
+    for k, line in enumerate(lines):
+        draw_text(band, line, 2 * scale, scale + k * line_h, scale=scale)
+    return band
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # overlays
 # ---------------------------------------------------------------------------------------------------------------
 def sagittal_view(image: sitk.Image, *masks: sitk.Image) -> Tuple[np.ndarray, List[np.ndarray]]:
@@ -136,34 +221,63 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+#: The overlay's colours (RGB in [0, 1]): the predicted brain (filled, 35 %) and the true outline.
+PREDICTED_RGB, TRUTH_RGB = (1.0, 0.1, 0.1), (0.1, 1.0, 0.2)
+
+
 def overlay(grey: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """RGB uint8: the prediction filled in red (35 %), the truth's outline in green."""
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    rgb[pred] = 0.65 * rgb[pred] + 0.35 * np.array([1.0, 0.1, 0.1])
-    rgb[_outline(truth)] = (0.1, 1.0, 0.2)
+    rgb[pred] = 0.65 * rgb[pred] + 0.35 * np.array(PREDICTED_RGB)
+    rgb[_outline(truth)] = TRUTH_RGB
     return (rgb * 255).round().astype(np.uint8)
 
 
+def _without_matplotlib(panels: Sequence[np.ndarray], texts: Sequence[Sequence[str]]) -> np.ndarray:
+    """The two panels side by side, each under its title and scores, above a colour legend (small panels are
+    doubled so that the text can be two font pixels per pixel)."""
+    if panels[0].shape[1] < 320:
+        panels = [p.repeat(2, axis=0).repeat(2, axis=1) for p in panels]
+    width = panels[0].shape[1]
+    scale = 2 if width >= text_width("surface Dice 0.000", 2) + 8 else 1
+    wrapped = [_wrap(lines, (width - 4 * scale) // (6 * scale)) for lines in texts]
+    heads = [_band(width, lines, scale, max(map(len, wrapped))) for lines in wrapped]
+    gap = np.full((heads[0].shape[0] + panels[0].shape[0], 8, 3), 255, np.uint8)
+    top = np.concatenate([np.concatenate([heads[0], panels[0]]), gap, np.concatenate([heads[1], panels[1]])], axis=1)
+    legend = _band(top.shape[1], [""], scale)
+    x, box = 2 * scale, 7 * scale
+    for rgb, label in ((PREDICTED_RGB, "predicted brain"), (TRUTH_RGB, "true outline")):
+        legend[scale:scale + box, x:x + box] = (np.array(rgb) * 255).round().astype(np.uint8)
+        draw_text(legend, label, x + box + 3 * scale, scale, scale=scale)
+        x += box + 3 * scale + text_width(label, scale) + 12 * scale
+    return np.concatenate([top, legend])
+
+
 def write_overlay_png(path: Path, image: sitk.Image, truth: sitk.Image, before: sitk.Image, after: sitk.Image,
-                      titles: Tuple[str, str]) -> Path:
-    """Two panels (source model | adapted) of the central sagittal slice; matplotlib if installed."""
+                      titles: Tuple[str, str], scores: Sequence[Tuple[float, float]] = ()) -> Path:
+    """Two panels (before | after) of the central sagittal slice, each with its title and (Dice, surface Dice)
+    from ``scores``, and the colours' legend; matplotlib if installed, else the built-in font."""
     grey, (t, b, a) = sagittal_view(image, truth, before, after)
     panels = [overlay(grey, b, t), overlay(grey, a, t)]
+    texts = ([[title, f"Dice {d:.3f}", f"surface Dice {sd:.3f}"] for title, (d, sd) in zip(titles, scores)]
+             if scores else [[title] for title in titles])
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
-        gap = np.full((grey.shape[0], 8, 3), 255, np.uint8)
-        return write_png(np.concatenate([panels[0], gap, panels[1]], axis=1), path)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.6), dpi=110)
-    for ax, panel, title in zip(axes, panels, titles):
+        return write_png(_without_matplotlib(panels, texts), path)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.9), dpi=110)
+    for ax, panel, lines in zip(axes, panels, texts):
         ax.imshow(panel)
-        ax.set_title(title, fontsize=9)
+        ax.set_title("\n".join([lines[0], ", ".join(lines[1:])] if len(lines) > 1 else lines), fontsize=9)
         ax.axis("off")
-    fig.suptitle("red: predicted brain, green: true outline", fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color=PREDICTED_RGB, alpha=0.6, label="predicted brain"),
+                        Patch(color=TRUTH_RGB, label="true outline")], loc="lower center", ncol=2, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     with atomic_output(path, overwrite=True) as tmp:
         fig.savefig(str(tmp), format="png")
     plt.close(fig)
@@ -288,11 +402,13 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
     }
     files["overlay_png"] = write_overlay_png(
         out_dir / "before_after.png", test_scan, test_truth, before, after,
-        (f"source model: Dice {d0:.3f}, surface Dice {s0:.3f}", f"adapted: Dice {d1:.3f}, surface Dice {s1:.3f}"))
+        ("before: source model", "after: with the adapter" if used is not None else
+         "after: adapter not used (per-scan check)"), [(d0, s0), (d1, s1)])
     demo = DemoResult(
         site=site, test_head=test_name, n_target_volumes=len(stacks), epochs=result.epochs, dice_before=d0,
         dice_after=d1, surface_dice_before=s0, surface_dice_after=s1, score_source=result.agreement_source,
-        score_selected=result.best_agreement, selected=result.selected, adapter_bytes=info.bytes, model_bytes=model_path.stat().st_size,
+        score_selected=result.best_agreement, selected=result.selected, verdict=result.verdict(),
+        adapter_bytes=info.bytes, model_bytes=model_path.stat().st_size,
         adapter_used=used is not None,
         seconds={"simulate": round(t_sim, 1), "segment_before": round(t_before, 1),
                  "adapt": round(result.seconds, 1), "segment_after": round(t_after, 1),

@@ -476,6 +476,46 @@ def test_demo_end_to_end(capsys, tiny_model, tmp_path, monkeypatch):
     assert any(n.endswith("_source_brainmask.nii.gz") for n in names)
     assert any(n.endswith("_adapted_brainmask.nii.gz") for n in names)
     assert (out / "before_after.png").read_bytes()[:4] == b"\x89PNG"
+    # it says which candidate it kept and why, and why the adapted segmentation takes longer
+    assert "and kept " in stdout and "label-free score" in stdout and "selected (" not in stdout
+    assert "the per-scan check segments it with and without the adapter" in stdout
+
+
+def _read_png(data: bytes) -> np.ndarray:
+    """The RGB array of a PNG as demo.png_bytes writes it (one IDAT, filter 0 on every row)."""
+    import struct
+    import zlib
+
+    w, h = struct.unpack(">II", data[16:24])
+    raw = np.frombuffer(zlib.decompress(data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]), np.uint8)
+    return raw.reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3)
+
+
+def test_demo_picture_without_matplotlib_has_titles_scores_and_legend(tmp_path, monkeypatch):
+    """Without matplotlib the PNG was two unlabelled panels: now each has its title and scores, in a built-in
+    font, and a legend names the colours."""
+    from ConvLoRASegLib import demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    head = synthetic_head(shape=(40, 130, 60))
+    truth = sitk.Cast(head > 50, sitk.sitkUInt8)
+    path = demo.write_overlay_png(tmp_path / "p.png", head, truth, truth, sitk.BinaryErode(truth, [1, 1, 1]),
+                                  ("before: source model", "after: with the adapter"), [(0.912, 0.745), (0.9, 0.8)])
+    rgb = _read_png(path.read_bytes())
+    grey, _ = demo.sagittal_view(head, truth)
+    panel_w = grey.shape[1] * 2  # a small panel is doubled so that the text is two font pixels high
+    lines = demo._wrap(["before: source model", "Dice 0.912", "surface Dice 0.745"], (panel_w - 8) // 12)
+    assert lines[-2:] == ["Dice 0.912", "surface Dice 0.745"] and "".join(lines[:-2]).startswith("before:")
+    expected = demo._band(panel_w, lines, 2)
+    assert np.array_equal(rgb[:expected.shape[0], :panel_w], expected)
+    assert (expected == 0).all(axis=2).sum() > 300  # the text is there, in black
+    legend = rgb[-20:]
+    red = (np.array(demo.PREDICTED_RGB) * 255).round().astype(np.uint8)
+    green = (np.array(demo.TRUTH_RGB) * 255).round().astype(np.uint8)
+    assert (legend == red).all(axis=2).sum() == 14 * 14 and (legend == green).all(axis=2).sum() == 14 * 14
+    assert set("BEFORE: SOURCE MODEL, DICE 0.912 (PER-SCAN CHECK) PREDICTED BRAIN TRUE OUTLINE") <= set(demo.FONT)
+    assert demo._wrap(["after: adapter not used (per-scan check)"], 20) == ["after: adapter not", "used (per-scan",
+                                                                          "check)"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
