@@ -149,6 +149,7 @@ def test_adabn_volumes_is_adabn_over_the_nonempty_slices_in_order():
     assert torch.equal(model.unet.get_submodule("out_path.2").running_mean, out_before)
 
 
+@pytest.mark.slow
 def test_training_can_recalibrate_the_source_statistics_on_the_plain_volumes():
     """bn_statistics="recalibrated": after training, the U-Net's statistics are adabn_volumes of the training
     volumes, so AdaBN on those same volumes changes nothing (with momentum statistics it does)."""

@@ -154,6 +154,7 @@ def test_segment_several_into_a_folder_with_json(capsys, tiny_model, head_files,
     assert prob.GetPixelID() == sitk.sitkFloat32
 
 
+@pytest.mark.slow
 def test_segment_with_adapter_file_name_and_auto(capsys, tiny_model, tiny_adapter, head_files, tmp_path,
                                                  monkeypatch):
     from ConvLoRASegLib import segment, volumes
@@ -240,6 +241,7 @@ def test_segment_checks_the_adapter_on_each_scan(capsys, monkeypatch, tiny_model
 # ---------------------------------------------------------------------------------------------------------------
 # adapt, info, adapters
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_adapt_to_file_and_to_store(capsys, tiny_model, head_files, tmp_path):
     hashes = [sha(p) for p in head_files]
     dest = tmp_path / "site.safetensors"
@@ -299,6 +301,7 @@ def test_info_describes_the_bundled_model_and_names_what_it_expects(capsys, head
     assert code == 2 and "head1.nii.gz is not a .safetensors file: a model file" in err
 
 
+@pytest.mark.slow
 def test_adapt_and_info_count_and_name_the_same_quantities(capsys, tiny_model, head_files, tmp_path,
                                                            monkeypatch):
     """adapt said "trainable parameters 3,954 = 0.16 %" and info "10,292 parameters, 0.42 %" of one adapter; segment
@@ -372,6 +375,7 @@ def test_evaluate_files_and_folders(capsys, tmp_path):
     assert rows["s1_brainmask.nii.gz"] == 1.0 and 0.2 < rows["s2_brainmask.nii.gz"] < 1.0
 
 
+@pytest.mark.slow
 def test_train_small_model(capsys, tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
@@ -390,6 +394,7 @@ def test_train_small_model(capsys, tmp_path):
     assert len(model.info["val_images"]) == 1 and len(model.info["train_images"]) == 2
 
 
+@pytest.mark.slow
 def test_train_resume_from_checkpoint(capsys, tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
@@ -456,6 +461,7 @@ def test_png_writer_round_trip(tmp_path):
     assert (tmp_path / "x.png").read_bytes() == data
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(capsys, tiny_model, tmp_path, monkeypatch):
     from ConvLoRASegLib import sites
 
@@ -521,6 +527,7 @@ def test_demo_picture_without_matplotlib_has_titles_scores_and_legend(tmp_path, 
 # ---------------------------------------------------------------------------------------------------------------
 # real processes: JSON lines, exit codes, SIGTERM
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_subprocess_json_protocol_and_exit_codes(tiny_model, head_files, tmp_path):
     cmd = [sys.executable, "-m", "ConvLoRASegLib"]
     env = subprocess_env(tmp_path)
@@ -549,6 +556,7 @@ def _start_and_wait_for(cmd: List[str], env, stage: str, timeout: float = 90.0) 
     raise AssertionError(f"the process ended before stage {stage}: {proc.stderr.read()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["adapt", "segment"])
 def test_sigterm_exits_130_without_partial_output(command, tiny_model, head_files, tmp_path):
     env = subprocess_env(tmp_path)

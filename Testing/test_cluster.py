@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # a real Dask cluster of worker processes: end to end
 
 from ConvLoRASegLib import cluster, qc  # noqa: E402
 from test_cli import json_lines, run_cli, subprocess_env, synthetic_head, tiny_model  # noqa: E402,F401

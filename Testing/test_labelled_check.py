@@ -70,6 +70,7 @@ def _surface_dice(mask: sitk.Image, truth: sitk.Image) -> float:
                         tuple(reversed(truth.GetSpacing())), 1.0)
 
 
+@pytest.mark.slow
 def test_the_checked_adapter_gives_the_user_what_the_check_measured(adapted, tmp_path):
     model, result, scan = adapted
     check = check_adaptation(model, result, [scan], "cpu")
@@ -87,6 +88,7 @@ def test_the_checked_adapter_gives_the_user_what_the_check_measured(adapted, tmp
     assert read_adapter_info(path).details["labelled_check"]["surface_dice"] == check.to_dict()["surface_dice"]
 
 
+@pytest.mark.slow
 def test_an_adapter_worse_on_the_labelled_scan_changes_nothing(adapted):
     """With the source model's own mask as the truth every adapted candidate that changes the mask is worse there:
     whatever the label-free selection was, the check must answer "no adapter", for both rules."""
@@ -119,6 +121,7 @@ def test_check_scans_must_be_labelled_on_their_own_grid(tmp_path):
         check_adaptation(None, None, [LabelledScan("empty", image, shifted)])
 
 
+@pytest.mark.slow
 def test_cli_adapt_check_records_the_check_and_refuses_bad_masks(capsys, adapted, tmp_path):
     model, _, scan = adapted
     target, _ = simulate_site(*[read_image(p) for p in demo_heads()["colin27"]], "philips3", seed=1)

@@ -159,6 +159,7 @@ def test_adapter_map_per_input(capsys, tiny_model, tiny_adapter, head_files, tmp
     assert err.count("did not beat the unadapted model") == 1 and "head0.nii.gz" in err
 
 
+@pytest.mark.slow
 def test_adapt_several_sites_one_adapter_each(capsys, tiny_model, tmp_path):  # noqa: F811
     from test_cli import json_lines
 

@@ -156,6 +156,7 @@ def test_scoring_every_other_slice_estimates_the_whole_volume():
         assert parts == sorted(parts, reverse=True) and parts[-1] < 0.75
 
 
+@pytest.mark.slow
 def test_the_adaptation_scores_with_the_slice_step(monkeypatch):
     """adapt() hands score_model the scoring volumes with SCORE_SLICE_STEP (1 by default; 2 halves the passes)."""
     from ConvLoRASegLib import selftrain

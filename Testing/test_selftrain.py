@@ -48,7 +48,7 @@ def model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("mode", ["fast", "paper"])
+@pytest.mark.parametrize("mode", ["fast", pytest.param("paper", marks=pytest.mark.slow)])
 def test_methods_run_and_train_what_they_should(model, method, mode, force_adapted):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     events = []
@@ -82,6 +82,7 @@ def test_methods_run_and_train_what_they_should(model, method, mode, force_adapt
         assert e["event"] == "progress" and {"stage", "step", "total"} <= set(e)
 
 
+@pytest.mark.slow
 def test_adapter_under_one_percent_and_applies_exactly(model, tmp_path, force_adapted):
     r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
     n_base = sum(p.numel() for p in model.parameters())
@@ -105,6 +106,7 @@ def test_adapter_under_one_percent_and_applies_exactly(model, tmp_path, force_ad
     assert info.bytes < 0.01 * Path(model.info["path"]).stat().st_size
 
 
+@pytest.mark.slow
 def test_adapt_starts_from_the_source_model_even_with_an_active_adapter(model, tmp_path):
     from ConvLoRASegLib.segment import activate_adapter
 
@@ -119,6 +121,7 @@ def test_adapt_starts_from_the_source_model_even_with_an_active_adapter(model, t
         assert torch.equal(a.state[k], b.state[k]), k
 
 
+@pytest.mark.slow
 def test_same_seed_same_adapter_and_seed_matters(model, force_adapted):
     a = adapt(model, _volumes(), epochs=2, batch_size=8, seed=3, device="cpu")
     b = adapt(model, _volumes(), epochs=2, batch_size=8, seed=3, device="cpu")
@@ -150,6 +153,7 @@ def test_cancel_and_bad_arguments(model):
         adapt(model, [np.zeros((4, 32, 32), np.float32)], epochs=1)
 
 
+@pytest.mark.slow
 def test_fast_mode_backpropagates_only_up_to_the_esh(model, monkeypatch):
     """In fast mode the decoder runs only for the cached pseudo-labels and the per-epoch scoring, never per step."""
     from ConvLoRASegLib.unet import UNet2D
@@ -168,12 +172,14 @@ def test_fast_mode_backpropagates_only_up_to_the_esh(model, monkeypatch):
     assert calls["decode"] > 0
 
 
+@pytest.mark.slow
 def test_adapt_inside_an_outer_autocast(model, force_adapted):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
     assert r.state["init_path.0.lora_A"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_mode_defaults_for_steps_and_precision(model):
     """Fast mode caps the steps per epoch and uses the hardware's bf16; paper mode runs every step in fp32."""
     from ConvLoRASegLib.segment import autocast_dtype
@@ -191,6 +197,7 @@ def test_mode_defaults_for_steps_and_precision(model):
     assert every.details["steps_per_epoch"] == 40 and every.details["precision"] == "fp32"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_fast_mode_scores_the_adabn_model_in_its_pseudo_label_pass(model, precision):
     """The post-AdaBN agreement taken from the pseudo-label pass equals a separate scoring of the AdaBN model."""
@@ -204,6 +211,7 @@ def test_fast_mode_scores_the_adabn_model_in_its_pseudo_label_pass(model, precis
 
 # ------------------------------------------------------------------------------------ a selector that can say no
 
+@pytest.mark.slow
 def test_source_is_a_candidate_and_wins_when_nothing_beats_it(model, tmp_path):
     """The random test model's masks are no brains: every candidate is refused, so the source model is kept, the
     adapter is empty and applying it changes nothing."""
@@ -222,6 +230,7 @@ def test_source_is_a_candidate_and_wins_when_nothing_beats_it(model, tmp_path):
     assert np.array_equal(predict_slices(m, v, "cpu", precision="fp32"), plain)
 
 
+@pytest.mark.slow
 def test_the_selection_takes_the_best_candidate_and_prefers_no_adapter_on_ties(model, monkeypatch):
     from ConvLoRASegLib import selection
 
@@ -234,6 +243,7 @@ def test_the_selection_takes_the_best_candidate_and_prefers_no_adapter_on_ties(m
     assert selection.choose({"source": 0.5, "adabn": 0.6, "epoch 1": 0.7}, ["source", "adabn"]) == "epoch 1"
 
 
+@pytest.mark.slow
 def test_the_adapted_model_keeps_its_lora_when_segmented(model, force_adapted):
     """segment_image(result.model) used to zero every lora_B (AdapterSet.disable on a model it never adapted)."""
     from ConvLoRASegLib.convlora import lora_layers
@@ -248,6 +258,7 @@ def test_the_adapted_model_keeps_its_lora_when_segmented(model, force_adapted):
     assert np.array_equal(predict_slices(r.model, v, "cpu", precision="fp32"), before)
 
 
+@pytest.mark.slow
 def test_self_training_learns_hard_pseudo_labels(model, monkeypatch, force_adapted):
     """Soft targets equal to the student's own output at the start give a zero gradient: a no-op."""
     import torch.nn.functional as F
@@ -264,11 +275,13 @@ def test_self_training_learns_hard_pseudo_labels(model, monkeypatch, force_adapt
     assert targets and all(set(torch.unique(t).tolist()) <= {0.0, 1.0} for t in targets)
 
 
+@pytest.mark.slow
 def test_fp16_training_uses_a_gradient_scaler(model, scaled_steps, force_adapted):
     adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu", precision="fp16", steps_per_epoch=1)
     assert scaled_steps == [True]
 
 
+@pytest.mark.slow
 def test_fast_mode_refuses_layers_after_the_esh(model):
     with pytest.raises(ConvLoRASegError, match="after the ESH"):
         adapt(model, _volumes(), placement="all", mode="fast", epochs=1, device="cpu")
@@ -295,6 +308,7 @@ def test_scoring_volumes_are_spread_over_the_cohort():
     assert selection_indices(3, 4) == [0, 1, 2] and selection_indices(5, 1) == [0] and selection_indices(1, 0) == [0]
 
 
+@pytest.mark.slow
 def test_the_result_says_which_candidate_it_kept_and_why(model, force_adapted, monkeypatch):
     r = adapt(model, _volumes(), epochs=1, batch_size=8, device="cpu")
     text = r.verdict()

@@ -56,6 +56,7 @@ def test_demo_heads_ship_four_heads_in_their_orientations():
     assert not np.allclose(np.abs(d), np.eye(3))  # the permuted-axes head stays permuted
 
 
+@pytest.mark.slow
 def test_grid_storage_and_orientation_follow_the_profile(scanned):
     for name, (image, mask) in scanned.items():
         p = SITES[name]
@@ -69,6 +70,7 @@ def test_grid_storage_and_orientation_follow_the_profile(scanned):
         assert np.allclose(mask.GetOrigin(), image.GetOrigin())
 
 
+@pytest.mark.slow
 def test_anatomy_is_kept(head, scanned):
     for name, (image, mask) in scanned.items():
         assert abs(volume_ml(mask) / volume_ml(head[1]) - 1.0) < 0.15, name
@@ -76,12 +78,14 @@ def test_anatomy_is_kept(head, scanned):
         assert dice(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(head[1])) > 0.95, name
 
 
+@pytest.mark.slow
 def test_sites_differ_from_each_other(scanned):
     hist = {name: brain_histogram(*scanned[name]) for name in SITES}
     for a, b in itertools.combinations(SITES, 2):
         assert np.abs(hist[a] - hist[b]).sum() > 0.15, (a, b)
 
 
+@pytest.mark.slow
 def test_deterministic_per_seed(head, scanned):
     a1, m1 = scanned["siemens3"]
     a2, m2 = simulate_site(*head, "siemens3", seed=0)
@@ -92,6 +96,7 @@ def test_deterministic_per_seed(head, scanned):
     assert not np.array_equal(sitk.GetArrayViewFromImage(a1), sitk.GetArrayViewFromImage(a3))
 
 
+@pytest.mark.slow
 def test_severity_scales_the_shift(head, scanned):
     ref = brain_histogram(*scanned["ge3"])
     dist = []
@@ -123,6 +128,7 @@ def test_random_subject_moves_anatomy_plausibly(head):
     assert abs(volume_ml(m1) / volume_ml(mask) - 1.0) < 0.3
 
 
+@pytest.mark.slow
 def test_more_masks_follow_the_same_deformation_and_grid(head):
     image, mask = head
     s, m, m_again = random_subject(image, mask, seed=1, also=(mask,))

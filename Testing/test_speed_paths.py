@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ConvLoRASegLib.convlora import inject_convlora, lora_layers
@@ -120,6 +121,7 @@ def test_with_esh_and_oom_fallback_keep_working(request):
     assert np.abs(small - final).max() < 1e-4 and early.shape == final.shape and early.any()
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_mode_runs(tmp_path):
     t, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--smoke", "--work", str(tmp_path),
