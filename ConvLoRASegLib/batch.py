@@ -512,21 +512,28 @@ def candidate_adapters(model, adapters_dir: Optional[PathLike]) -> List[Any]:
     return list(found.values())
 
 
-def adapter_map(path: PathLike, inputs: Sequence[Path]) -> Dict[Path, str]:
-    """An adapter map CSV: columns ``input,adapter`` (an adapter file, a store name, ``auto`` or ``none``); an
-    input is matched by its path, file name or name without extension. Returns input -> adapter spec."""
-    src = Path(path).expanduser()
+def csv_rows(src: Path, option: str, columns: Sequence[str]) -> List[Dict[str, str]]:
+    """The rows of a user's CSV given with ``option`` (``--adapter-map``, ``--sites``): column names stripped and
+    lower-cased, values stripped; one-line errors for a missing file, a file without ``columns`` and an unreadable
+    one."""
     try:
         with src.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "input" not in fields or "adapter" not in fields:
-                raise ConvLoRASegError(f"--adapter-map {src.name}: a CSV needs the columns input,adapter")
-            entries = [{k.strip().lower(): (v or "").strip() for k, v in line.items() if k} for line in reader]
+            if any(c not in fields for c in columns):
+                raise ConvLoRASegError(f"{option} {src.name}: a CSV needs the columns {','.join(columns)}")
+            return [{k.strip().lower(): (v or "").strip() for k, v in line.items() if k} for line in reader]
     except FileNotFoundError:
-        raise ConvLoRASegError(f"--adapter-map: no such file: {src}") from None
+        raise ConvLoRASegError(f"{option}: no such file: {src}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ConvLoRASegError(f"cannot read --adapter-map {src}: {exc}") from None
+        raise ConvLoRASegError(f"cannot read {option} {src}: {exc}") from None
+
+
+def adapter_map(path: PathLike, inputs: Sequence[Path]) -> Dict[Path, str]:
+    """An adapter map CSV: columns ``input,adapter`` (an adapter file, a store name, ``auto`` or ``none``); an
+    input is matched by its path, file name or name without extension. Returns input -> adapter spec."""
+    src = Path(path).expanduser()
+    entries = csv_rows(src, "--adapter-map", ("input", "adapter"))
     by_key: Dict[str, str] = {}
     for e in entries:
         if e.get("input") and e.get("adapter"):

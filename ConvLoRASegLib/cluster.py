@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .batch import CaseJob, Segmenter, SegmentSettings, adapt_cohort, failed_case, run_in_process
+from .batch import CaseJob, Segmenter, SegmentSettings, adapt_cohort, csv_rows, failed_case, run_in_process
 from .errors import ConvLoRASegError
 
 #: Name the worker plugin is registered under.
@@ -243,8 +243,6 @@ class SiteJob:
 def site_cohorts(spec: str) -> Dict[str, List[Path]]:
     """Site -> volumes, from a CSV with columns ``site,path`` (path: a file, folder or glob; relative to the
     CSV) or from a folder holding one sub-folder of volumes per site."""
-    import csv
-
     from .cohorts import find_volumes
 
     src = Path(spec).expanduser()
@@ -257,20 +255,15 @@ def site_cohorts(spec: str) -> Dict[str, List[Path]]:
         return sites
     if not src.is_file():
         raise ConvLoRASegError(f"--sites: no such file or folder: {src}")
+    rows = csv_rows(src, "--sites", ("site", "path"))
     try:
-        with src.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "site" not in fields or "path" not in fields:
-                raise ConvLoRASegError(f"--sites {src.name}: a CSV needs the columns site,path")
-            for line in reader:
-                row = {k.strip().lower(): (v or "").strip() for k, v in line.items() if k}
-                if not row.get("site") or not row.get("path"):
-                    continue
-                p = Path(row["path"]).expanduser()
-                p = p if p.is_absolute() else src.parent / p
-                sites.setdefault(row["site"], []).extend(find_volumes([str(p)]))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        for row in rows:
+            if not row.get("site") or not row.get("path"):
+                continue
+            p = Path(row["path"]).expanduser()
+            p = p if p.is_absolute() else src.parent / p
+            sites.setdefault(row["site"], []).extend(find_volumes([str(p)]))
+    except OSError as exc:
         raise ConvLoRASegError(f"cannot read --sites {src}: {exc}") from None
     if not sites:
         raise ConvLoRASegError(f"--sites {src.name}: no rows")
