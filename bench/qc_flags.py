@@ -63,9 +63,7 @@ def case_rows(folders: List[Path]) -> List[dict]:
             silver = sitk.GetArrayFromImage(read_image(HEADS / head / "mask_silver.nii.gz")) > 0
             mask = sitk.GetArrayFromImage(mask_img) > 0
             sp = tuple(reversed(mask_img.GetSpacing()))
-            image = read_image(HEADS / head / "image.nii.gz")
-            m = qc.measure(mask_img, None, image=image) if "image" in qc.measure.__code__.co_varnames \
-                else qc.measure(mask_img, None)
+            m = qc.measure(mask_img, None)
             rows.append({"case": f"{folder.name}/{f.name}", "head": head, "dice": float(dice(mask, silver)),
                          "outside_ml": round(outside_ml(mask, silver, sp), 1), **m})
     return rows

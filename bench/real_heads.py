@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import os
 import platform
@@ -51,8 +52,9 @@ HELD_OUT_GROUPS = (
 SPREAD_GROUP = "nichart_a"
 
 
+@functools.lru_cache(maxsize=None)
 def index() -> List[Dict[str, str]]:
-    """The rows of ``index.csv`` (name, group, person, scanner, ...)."""
+    """The rows of ``index.csv`` (name, group, person, scanner, ...), read once (callers do not modify them)."""
     with open(HEADS / "index.csv", newline="") as f:
         return list(csv.DictReader(f))
 

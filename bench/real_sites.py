@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_heads import HEADS, fold_of, folds, index, score_volume  # noqa: E402
+from real_heads import HEADS, fold_of, index, peer_mask, score_volume  # noqa: E402
 
 CODE = Path(os.environ.get("CONVLORASEG_CODE", ROOT))
 RESULTS = ROOT / "bench" / "results" / "real_sites"
@@ -205,17 +205,16 @@ def rules_table(rows: List[dict], metric: str = "surface_dice_1mm") -> List[dict
 
 
 def report(work: Path, out: Path, cache: Path) -> str:
-    from peers import cached_mask
-
+    """The tables from the cached rows; deepbet and ROBEX from their cache only (``real_heads.py peers``), never run
+    here: a peer not cached yet leaves its cell empty."""
     rows = load_rows(work)
     peers: Dict[str, Dict[str, dict]] = {}
     for v in sorted({r["volume"] for r in rows}):
         peers[v] = {}
         for tool in ("deepbet", "robex"):
-            try:
-                peers[v][tool] = score_volume(cached_mask(tool, HEADS / v / "image.nii.gz", cache)[0], v)
-            except Exception as exc:  # a peer that is not installed leaves its column empty
-                print(f"{tool} on {v}: {exc}", flush=True)
+            got = peer_mask(tool, HEADS / v / "image.nii.gz", cache, compute=False)
+            if got is not None:
+                peers[v][tool] = score_volume(got[0], v)
     metric = "surface_dice_1mm"
     lines = [f"Real scanner shifts ({datetime.date.today().isoformat()}, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; `python bench/real_sites.py "

@@ -518,15 +518,12 @@ def w_scan_check(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _cli_seconds(args: Sequence[str]) -> Tuple[float, Dict[str, Any]]:
-    """Wall seconds of one ``convlora-seg ARGS --json`` process, and its ``done`` object."""
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ConvLoRASegLib", *args, "--json"], capture_output=True, text=True,
-                          cwd=ROOT)
-    secs = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"convlora-seg {args[0]} failed: {proc.stderr.strip()[-300:]}")
-    done = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{") and '"done"' in x]
-    return secs, (done[-1] if done else {})
+    """Wall seconds of one ``convlora-seg ARGS --json`` process, and its ``done`` object (bench/real_sites.py's
+    runner: the checkout in CONVLORASEG_CODE, by default this one)."""
+    from real_sites import cli
+
+    done = cli(*args)
+    return done["wall_seconds"], done
 
 
 def w_segment_cli(cfg: Dict[str, Any]) -> Dict[str, Any]:
