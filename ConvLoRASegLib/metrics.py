@@ -33,7 +33,6 @@ import itertools
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from .errors import ConvLoRASegError
 
@@ -287,6 +286,8 @@ class _SurfaceDistances:
             return np.zeros(0)
         if len(to) == 0:
             return np.full(len(points), np.inf)
+        from scipy.spatial import cKDTree  # imported here: `segment` loads this module, rarely calls this
+
         distances, _ = cKDTree(to).query(points, k=1, distance_upper_bound=bound_mm)
         return distances
 

@@ -443,10 +443,37 @@ def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     if not np.any(factor > ANTIALIAS_FACTOR):
         return image
     sigma_vox = np.where(factor > ANTIALIAS_FACTOR, (factor - 1) / 2.0, 0.0)
-    a = sitk.GetArrayViewFromImage(image)
-    smooth = sitk.GetImageFromArray(ndimage.gaussian_filter(a, tuple(sigma_vox[::-1]), truncate=3.0))
+    smooth = sitk.GetImageFromArray(_gaussian_threaded(sitk.GetArrayViewFromImage(image), sigma_vox[::-1]))
     smooth.CopyInformation(image)
     return smooth
+
+
+def _gaussian_threaded(a: np.ndarray, sigma: Sequence[float], truncate: float = 3.0) -> np.ndarray:
+    """``ndimage.gaussian_filter(a, sigma, truncate=truncate)`` (float32 in, float32 out, bit for bit the same), on
+    every core: each 1D pass runs on slabs cut along another axis (scipy releases the GIL while it filters)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = np.asarray(a, dtype=np.float32)
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    axes = [ax for ax in range(src.ndim) if sigma[ax] > 0]
+    if workers == 1 or src.ndim < 2 or src.size < 1_000_000 or not axes:
+        return ndimage.gaussian_filter(src, tuple(sigma), truncate=truncate)
+    out = np.empty_like(src)
+    with ThreadPoolExecutor(workers) as pool:
+        for ax in axes:
+            cut = max((d for d in range(src.ndim) if d != ax), key=lambda d: src.shape[d])
+            bounds = np.linspace(0, src.shape[cut], workers + 1).astype(int)
+
+            def run(lo_hi, ax=ax, cut=cut, src=src):
+                idx = [slice(None)] * src.ndim
+                idx[cut] = slice(*lo_hi)
+                ndimage.gaussian_filter1d(src[tuple(idx)], sigma[ax], axis=ax, output=out[tuple(idx)],
+                                          truncate=truncate)
+
+            list(pool.map(run, [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]))
+            # the next pass reads this one's result: swap, keeping the caller's array untouched
+            src, out = out, (np.empty_like(out) if src is a else src)
+    return src
 
 
 def intensity_range(image: sitk.Image, method: str) -> Tuple[float, float]:
@@ -598,7 +625,46 @@ def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: float = 0.5, post
     if postprocess:
         radius = LEAK_RADIUS_MM if leak_radius_mm is None else leak_radius_mm
         probs = detach_leaks(probs, float(vs.working.GetSpacing()[0]), radius)
-    return to_mask(to_native(probs, vs), threshold, postprocess=postprocess)
+    probs = np.asarray(probs, dtype=np.float32)
+    if threshold <= 0 or probs.shape != vs.slices.shape:
+        return to_mask(to_native(probs, vs), threshold, postprocess=postprocess)
+    # Only the native voxels near the working voxels >= threshold can reach it (linear interpolation is a convex
+    # combination of 8 neighbours): resample, threshold and post-process that box only, zeros elsewhere. The same
+    # mask as the whole grid's, in a fraction of the time on a large field of view.
+    full = np.zeros(tuple(reversed(vs.native.GetSize())), np.uint8)
+    box = _native_box(probs >= threshold, vs)
+    if box is not None:
+        lo = [b.start for b in reversed(box)]  # (i, j, k)
+        sub = _reference([b.stop - b.start for b in reversed(box)], vs.native.GetSpacing(),
+                         vs.native.TransformIndexToPhysicalPoint(lo), _direction(vs.native))
+        work = sitk.GetImageFromArray(probs)
+        work.CopyInformation(vs.working)
+        part = to_mask(_resample(work, sub, sitk.sitkLinear, 0.0), threshold, postprocess=postprocess)
+        full[box] = sitk.GetArrayViewFromImage(part)  # `part` alive while its view is copied
+    out = sitk.GetImageFromArray(full)
+    out.CopyInformation(vs.native)
+    return out
+
+
+def _native_box(above: np.ndarray, vs: VolumeSlices) -> Optional[Tuple[slice, slice, slice]]:
+    """The native numpy box (k, j, i slices) holding every native voxel whose linear interpolation of the working
+    grid can involve a working voxel in ``above``, with one voxel to spare; None when ``above`` is empty."""
+    if not above.any():
+        return None
+    kji = [np.flatnonzero(above.any(axis=tuple(d for d in range(3) if d != ax))) for ax in range(3)]
+    # working continuous (i, j, k) bounds: a native point within one working voxel of a voxel above
+    lo = [float(kji[ax][0]) - 1.0 for ax in (2, 1, 0)]
+    hi = [float(kji[ax][-1]) + 1.0 for ax in (2, 1, 0)]
+    corners = [vs.native.TransformPhysicalPointToContinuousIndex(
+        vs.working.TransformContinuousIndexToPhysicalPoint((x, y, z)))
+        for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    c = np.array(corners)
+    size = np.array(vs.native.GetSize())
+    first = np.clip(np.floor(c.min(0)).astype(int) - 1, 0, size - 1)
+    last = np.clip(np.ceil(c.max(0)).astype(int) + 1, 0, size - 1)
+    if np.any(c.max(0) < -1.0) or np.any(c.min(0) > size):
+        return None  # the working voxels above lie outside the input's extent
+    return tuple(slice(int(first[ax]), int(last[ax]) + 1) for ax in (2, 1, 0))
 
 
 def to_mask(prob_image: sitk.Image, threshold: float = 0.5, postprocess: bool = True) -> sitk.Image:

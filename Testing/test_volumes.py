@@ -398,6 +398,37 @@ def test_detach_leaks_cuts_what_hangs_on_a_thin_bridge_and_keeps_the_brain():
     noise[:6, :6, :6] = 1.0  # one small solid piece: the only core the erosion leaves
     assert V.detach_leaks(noise, 2.0, 4.0) is noise
 
+def test_brain_mask_on_the_native_box_equals_the_whole_grid():
+    """brain_mask resamples only the box around the working voxels >= 0.5: the same mask as resampling,
+    thresholding and post-processing the input's whole grid, on an oblique, flipped, anisotropic grid, with a
+    mask touching the working grid's edge, and for no brain at all."""
+    img, mask = oblique_ellipsoid()
+    vs = V.to_slices(img, WorkingGrid(spacing_mm=2.0, slice_size=128, normalisation="minmax"))
+    rng = np.random.default_rng(1)
+    base = V.mask_to_slices(mask, vs).astype(np.float32)
+    soft = np.clip(base * 0.8 + rng.random(base.shape).astype(np.float32) * 0.3, 0, 1)
+    edge = soft.copy()
+    edge[:, :6, 40:80] = 0.9  # touches the working grid's border
+    for probs in (soft, edge, np.zeros_like(soft)):
+        for post in (True, False):
+            ref = probs if not post else V.detach_leaks(probs, 2.0, V.LEAK_RADIUS_MM)
+            whole = V.to_mask(V.to_native(ref, vs), 0.5, postprocess=post)
+            boxed = V.brain_mask(probs, vs, 0.5, postprocess=post)
+            assert same_geometry(boxed, img) and boxed.GetPixelID() == sitk.sitkUInt8
+            np.testing.assert_array_equal(sitk.GetArrayViewFromImage(boxed), sitk.GetArrayViewFromImage(whole))
+    assert sitk.GetArrayViewFromImage(V.brain_mask(soft, vs)).sum() > 0.5 * sitk.GetArrayViewFromImage(mask).sum()
+
+
+def test_threaded_antialias_is_scipys_filter_bit_for_bit():
+    rng = np.random.default_rng(2)
+    a = rng.random((110, 100, 96)).astype(np.float32)  # > 1 M voxels: the threaded path
+    before = a.copy()
+    from scipy import ndimage
+    for sigma in ((0.5, 0.5, 0.5), (0.0, 0.5, 1.0), (1.5, 0.0, 0.0)):
+        np.testing.assert_array_equal(V._gaussian_threaded(a, sigma), ndimage.gaussian_filter(a, sigma, truncate=3.0))
+    np.testing.assert_array_equal(a, before)
+
+
 # --------------------------------------------------------------------------------------------------- memory
 
 def test_check_memory_refuses_huge_header_before_reading(tmp_path):
