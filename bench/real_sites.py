@@ -55,6 +55,11 @@ TOLERANCE = 0.005
 # with no case below source - TOLERANCE and the largest mean gain is adopted as the product's default; if no rule
 # but ``never`` has zero such cases, the one with the fewest, then the largest gain, and the README says where it
 # fails. The choice is in-sample (the same rows choose and measure it): reported as such.
+#: The rule adopted (the product's per-scan check since 2e83628: ``selection.VOLUME_GROWTH_MAX``) and the folds whose
+#: rows chose it; the rows of the other folds test it out of sample. Rows are made with the check of 2fd0e86 (before
+#: the growth guard) in ``CONVLORASEG_CODE``, so "delivered" is the check before, and the product now is this rule.
+ADOPTED = ("volume 0.02", None, 0.02)
+ADOPTED_ON_FOLDS = (0, 1)
 RULES = (("today", None, None), ("margin 0.01", 0.01, None), ("margin 0.02", 0.02, None),
          ("margin 0.05", 0.05, None), ("volume 0.02", None, 0.02), ("volume 0.05", None, 0.05),
          ("margin 0.02 + volume 0.05", 0.02, 0.05), ("never", float("inf"), None))
@@ -222,7 +227,8 @@ def report(work: Path, out: Path, cache: Path) -> str:
              f"group. *delivered*: `segment --adapter` with the per-scan check (what a user gets); *unchecked*: "
              f"`--no-scan-check`. Worse: below source - {TOLERANCE}.", ""]
     lines += ["| scope | method | cases | source | unchecked | delivered | gain delivered | worse delivered | "
-              "worse unchecked | adapt s (median) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "worse unchecked | now (adopted rule) | worse now | adapt s (median) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {}
     for scope in ("one-scan", "cohort"):
         for method, _ in METHODS:
@@ -235,12 +241,16 @@ def report(work: Path, out: Path, cache: Path) -> str:
             secs = sorted(r["adapt"]["wall_seconds"] for r in rs)
             worse_d = sum(b < a - TOLERANCE for a, b in zip(s, d))
             worse_u = sum(b < a - TOLERANCE for a, b in zip(s, u))
+            now = [r["unchecked"][metric] if rule_uses_adapter(ADOPTED, r) else r["source"][metric] for r in rs]
+            worse_n = sum(b < a - TOLERANCE for a, b in zip(s, now))
             n = len(rs)
             summary[f"{scope}/{method}"] = {"cases": n, "source": sum(s) / n, "unchecked": sum(u) / n,
                                             "delivered": sum(d) / n, "gain": (sum(d) - sum(s)) / n,
-                                            "worse_delivered": worse_d, "worse_unchecked": worse_u}
+                                            "worse_delivered": worse_d, "worse_unchecked": worse_u,
+                                            "now": sum(now) / n, "worse_now": worse_n}
             lines.append(f"| {scope} | {method} | {n} | {sum(s) / n:.4f} | {sum(u) / n:.4f} | {sum(d) / n:.4f} | "
-                         f"{(sum(d) - sum(s)) / n:+.4f} | {worse_d} | {worse_u} | {secs[len(secs) // 2]:.0f} |")
+                         f"{(sum(d) - sum(s)) / n:+.4f} | {worse_d} | {worse_u} | {sum(now) / n:.4f} | {worse_n} | "
+                         f"{secs[len(secs) // 2]:.0f} |")
     lines += ["", "| volume | group | scope | source | deepbet | ROBEX | " + " | ".join(
         f"{m} unchecked | {m} delivered" for m, _ in METHODS) + " |", "|---|---|---|" + "---:|" * (3 + 2 * len(METHODS))]
     for v in sorted({r["volume"] for r in rows}):
@@ -262,10 +272,20 @@ def report(work: Path, out: Path, cache: Path) -> str:
               "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['rule']} | {r['cases']} | {r['used']} | {r['worse']} | {r['mean_gain']:+.4f} | {r['worst']:+.4f} |"
               for r in rt]
+    fresh = [r for r in rows if r["fold"] not in ADOPTED_ON_FOLDS]
+    rt_fresh = rules_table(fresh) if fresh else []
+    if fresh:
+        lines += ["", f"The same on the {len(fresh)} rows of folds the adoption did not see (folds "
+                  f"{', '.join(str(f) for f in sorted({r['fold'] for r in fresh}))}: out of sample for "
+                  f"'{ADOPTED[0]}').", "", "| rule | cases | adapter used | worse | mean gain | worst |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['rule']} | {r['cases']} | {r['used']} | {r['worse']} | {r['mean_gain']:+.4f} | "
+                  f"{r['worst']:+.4f} |" for r in rt_fresh]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_sites.md").write_text(text)
-    (out / "real_sites.json").write_text(json.dumps({"summary": summary, "rules": rt, "rows": rows, "peers": peers}, indent=1))
+    (out / "real_sites.json").write_text(json.dumps({"summary": summary, "rules": rt, "rules_out_of_sample": rt_fresh,
+                                                           "rows": rows, "peers": peers}, indent=1))
     return text
 
 
