@@ -340,7 +340,7 @@ class Segmenter:
         final, early = predicted.get(SOURCE if info is None else info.name) or predict_slices(
             model, vs.slices, self.device, with_esh=True, progress=progress)
         score = agreement(final, early, model.grid.spacing_mm)
-        mask = volumes.brain_mask(final, vs, 0.5, postprocess=s.postprocess)
+        mask = volumes.brain_mask(final, vs, postprocess=s.postprocess)
         result = volumes.to_native(final, vs) if s.probabilities else mask
         out = Path(job.output)
         ours = bool(job.run_started) and out.is_file() and out.stat().st_mtime >= job.run_started
@@ -569,6 +569,7 @@ def resumed_row(src: Path, dest: Path, previous: Dict[str, Row]) -> Row:
     import SimpleITK as sitk
 
     from .qc import measure
+    from .volumes import MASK_THRESHOLD
 
     old = previous.get(str(src))
     if old is not None and old.get("status") in ("ok", "resumed"):
@@ -577,7 +578,7 @@ def resumed_row(src: Path, dest: Path, previous: Dict[str, Row]) -> Row:
            "warnings": []}
     mask = sitk.ReadImage(str(dest))
     if mask.GetPixelID() == sitk.sitkFloat32:  # probabilities output
-        mask = sitk.Cast(mask >= 0.5, sitk.sitkUInt8)
+        mask = sitk.Cast(mask >= MASK_THRESHOLD, sitk.sitkUInt8)
     return {**row, **measure(mask, None)}
 
 

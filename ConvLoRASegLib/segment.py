@@ -3,7 +3,7 @@
 The path of a volume: :func:`~ConvLoRASegLib.volumes.to_slices` (canonical orientation, working grid,
 normalisation) -> :func:`predict_slices` (the network in batches: channels-last, bf16/fp16 autocast where the
 hardware has it, empty slices skipped, ConvLoRA merged into the kernels) -> :func:`~ConvLoRASegLib.volumes.to_native`
-(probabilities resampled onto the input's exact grid) -> threshold 0.5 and post-processing.
+(probabilities resampled onto the input's exact grid) -> threshold (``volumes.MASK_THRESHOLD``) and post-processing.
 """
 
 from __future__ import annotations
@@ -343,4 +343,4 @@ def segment_image(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLi
                            should_stop=should_stop)
     if probabilities:
         return to_native(probs, vs)
-    return brain_mask(probs, vs, 0.5, postprocess=postprocess)
+    return brain_mask(probs, vs, postprocess=postprocess)

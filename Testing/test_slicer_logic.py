@@ -104,17 +104,19 @@ def tiny_model_file(folder: Path, seed: int, name: str = "model") -> Path:
     from ConvLoRASegLib.model import ConvLoRASegModel
     from ConvLoRASegLib.store import save_model
 
-    from ConvLoRASegLib.volumes import read_image, to_slices
+    from ConvLoRASegLib.volumes import MASK_THRESHOLD, read_image, to_slices
 
     torch.manual_seed(seed)
     model = ConvLoRASegModel(grid=WorkingGrid(spacing_mm=4.0, slice_size=64), n_filters=4).eval()
     # Random weights give one logit everywhere; shift the output so that about 40% of the head's bright
-    # pixels are "brain": the mask then depends on the voxels and their orientation, like a trained one's.
+    # pixels are "brain" (at the mask threshold): the mask then depends on the voxels and their orientation, like
+    # a trained one's.
     slices = to_slices(read_image(HEAD / "image.nii.gz"), model.grid).slices
     with torch.no_grad():
         logits = model(torch.from_numpy(np.ascontiguousarray(slices[:, None], dtype=np.float32)))[:, 0].numpy()
         final_bn = model.unet.out_path[-1]
-        final_bn.bias -= float(np.quantile(logits[slices > 0.1], 0.6))
+        t = MASK_THRESHOLD
+        final_bn.bias -= float(np.quantile(logits[slices > 0.1], 0.6)) - float(np.log(t / (1 - t)))
     path = folder / f"{name}.safetensors"
     save_model(model, path)
     return path
