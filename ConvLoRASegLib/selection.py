@@ -56,12 +56,14 @@ CONSISTENCY_GAMMAS = (0.7, 1.4)
 CONSISTENCY_DROP_MAX = 0.0
 #: An adapted candidate whose mean brain volume is below the unadapted model's by more than this share is refused.
 VOLUME_SHRINK_MAX = 0.02
-#: The per-scan check (``segment --adapter``, :func:`choose_volume_scores`) also refuses an adapter whose brain is more
-#: than this share *larger* than the unadapted model's on the scan. Adopted by the rule written down in
-#: bench/real_sites.py before its first row ("volume 0.02"): on real heads of scanners the source never saw, every
-#: fast adaptation that the check let through and that lost surface Dice had grown the brain (colin27 +2.2 %, -0.033;
-#: siemens_trio +3.7 %, -0.143), while the score rose with every epoch (BENCHMARKS.md, "Real scanner shifts").
-VOLUME_GROWTH_MAX = 0.02
+#: The per-scan check (``segment --adapter``, :func:`choose_volume_scores`) keeps an adapter on a scan only if its
+#: label-free score there beats the unadapted model's by more than this. Adopted by the rule written down in
+#: bench/real_sites.py before its first row, over the real-site rows of all five folds: on real heads of scanners the
+#: source never saw, every adapter that lost surface Dice had beaten the source's score by 0.02 or less, while the
+#: large gains (a bias field, a template) came with margins of 0.06-0.12. The growth guard adopted before it on two
+#: folds ("volume 0.02") failed on the other three: it let a losing AdaBN through and refused the largest gains,
+#: where the unadapted mask was too small (BENCHMARKS.md, "Real scanner shifts").
+SCAN_CHECK_MARGIN = 0.05
 #: The adaptation scores its candidates on every n-th slice of each scoring volume. 1 (every slice): scoring on every
 #: other slice was measured on 2026-12-02 (BENCHMARKS.md, "Answered once") and saved 33 s of 202 s, but it changed 3 of 60
 #: Table 1 selections, each to a worse one (one volume scores a Table 1 task): not worth it.
@@ -182,13 +184,12 @@ def mean_score(scores: Sequence[VolumeScore]) -> float:
 
 def choose(table: Dict[str, float], order: Sequence[str] = (),
            consistency: Optional[Dict[str, float]] = None, brain_ml: Optional[Dict[str, float]] = None,
-           grow_max: Optional[float] = None) -> str:
+           margin: Optional[float] = None) -> str:
     """The selected candidate of ``{name: mean score}``: the best, unless it does not beat :data:`SOURCE` by more
-    than :data:`SELECT_MARGIN`; refused beforehand (with ``consistency``, ``{name: mean consistency}``) a candidate
-    whose consistency falls more than :data:`CONSISTENCY_DROP_MAX` below the source's and (with ``brain_ml``,
-    ``{name: mean brain volume}``) one whose brain is more than :data:`VOLUME_SHRINK_MAX` smaller than the
-    source's (with ``grow_max`` too, one whose brain is more than that share larger); ties go to the earlier name in
-    ``order``."""
+    than ``margin`` (default :data:`SELECT_MARGIN`); refused beforehand (with ``consistency``, ``{name: mean
+    consistency}``) a candidate whose consistency falls more than :data:`CONSISTENCY_DROP_MAX` below the source's
+    and (with ``brain_ml``, ``{name: mean brain volume}``) one whose brain is more than :data:`VOLUME_SHRINK_MAX`
+    smaller than the source's; ties go to the earlier name in ``order``."""
     names = list(order) + [n for n in table if n not in order]
     names = [n for n in names if n in table]
     if SOURCE in table and consistency is not None:
@@ -197,22 +198,21 @@ def choose(table: Dict[str, float], order: Sequence[str] = (),
     if SOURCE in table and brain_ml is not None and brain_ml.get(SOURCE, 0.0) > 0:
         floor = brain_ml[SOURCE] * (1.0 - VOLUME_SHRINK_MAX)
         names = [n for n in names if n == SOURCE or brain_ml.get(n, 0.0) >= floor]
-        if grow_max is not None:
-            ceiling = brain_ml[SOURCE] * (1.0 + grow_max)
-            names = [n for n in names if n == SOURCE or brain_ml.get(n, 0.0) <= ceiling]
     best = max(names, key=lambda n: (table[n], -names.index(n)))
-    if SOURCE in table and best != SOURCE and table[best] <= table[SOURCE] + SELECT_MARGIN:
+    need = SELECT_MARGIN if margin is None else margin
+    if SOURCE in table and best != SOURCE and table[best] <= table[SOURCE] + need:
         return SOURCE
     return best
 
 
 def choose_volume_scores(scores: Dict[str, VolumeScore], order: Sequence[str] = (SOURCE,)) -> str:
     """:func:`choose` among candidates scored on one volume (the per-scan check of ``segment --adapter`` and
-    ``--adapter auto``'s rule): the score of each, its consistency (0 for an implausible brain) and its brain volume,
-    which may neither shrink by more than :data:`VOLUME_SHRINK_MAX` nor grow by more than :data:`VOLUME_GROWTH_MAX`."""
+    ``--adapter auto``'s rule): the score of each, its consistency (0 for an implausible brain) and its brain volume
+    (no shrinking by more than :data:`VOLUME_SHRINK_MAX`); an adapter must beat the unadapted model's score by more
+    than :data:`SCAN_CHECK_MARGIN`."""
     return choose({n: s.value for n, s in scores.items()}, order=order,
                   consistency={n: s.consistency if s.plausible else 0.0 for n, s in scores.items()},
-                  brain_ml={n: s.brain_ml for n, s in scores.items()}, grow_max=VOLUME_GROWTH_MAX)
+                  brain_ml={n: s.brain_ml for n, s in scores.items()}, margin=SCAN_CHECK_MARGIN)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -233,13 +233,20 @@ def per_volume_table(scores: Dict[str, List[VolumeScore]]) -> Dict[str, List[Dic
 # ---------------------------------------------------------------------------------------------------------------
 def adapter_not_used(name: str, scores: Optional[Dict[str, float]] = None) -> str:
     """The warning of a scan on which the per-scan check refused the adapter ``name``: its label-free score did not
-    beat the unadapted model's, or it did but a guard refused it (brain volume changed by more than
-    :data:`VOLUME_SHRINK_MAX` / :data:`VOLUME_GROWTH_MAX`, or a lower gamma consistency)."""
+    beat the unadapted model's, beat it by :data:`SCAN_CHECK_MARGIN` or less, or beat it but a guard refused it
+    (brain more than :data:`VOLUME_SHRINK_MAX` smaller, or a lower gamma consistency)."""
     table = f" (label-free scores: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())})" if scores else ""
-    higher = bool(scores) and name in scores and SOURCE in scores and scores[name] > scores[SOURCE] + SELECT_MARGIN
-    why = (f"scored higher{table} but changed the brain volume by more than -{VOLUME_SHRINK_MAX:.0%} / "
-           f"+{VOLUME_GROWTH_MAX:.0%} or lowered the gamma consistency, which on real scans went with worse masks"
-           if higher else f"did not beat the unadapted model on this scan{table}")
+    known = bool(scores) and name in scores and SOURCE in scores
+    gain = scores[name] - scores[SOURCE] if known else 0.0
+    if known and gain > SCAN_CHECK_MARGIN:
+        why = (f"scored higher{table} but shrank the brain by more than {VOLUME_SHRINK_MAX:.0%} or lowered the gamma "
+               "consistency, which went with worse masks")
+    elif known and gain > 0:
+        why = (f"beat the unadapted model's label-free score by only {gain:.3f}{table}: on real scans of unseen "
+               f"scanners every adapter that lost accuracy had won by 0.02 or less, so the check asks for more than "
+               f"{SCAN_CHECK_MARGIN:g}")
+    else:
+        why = f"did not beat the unadapted model on this scan{table}"
     return (f"adapter {name!r} {why}: segmented without it (--no-scan-check, or checkAdapter=False in Slicer, uses it "
             "anyway)")
 
@@ -255,7 +262,7 @@ def segment_checked(model: ConvLoRASegModel, image: sitk.Image, adapter: Adapter
     predicted: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
     used, scores = choose_adapter(model, image, [adapter], device, working=vs, predictions=predicted)
     final = predicted[SOURCE if used is None else used.name][0]
-    return brain_mask(final, vs, 0.5, postprocess=postprocess), used, scores
+    return brain_mask(final, vs, postprocess=postprocess), used, scores
 
 
 def choose_adapter(model: ConvLoRASegModel, image: sitk.Image, adapters: Sequence[AdapterLike],
@@ -305,7 +312,7 @@ def scan_scores(candidates: Iterable[Tuple[str, ConvLoRASegModel]], slices: np.n
 
 
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
-           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "VOLUME_GROWTH_MAX", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
+           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCAN_CHECK_MARGIN", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
            "brain_ml", "agreement", "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model",
            "mean_score", "choose", "choose_volume_scores", "spearman", "per_volume_table", "scan_scores", "choose_adapter",
            "segment_checked", "adapter_not_used"]

@@ -73,22 +73,25 @@ def test_a_candidate_that_shrinks_the_brain_is_refused():
     assert selection.CandidateScore.of(scores).brain_ml == pytest.approx(scores[0].brain_ml)
 
 
-def test_the_per_scan_check_refuses_an_adapter_that_grows_the_brain():
-    """On real heads every fast adapter that the per-scan check let through and that lost accuracy had grown the brain
-    while its score rose (BENCHMARKS.md, "Real scanner shifts"): the check refuses more than VOLUME_GROWTH_MAX growth,
-    the cohort selection (choose without grow_max) still allows it, and a small change passes."""
+def test_the_per_scan_check_asks_for_a_margin_and_lets_a_growing_brain_through():
+    """On real heads every adapter that lost accuracy had beaten the source's score by 0.02 or less, the large gains
+    came with larger margins, some growing a too-small brain by 8-10 % (BENCHMARKS.md, "Real scanner shifts"): the
+    check refuses a win of SCAN_CHECK_MARGIN or less, keeps a larger one whatever the growth, and the cohort
+    selection (choose without a margin) keeps the small win."""
     def score(value, ml):
         return selection.VolumeScore(agreement=value, consistency=value, brain_ml=ml, plausible=True)
 
-    grown = 1500.0 * (1 + 1.5 * selection.VOLUME_GROWTH_MAX)
-    scores = {"source": score(0.74, 1500.0), "site": score(0.76, grown)}
+    m = selection.SCAN_CHECK_MARGIN
+    scores = {"source": score(0.74, 1500.0), "site": score(0.74 + 0.8 * m, 1500.0)}
     assert selection.choose_volume_scores(scores) == "source"
-    assert selection.choose({"source": 0.74, "site": 0.76}, ["source"], brain_ml={"source": 1500.0, "site": grown}) \
-        == "site"
-    assert selection.choose_volume_scores({**scores, "site": score(0.76, 1500.0 * 1.01)}) == "site"
-    # the warning says why an adapter that scored higher was refused, instead of "did not beat"
-    text = selection.adapter_not_used("site", {"source": 0.74, "site": 0.76})
-    assert "scored higher" in text and "+2%" in text and "did not beat" not in text
+    assert selection.choose({"source": 0.74, "site": 0.74 + 0.8 * m}, ["source"]) == "site"
+    assert selection.choose_volume_scores({**scores, "site": score(0.74 + 1.5 * m, 1500.0 * 1.10)}) == "site"
+    assert selection.choose_volume_scores({**scores, "site": score(0.74 + 1.5 * m, 1500.0 * 0.95)}) == "source"
+    # the warning says why: a win too small, a guard, or no win at all
+    small = selection.adapter_not_used("site", {"source": 0.74, "site": 0.74 + 0.5 * m})
+    assert "by only" in small and "did not beat" not in small
+    guarded = selection.adapter_not_used("site", {"source": 0.74, "site": 0.74 + 2 * m})
+    assert "scored higher" in guarded and "shrank" in guarded
     assert "did not beat" in selection.adapter_not_used("site", {"source": 0.74, "site": 0.70})
 
 
