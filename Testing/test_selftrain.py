@@ -295,7 +295,7 @@ def test_no_reference_to_torch_out_of_memory_error_that_older_torch_lacks():
     from ConvLoRASegLib import segment
 
     root = Path(ConvLoRASegLib.__file__).parent
-    assert not [p.name for p in root.rglob("*.py") if "torch.OutOfMemoryError" in p.read_text()]
+    assert not [p.name for p in root.rglob("*.py") if "torch.OutOfMemoryError" in p.read_text(encoding="utf-8")]
     assert issubclass(segment.OutOfMemoryError, torch.cuda.OutOfMemoryError)
 
 
