@@ -440,7 +440,7 @@ TRAIN_SLICE_PASSES, ADABN_SLICE_PASSES = 3.0, 2.0
 
 
 def estimate_seconds(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
-                     mode: str = "fast", epochs: int = 5, batch_size: int = 32, device="auto",
+                     mode: str = "fast", epochs: int = ADAPT_EPOCHS, batch_size: int = 32, device="auto",
                      selection_volumes: int = 4, steps_per_epoch: Optional[int] = None,
                      precision: Optional[str] = None, **_: object) -> float:
     """A rough duration (seconds) of :func:`adapt` with the same arguments, before it runs: one batch of target

@@ -533,14 +533,20 @@ def mask_to_slices(mask: sitk.Image, vs: VolumeSlices) -> np.ndarray:
     return (sitk.GetArrayViewFromImage(work) >= 0.5).astype(np.uint8)
 
 
-def to_native(probs: np.ndarray, vs: VolumeSlices) -> sitk.Image:
-    """Working-grid probabilities (N, H, W) as a float32 image on the input's exact grid (linear, 0 outside)."""
+def _working_probs(probs: np.ndarray, vs: VolumeSlices) -> np.ndarray:
+    """``probs`` as float32, refused unless it has the working slices' shape."""
     probs = np.asarray(probs, dtype=np.float32)
     if probs.shape != vs.slices.shape:
         raise ValueError(f"probabilities of shape {probs.shape} do not match the slices {vs.slices.shape}")
-    work = sitk.GetImageFromArray(probs)
+    return probs
+
+
+def to_native(probs: np.ndarray, vs: VolumeSlices, reference: Optional[sitk.Image] = None) -> sitk.Image:
+    """Working-grid probabilities (N, H, W) as a float32 image on the input's exact grid (linear, 0 outside), or on
+    ``reference`` (a part of that grid)."""
+    work = sitk.GetImageFromArray(_working_probs(probs, vs))
     work.CopyInformation(vs.working)
-    return _resample(work, vs.native, sitk.sitkLinear, 0.0)
+    return _resample(work, vs.native if reference is None else reference, sitk.sitkLinear, 0.0)
 
 
 def postprocess(mask: np.ndarray) -> np.ndarray:
@@ -632,8 +638,8 @@ def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: Optional[float] =
         radius = LEAK_RADIUS_MM if leak_radius_mm is None else leak_radius_mm
         probs = detach_leaks(probs, float(vs.working.GetSpacing()[0]), radius)
     threshold = MASK_THRESHOLD if threshold is None else threshold
-    probs = np.asarray(probs, dtype=np.float32)
-    if threshold <= 0 or probs.shape != vs.slices.shape:
+    probs = _working_probs(probs, vs)
+    if threshold <= 0:
         return to_mask(to_native(probs, vs), threshold, postprocess=postprocess)
     # Only the native voxels near the working voxels >= threshold can reach it (linear interpolation is a convex
     # combination of 8 neighbours): resample, threshold and post-process that box only, zeros elsewhere. The same
@@ -644,9 +650,7 @@ def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: Optional[float] =
         lo = [b.start for b in reversed(box)]  # (i, j, k)
         sub = _reference([b.stop - b.start for b in reversed(box)], vs.native.GetSpacing(),
                          vs.native.TransformIndexToPhysicalPoint(lo), _direction(vs.native))
-        work = sitk.GetImageFromArray(probs)
-        work.CopyInformation(vs.working)
-        part = to_mask(_resample(work, sub, sitk.sitkLinear, 0.0), threshold, postprocess=postprocess)
+        part = to_mask(to_native(probs, vs, sub), threshold, postprocess=postprocess)
         full[box] = sitk.GetArrayViewFromImage(part)  # `part` alive while its view is copied
     out = sitk.GetImageFromArray(full)
     out.CopyInformation(vs.native)
@@ -674,7 +678,7 @@ def _native_box(above: np.ndarray, vs: VolumeSlices) -> Optional[Tuple[slice, sl
     return tuple(slice(int(first[ax]), int(last[ax]) + 1) for ax in (2, 1, 0))
 
 
-def to_mask(prob_image: sitk.Image, threshold: float = 0.5, postprocess: bool = True) -> sitk.Image:
+def to_mask(prob_image: sitk.Image, threshold: float = MASK_THRESHOLD, postprocess: bool = True) -> sitk.Image:
     """Threshold probabilities (>= ``threshold``) into a uint8 {0, 1} image of the same geometry."""
     m = (sitk.GetArrayViewFromImage(prob_image) >= threshold).astype(np.uint8)
     if postprocess:
