@@ -64,6 +64,8 @@ class DemoResult:
 
     def table(self) -> str:
         """The before/after table the demo prints."""
+        from .selection import SCAN_CHECK_MARGIN
+
         s = self.seconds
         rows = [
             f"ConvLoRASeg demo: {self.n_target_volumes} unlabelled volumes from site {self.site}, held-out head "
@@ -80,8 +82,10 @@ class DemoResult:
             f"the adaptation (convlora-adabn) made {self.epochs + 2} candidates, the unadapted model included, and "
             f"{self.verdict} (label-free score: ESH agreement + gamma consistency, on the cohort)",
             "per-scan check on the test scan (as segment --adapter): " + (
-                "the adapter scores better than no adapter, used" if self.adapter_used else
-                "the adapter does not score better than no adapter: not used"),
+                f"the adapter beats no adapter's label-free score by more than {SCAN_CHECK_MARGIN:g}: used"
+                if self.adapter_used else
+                f"the adapter does not beat no adapter's label-free score by more than {SCAN_CHECK_MARGIN:g}: "
+                "not used"),
         ]
         return "\n".join(rows)
 
