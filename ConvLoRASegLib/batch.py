@@ -213,21 +213,25 @@ def adapt_cohort(model, paths: Sequence[PathLike], dest: PathLike, name: str, *,
     (:func:`read_slices`), :func:`~ConvLoRASegLib.selftrain.adapt` (``kwargs``: method, mode, epochs, ...), with
     ``labelled`` scans (:func:`~ConvLoRASegLib.labelled_check.read_labelled_scans`) the labelled check, then save
     the adapter to ``dest`` under ``name`` (``details`` added to its metadata). With ``log``, the expected
-    duration is said before the adaptation starts (:func:`~ConvLoRASegLib.selftrain.estimate_seconds`)."""
+    duration is said once the adaptation's first scoring pass has timed the network (its ``"estimate"`` event,
+    :func:`~ConvLoRASegLib.selftrain.expected_seconds`)."""
     from .labelled_check import apply_check, check_adaptation
     from .progress import duration
     from .segment import resolve_device
-    from .selftrain import adapt, estimate_seconds
+    from .selftrain import adapt
     from .store import save_adapter
 
     report = progress or (lambda e: None)
     dev = resolve_device(device)
     stacks, used, skipped = read_slices(paths, model.grid, progress, warn, what=what)
-    if log is not None:
-        expected = estimate_seconds(model, stacks, device=dev, **kwargs)
-        log(f"adapting to {len(used)} volumes ({sum(len(v) for v in stacks)} slices) on {dev}: expected about "
-            f"{duration(expected)} (a rough estimate from one timed batch)")
-    result = adapt(model, stacks, device=dev, progress=progress, **kwargs)
+
+    def adapt_progress(event: Dict[str, Any]) -> None:
+        if log is not None and event.get("event") == "estimate":
+            log(f"adapting to {len(used)} volumes ({sum(len(v) for v in stacks)} slices) on {dev}: expected about "
+                f"{duration(event['seconds'])} (a rough estimate from its first scoring pass)")
+        report(event)
+
+    result = adapt(model, stacks, device=dev, progress=adapt_progress, **kwargs)
     label_free, check = result.selected, None
     if labelled:
         check = check_adaptation(model, result, list(labelled), dev, progress=progress)

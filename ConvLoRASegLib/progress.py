@@ -6,6 +6,9 @@ The library reports progress through one callback taking a dict (the protocol th
     {"event": "progress", "stage": "adabn|pseudo-labels|train|select|save|segment|...", "step": i, "total": n,
      "epoch": e, "epochs": E, "loss": x, "score": s}
 
+and, once per adaptation (after its first scoring pass has timed the network), ``{"event": "estimate", "seconds":
+expected duration, "elapsed": s}``.
+
 A :class:`Reporter` is that callback. With ``--json`` every event becomes one JSON object per line on stdout,
 followed by exactly one ``{"event": "done", ...}``, ``{"event": "error", "message": ...}`` or
 ``{"event": "cancelled"}``; human-readable text then goes to stderr so stdout stays machine-readable.

@@ -74,11 +74,16 @@ def test_methods_run_and_train_what_they_should(model, method, mode, force_adapt
         assert "init_path.0.weight" in keys and not any(k.startswith("down1") for k in keys)
     elif method == "self-training":
         assert r.trainable_params == sum(p.numel() for p in model.unet.parameters())
-    stages = {e["stage"] for e in events}
+    # one estimate of the whole duration, timed on the first scoring pass, before any adaptation stage
+    estimates = [i for i, e in enumerate(events) if e["event"] == "estimate"]
+    assert len(estimates) == 1 and events[estimates[0]]["seconds"] > events[estimates[0]]["elapsed"] > 0
+    assert not any(e.get("stage") in ("adabn", "pseudo-labels", "train") for e in events[:estimates[0]])
+    progress = [e for e in events if e["event"] != "estimate"]
+    stages = {e["stage"] for e in progress}
     assert "select" in stages and (method == "adabn" or "train" in stages)
     # computed once: in fast mode, and for self-training (its teacher is the frozen source model)
     assert ("pseudo-labels" in stages) == ((mode == "fast" and method != "adabn") or method == "self-training")
-    for e in events:
+    for e in progress:
         assert e["event"] == "progress" and {"stage", "step", "total"} <= set(e)
 
 
