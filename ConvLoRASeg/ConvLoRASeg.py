@@ -48,7 +48,7 @@ from ConvLoRASegModuleLib.logic import (ADAPTER_NOT_USED_ATTRIBUTE, ConvLoRASegL
                                         SegmentOutcome)
 from ConvLoRASegModuleLib.manifest import MANIFEST_COLUMNS, loadManifest, manifestEntries, manifestRows
 from ConvLoRASegModuleLib.parameters import (PATH_WIDGETS, ConvLoRASegParameterNode, TargetType,
-                                             libraryDefaultEpochs, pathOrNone)
+                                             libraryDefaultEpochs, libraryOneScanEpochs, pathOrNone)
 from ConvLoRASegModuleLib.presenters import (JOB_PROGRESS_BARS, JOB_STATUS_LABELS, actionButtonStates,
                                              adaptationMessage, adapterRowToSelect, checkScansFromParameters,
                                              deviceChoices, epochsDefaultText, installStepText, modelInfoText,
@@ -152,7 +152,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showEpochsDefault(self) -> None:
         """0 epochs runs the library's default: the field shows that number (Qt's special value text) instead."""
         self.ui.epochsSpinBox.specialValueText, self.ui.epochsSpinBox.toolTip = \
-            epochsDefaultText(libraryDefaultEpochs())
+            epochsDefaultText(libraryDefaultEpochs(), libraryOneScanEpochs())
 
     def onReload(self) -> None:
         """Developer *Reload*: Slicer re-executes only this file, so the package beside it is dropped from

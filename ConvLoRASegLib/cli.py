@@ -389,7 +389,7 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``convlora-seg`` argument parser."""
-    from .constants import ADAPT_EPOCHS, METHODS, MODES, PLACEMENTS
+    from .constants import ADAPT_EPOCHS, METHODS, MODES, ONE_SCAN_EPOCHS, PLACEMENTS
 
     parser = argparse.ArgumentParser(
         prog="convlora-seg", description="Brain masks for MRI volumes, and label-free adapters for new scanners "
@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "other methods of the paper's Table 1")
     p.add_argument("--mode", default="fast", choices=MODES, help="fast (default) or the paper's exact recipe")
     p.add_argument("--epochs", type=int, metavar="N",
-                   help=f"training epochs (default {ADAPT_EPOCHS} in both modes; 0: AdaBN only)")
+                   help=f"training epochs (default {ADAPT_EPOCHS}; {ONE_SCAN_EPOCHS} in fast mode on one scan; "
+                        "0: AdaBN only)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimiser steps per epoch, 0 = every slice (default: 8 in fast mode, all in paper mode)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),

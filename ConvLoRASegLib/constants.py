@@ -12,5 +12,9 @@ METHODS = ("convlora-adabn", "adabn", "udas", "udas-convlora", "self-training")
 MODES = ("paper", "fast")
 #: Where ConvLoRA goes in the U-Net.
 PLACEMENTS = ("init_path", "init_path+down1", "init_path+down1+down2", "all")
-#: Training epochs of an adaptation unless told otherwise, in both modes.
+#: Training epochs of an adaptation unless told otherwise: paper mode, and fast mode on several scans.
 ADAPT_EPOCHS = 5
+#: Training epochs of a fast-mode adaptation to one scan unless told otherwise (the Slicer user's case, with a budget of
+#: 20 s on a 256^3 head): chosen by the rule of bench/one_scan_epochs.py, written before its rows, on real scans of
+#: scanners the source model never saw (BENCHMARKS.md, "One-scan adaptation").
+ONE_SCAN_EPOCHS = 3

@@ -42,6 +42,8 @@ class DemoResult:
     test_head: str
     n_target_volumes: int
     epochs: int
+    #: candidates the adaptation scored (the unadapted model, AdaBN alone and the trained ones)
+    n_candidates: int
     dice_before: float
     dice_after: float
     surface_dice_before: float
@@ -79,7 +81,7 @@ class DemoResult:
             f"adapter {self.adapter_bytes / 1e3:.1f} kB vs model {self.model_bytes / 1e6:.2f} MB "
             f"({100.0 * self.adapter_bytes / max(self.model_bytes, 1):.1f} %); adaptation {s['adapt']:.1f} s "
             f"({self.epochs} epochs); simulation {s['simulate']:.1f} s; total {s['total']:.1f} s",
-            f"the adaptation (convlora-adabn) made {self.epochs + 2} candidates, the unadapted model included, and "
+            f"the adaptation (convlora-adabn) made {self.n_candidates} candidates, the unadapted model included, and "
             f"{self.verdict} (label-free score: ESH agreement + gamma consistency, on the cohort)",
             "per-scan check on the test scan (as segment --adapter): " + (
                 f"the adapter beats no adapter's label-free score by more than {SCAN_CHECK_MARGIN:g}: used"
@@ -409,7 +411,8 @@ def run_demo(out_dir: Path = Path("convlora-demo"), quick: bool = False, model: 
         ("before: source model", "after: with the adapter" if used is not None else
          "after: adapter not used (per-scan check)"), [(d0, s0), (d1, s1)])
     demo = DemoResult(
-        site=site, test_head=test_name, n_target_volumes=len(stacks), epochs=result.epochs, dice_before=d0,
+        site=site, test_head=test_name, n_target_volumes=len(stacks), epochs=result.epochs,
+        n_candidates=len(result.candidates), dice_before=d0,
         dice_after=d1, surface_dice_before=s0, surface_dice_after=s1, score_source=result.agreement_source,
         score_selected=result.best_agreement, selected=result.selected, verdict=result.verdict(),
         adapter_bytes=info.bytes, model_bytes=model_path.stat().st_size,

@@ -22,7 +22,9 @@ Modes: ``paper`` does what the paper's code does (UDAS pseudo-labels recomputed 
 BatchNorm in train mode, momentum 0.1, for ``convlora-adabn``; fp32; every slice each epoch). ``fast`` runs AdaBN
 first, computes the pseudo-labels once without gradients (in the pass that scores the AdaBN candidate),
 back-propagates only through the layers up to the ESH, caps the optimiser steps per epoch
-(:data:`FAST_STEPS_PER_EPOCH`) and runs its forward passes in bf16 where the hardware has it.
+(:data:`FAST_STEPS_PER_EPOCH`), runs its forward passes in bf16 where the hardware has it and scores the adapted
+model after its last epoch only (:data:`FAST_SCORED_EPOCHS`; 3 epochs on one scan by default, 5 on several:
+:func:`default_epochs`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 
 from .adabn import adabn_volumes, batchnorm_layers, set_bn_momentum_mode
 from .convlora import PLACEMENTS, adapter_state, inject_convlora, load_adapter_state, remove_convlora
-from .constants import ADAPT_EPOCHS
+from .constants import ADAPT_EPOCHS, ONE_SCAN_EPOCHS
 from .constants import MODES as _MODES
 from .errors import Cancelled, ConvLoRASegError
 from .model import ConvLoRASegModel
@@ -50,6 +52,13 @@ MODES = _MODES
 #: Fast mode's default cap on optimiser steps per epoch (256 slices per epoch at batch 32; a new random subset each
 #: epoch). Measured on a 10-volume cohort (BENCHMARKS.md, Speed): within 0.01 surface Dice of paper mode.
 FAST_STEPS_PER_EPOCH = 8
+#: Which trained candidates fast mode scores: ``"last"``, the model after its last epoch only (with the source model
+#: and AdaBN alone), or ``"every"`` epoch (paper mode always: the paper picks the epoch label-free). In fast mode the
+#: pseudo-labels are fixed and the label-free score mostly rises epoch by epoch; on real scans of unseen scanners,
+#: scoring every epoch or the last one only delivered the same masks at every epoch count (bench/one_scan_epochs.py):
+#: the earlier epochs' scoring passes cost time and chose nothing.
+FAST_SCORED_EPOCHS = "last"
+SCORED_EPOCHS = ("every", "last")
 #: Self-training ignores pixels whose teacher probability is within this distance of 0.5 (not confident).
 SELF_TRAINING_CONFIDENCE = 0.3
 Progress = Optional[Callable[[dict], None]]
@@ -115,8 +124,9 @@ class AdaptResult:
     #: label-free score of every candidate, in the order they were made
     candidates: Dict[str, float]
     #: the label-free score (:mod:`~ConvLoRASegLib.selection`: ESH agreement + gamma consistency) of the model the
-    #: training started from (after AdaBN in fast mode, else the source model), then after each epoch (JSON
-    #: ``score_per_epoch``; the attribute keeps its first name for the benchmarks)
+    #: training started from (after AdaBN in fast mode, else the source model), then after each scored epoch (every
+    #: epoch in paper mode, the last in fast mode; JSON ``score_per_epoch``; the attribute keeps its first name for
+    #: the benchmarks)
     agreement: List[float]
     losses: List[float]
     trainable_params: int
@@ -198,6 +208,21 @@ class AdaptResult:
                 "score_per_epoch": self.agreement, "loss_per_epoch": self.losses,
                 "trainable_params": self.trainable_params, "seconds": round(self.seconds, 2),
                 "n_volumes": self.n_volumes, "n_slices": self.n_slices, "seed": self.seed, **self.details}
+
+
+def default_epochs(mode: str, n_volumes: int) -> int:
+    """The training epochs of an adaptation when none are given: :data:`~ConvLoRASegLib.constants.ONE_SCAN_EPOCHS`
+    in fast mode on one scan, else :data:`~ConvLoRASegLib.constants.ADAPT_EPOCHS`."""
+    return ONE_SCAN_EPOCHS if mode == "fast" and n_volumes == 1 else ADAPT_EPOCHS
+
+
+def scored_epochs(mode: str, epochs: int, scored: Optional[str] = None) -> List[int]:
+    """The epochs after which the adapted model becomes a scored candidate: every epoch in paper mode (or with
+    ``scored="every"``), the last one in fast mode (:data:`FAST_SCORED_EPOCHS`)."""
+    scored = scored or ("every" if mode == "paper" else FAST_SCORED_EPOCHS)
+    if scored not in SCORED_EPOCHS:
+        raise ConvLoRASegError(f"unknown scored epochs {scored!r}; choose every or last")
+    return list(range(1, epochs + 1)) if scored == "every" else ([epochs] if epochs else [])
 
 
 def source_copy(model: ConvLoRASegModel) -> ConvLoRASegModel:
@@ -297,16 +322,17 @@ class _Scorer:
 
 
 def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "convlora-adabn",
-          mode: str = "fast", epochs: int = ADAPT_EPOCHS, lr: float = 1e-4, batch_size: int = 32, rank: int = 2,
+          mode: str = "fast", epochs: Optional[int] = None, lr: float = 1e-4, batch_size: int = 32, rank: int = 2,
           alpha: float = 2.0, placement: str = "init_path", seed: int = 0, device="auto",
           selection_volumes: int = 4, steps_per_epoch: Optional[int] = None, precision: Optional[str] = None,
-          progress: Progress = None, should_stop: StopFlag = None) -> AdaptResult:
+          progress: Progress = None, should_stop: StopFlag = None, scored: Optional[str] = None) -> AdaptResult:
     """Adapt a copy of ``model`` to the target volumes (each an N x H x W stack of working-grid slices).
 
     Args:
         model: the source model (left unchanged).
         target: unlabeled target volumes as produced by :func:`~ConvLoRASegLib.volumes.to_slices` (``.slices``).
-        method, mode: see the module docstring. ``epochs``: training epochs (0 allowed: AdaBN only).
+        method, mode: see the module docstring. ``epochs``: training epochs (0 allowed: AdaBN only); None:
+            :func:`default_epochs` (3 in fast mode on one scan, else 5).
         lr, batch_size: Adam learning rate and slices per step (the paper: 1e-4, 32).
         rank, alpha, placement: ConvLoRA settings (the paper: 2, 2, ``init_path``).
         seed: fixes initialisation and batch order: the same seed gives the same adapter.
@@ -320,6 +346,8 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
             natively, else fp16 on GPUs) in fast mode.
         progress: called with dicts ``{"event": "progress", "stage": ..., "step": ..., "total": ..., ...}``.
         should_stop: polled between steps; when True, :class:`~ConvLoRASegLib.errors.Cancelled` is raised.
+        scored: ``"every"`` or ``"last"``: which trained epochs become scored candidates (:func:`scored_epochs`);
+            None = the mode's default (paper: every epoch; fast: :data:`FAST_SCORED_EPOCHS`).
     """
     if method not in METHOD_SPECS:
         raise ConvLoRASegError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -327,6 +355,9 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         raise ConvLoRASegError(f"unknown mode {mode!r}; choose paper or fast")
     if placement not in PLACEMENTS:
         raise ConvLoRASegError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    volumes = [np.asarray(v, np.float32) for v in target if v is not None and len(v)]
+    if epochs is None:
+        epochs = default_epochs(mode, len(volumes))
     if epochs < 0 or (steps_per_epoch is not None and steps_per_epoch < 0) or batch_size < 1:
         raise ConvLoRASegError(f"epochs and steps per epoch must be >= 0 and the batch size >= 1 "
                                f"(got {epochs}, {steps_per_epoch}, {batch_size})")
@@ -334,7 +365,6 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
         raise ConvLoRASegError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
     spec = METHOD_SPECS[method]
     _check_fast_placement(model, spec, mode, placement)
-    volumes = [np.asarray(v, np.float32) for v in target if v is not None and len(v)]
     if not volumes:
         raise ConvLoRASegError("the target cohort has no readable volumes")
     emit = progress or (lambda event: None)
@@ -347,6 +377,7 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     steps_cap = (FAST_STEPS_PER_EPOCH if fast else 0) if steps_per_epoch is None else steps_per_epoch
     if spec.trains == "nothing":
         epochs = 0
+    scored_after = scored_epochs(mode, epochs, scored)
 
     m = source_copy(model).to(dev)
     n_trainable = _open_trainable(m, spec, placement, rank, alpha)
@@ -363,10 +394,10 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
 
     t_first = time.perf_counter()
     scorer.score(SOURCE, m, 0)
-    scored = sum(int(nonempty_slices(v).sum()) for v in scorer.volumes)
-    per_slice = (time.perf_counter() - t_first) / max(2 * scored, 1)  # a pass with the ESH + the perturbed shares
+    n_scored = sum(int(nonempty_slices(v).sum()) for v in scorer.volumes)
+    per_slice = (time.perf_counter() - t_first) / max(2 * n_scored, 1)  # a pass with the ESH + the perturbed shares
     expected = expected_seconds(per_slice, volumes, method, mode, epochs, batch_size, selection_volumes,
-                                steps_per_epoch)
+                                steps_per_epoch, scored)
     emit({"event": "estimate", "seconds": expected + (t_first - t0), "elapsed": time.perf_counter() - t0})
     source_stats = adapter_state(m, bn_stats=True, trained_only=True) if spec.adabn else {}
     cached: Optional[torch.Tensor] = None
@@ -418,9 +449,10 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
                       "epochs": epochs, "loss": loss.item()})
             losses.append(total / n_steps)
             m.eval()
-            name = f"epoch {epoch}"
-            trajectory.append(scorer.score(name, m, epoch))
-            states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
+            if epoch in scored_after:
+                name = f"epoch {epoch}"
+                trajectory.append(scorer.score(name, m, epoch))
+                states[name] = adapter_state(m, bn_stats=spec.adabn, trained_only=True)
 
     selected = choose(scorer.table, order=[SOURCE, "adabn"], consistency=scorer.consistency,
                       brain_ml=scorer.brain_ml)
@@ -449,8 +481,8 @@ ADABN_SLICE_PASSES = 2.0
 
 
 def expected_seconds(per_slice: float, target: Sequence[np.ndarray], method: str = "convlora-adabn",
-                     mode: str = "fast", epochs: int = ADAPT_EPOCHS, batch_size: int = 32, selection_volumes: int = 4,
-                     steps_per_epoch: Optional[int] = None, **_: object) -> float:
+                     mode: str = "fast", epochs: Optional[int] = None, batch_size: int = 32, selection_volumes: int = 4,
+                     steps_per_epoch: Optional[int] = None, scored: Optional[str] = None, **_: object) -> float:
     """A rough duration (seconds) of :func:`adapt` with the same arguments, given the time of one inference pass of
     one slice (``per_slice``; :func:`adapt` measures it on its first scoring pass and reports the result as an
     ``"estimate"`` event): the adaptation's passes counted in slices (the label-free scoring of every candidate on
@@ -460,6 +492,7 @@ def expected_seconds(per_slice: float, target: Sequence[np.ndarray], method: str
     if spec is None or not volumes:
         return 0.0
     fast = mode == "fast"
+    epochs = default_epochs(mode, len(volumes)) if epochs is None else epochs
     epochs = 0 if spec.trains == "nothing" else epochs
     busy = [int(nonempty_slices(np.asarray(v)).sum()) for v in volumes]
     n = sum(busy)
@@ -472,7 +505,8 @@ def expected_seconds(per_slice: float, target: Sequence[np.ndarray], method: str
         passes += ADABN_SLICE_PASSES * n + 2.0 * s
     if epochs:
         passes += n if (fast or spec.learner == "final") else 0.0  # pseudo-labels
-        passes += epochs * (steps * batch_size * TRAIN_SLICE_PASSES["fast" if fast else "paper"] + 2.0 * s)
+        passes += epochs * steps * batch_size * TRAIN_SLICE_PASSES["fast" if fast else "paper"]
+        passes += len(scored_epochs(mode, epochs, scored)) * 2.0 * s
     return passes * per_slice
 
 

@@ -678,7 +678,8 @@ def test_every_option_has_help_and_the_parser_needs_no_torch():
                 assert not bare, f"{name}: {bare} without help"
     assert constants.METHODS == selftrain.METHODS and constants.MODES == selftrain.MODES
     assert constants.PLACEMENTS == tuple(convlora.PLACEMENTS)
-    assert inspect.signature(selftrain.adapt).parameters["epochs"].default == constants.ADAPT_EPOCHS
+    assert selftrain.default_epochs("paper", 1) == selftrain.default_epochs("fast", 2) == constants.ADAPT_EPOCHS
+    assert selftrain.default_epochs("fast", 1) == constants.ONE_SCAN_EPOCHS
     code = ("import sys; sys.modules['torch'] = None\n"
             "from ConvLoRASegLib import cli\n"
             "sys.exit(cli.main(['adapt', '--help']))")
@@ -686,5 +687,6 @@ def test_every_option_has_help_and_the_parser_needs_no_torch():
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "--placement {init_path,init_path+down1,init_path+down1+down2,all}" in text
-    assert f"training epochs (default {constants.ADAPT_EPOCHS} in both modes" in text
+    assert (f"training epochs (default {constants.ADAPT_EPOCHS}; {constants.ONE_SCAN_EPOCHS} in fast mode on one "
+            "scan") in text
     assert "the same seed, the same adapter" in text and "replace an existing adapter file" in text

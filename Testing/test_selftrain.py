@@ -330,3 +330,28 @@ def test_the_result_says_which_candidate_it_kept_and_why(model, force_adapted, m
                                      "adabn": {"consistency": 0.6, "brain_ml": 900.0}}
     assert r.verdict() == ("kept the unadapted model (label-free score 0.500); adabn scored higher (0.600) but its "
                            "brain was more than 2% smaller than the unadapted model's")
+
+
+def test_fast_mode_scores_its_last_epoch_and_paper_mode_every_epoch(model):
+    """Fast mode's candidates: the source model, AdaBN alone and the model after its last epoch (its pseudo-labels are
+    fixed, and on real scans the score and the accuracy rose with every epoch); paper mode scores every epoch."""
+    from ConvLoRASegLib.constants import ADAPT_EPOCHS, ONE_SCAN_EPOCHS
+    from ConvLoRASegLib.selftrain import default_epochs, scored_epochs
+
+    vols = _volumes(1)
+    fast = adapt(model, vols, mode="fast", epochs=3, steps_per_epoch=1, batch_size=4, device="cpu")
+    assert set(fast.candidates) == {"source", "adabn", "epoch 3"} and len(fast.losses) == 3
+    assert len(fast.agreement) == 2 and set(fast.candidate_states) == {"source", "adabn", "epoch 3"}
+    every = adapt(model, vols, mode="fast", epochs=3, steps_per_epoch=1, batch_size=4, device="cpu", scored="every")
+    assert set(every.candidates) == {"source", "adabn", "epoch 1", "epoch 2", "epoch 3"}
+    # the same training: the last epoch's adapter is the same whichever epochs are scored
+    for k, v in fast.candidate_states["epoch 3"].items():
+        assert torch.equal(v, every.candidate_states["epoch 3"][k]), k
+    assert scored_epochs("paper", 3) == [1, 2, 3] and scored_epochs("fast", 3) == [3] and scored_epochs("fast", 0) == []
+    with pytest.raises(ConvLoRASegError, match="scored epochs"):
+        scored_epochs("fast", 3, "some")
+    # the default training length: shorter for one scan in fast mode (its time budget), the same otherwise
+    assert default_epochs("fast", 1) == ONE_SCAN_EPOCHS < ADAPT_EPOCHS == default_epochs("fast", 2)
+    assert default_epochs("paper", 1) == ADAPT_EPOCHS
+    one = adapt(model, vols, steps_per_epoch=1, batch_size=4, device="cpu")
+    assert one.epochs == len(one.losses) == ONE_SCAN_EPOCHS

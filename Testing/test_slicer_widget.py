@@ -11,7 +11,6 @@ a table with a selected row emits ``itemSelectionChanged``). Dependency installs
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 import time
 import types
@@ -361,11 +360,12 @@ def test_the_adapt_progress_bar_and_status_sit_right_after_the_adapt_button():
 def test_the_epochs_field_shows_the_librarys_default_number(widget):
     from ConvLoRASegLib import selftrain
 
-    default = inspect.signature(selftrain.adapt).parameters["epochs"].default
-    assert parameters.libraryDefaultEpochs() == default
+    default, one = selftrain.default_epochs("fast", 2), selftrain.default_epochs("fast", 1)
+    assert parameters.libraryDefaultEpochs() == default and parameters.libraryOneScanEpochs() == one
     widget._showEpochsDefault()
     spin = widget.ui.epochsSpinBox
-    assert spin.displayedText() == f"{default} (default)" and str(default) in spin.toolTip
+    assert spin.displayedText() == f"{default}, {one} on one scan (default)"
+    assert f"{default}, or {one} when adapting to one scan" in spin.toolTip
     spin.value = 3
     assert spin.displayedText() == "3"
 

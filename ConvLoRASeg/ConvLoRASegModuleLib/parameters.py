@@ -85,10 +85,10 @@ def libraryDefaultEpochs() -> Optional[int]:
     """The number of self-training epochs the library runs when none is given (``epochs`` = 0 here), or None when
     it cannot be read.
 
-    It is the default of ``epochs`` in ``ConvLoRASegLib.selftrain.adapt`` (the fast mode the CLI runs), which the
-    library keeps as ``ConvLoRASegLib.constants.ADAPT_EPOCHS`` (torch-free). A library without that constant: the
-    default is read from selftrain's source (a literal, or a module-level constant it names), as selftrain imports
-    torch, which the module must not need to show its GUI.
+    It is the default of ``epochs`` in ``ConvLoRASegLib.selftrain.adapt`` on several scans (one scan in fast mode:
+    :func:`libraryOneScanEpochs`), which the library keeps as ``ConvLoRASegLib.constants.ADAPT_EPOCHS``
+    (torch-free). A library without that constant: the default is read from selftrain's source (a literal, or a
+    module-level constant it names), as selftrain imports torch, which the module must not need to show its GUI.
     """
     try:
         value = getattr(importlib.import_module("ConvLoRASegLib.constants"), "ADAPT_EPOCHS", None)
@@ -97,6 +97,16 @@ def libraryDefaultEpochs() -> Optional[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return _selftrainSourceDefaultEpochs()
+
+
+def libraryOneScanEpochs() -> Optional[int]:
+    """The epochs the library's fast mode runs on one scan when none are given
+    (``ConvLoRASegLib.constants.ONE_SCAN_EPOCHS``), or None for a library without that constant."""
+    try:
+        value = getattr(importlib.import_module("ConvLoRASegLib.constants"), "ONE_SCAN_EPOCHS", None)
+    except ImportError:
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _selftrainSourceDefaultEpochs() -> Optional[int]:

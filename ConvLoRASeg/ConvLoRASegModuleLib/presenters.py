@@ -211,12 +211,17 @@ def adapterRowToSelect(names: Sequence[str], selected: Optional[str]) -> Optiona
     return list(names).index(selected) if selected in names else None
 
 
-def epochsDefaultText(defaultEpochs: Optional[int]) -> Tuple[str, str]:
-    """What the epochs field shows at 0 (the library's default) and its tooltip."""
+def epochsDefaultText(defaultEpochs: Optional[int], oneScanEpochs: Optional[int] = None) -> Tuple[str, str]:
+    """What the epochs field shows at 0 (the library's default) and its tooltip; ``oneScanEpochs``: the fast mode's
+    default on one scan, where the library has one."""
     if defaultEpochs is None:
         return "default", "Self-training epochs; 0 runs the library's default."
-    return (f"{defaultEpochs} (default)",
-            f"Self-training epochs; 0 runs the library's default, {defaultEpochs} (its fast mode).")
+    if oneScanEpochs is None or oneScanEpochs == defaultEpochs:
+        return (f"{defaultEpochs} (default)",
+                f"Self-training epochs; 0 runs the library's default, {defaultEpochs} (its fast mode).")
+    return (f"{defaultEpochs}, {oneScanEpochs} on one scan (default)",
+            f"Self-training epochs; 0 runs the library's default: {defaultEpochs}, or {oneScanEpochs} when adapting "
+            "to one scan (its fast mode).")
 
 
 def installStepText(index: int, count: int, what: str) -> str:
