@@ -853,6 +853,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--cc359", type=Path, default=None, help="run on a real CC359 tree instead of simulated sites")
     ap.add_argument("--work", type=Path, default=Path("/tmp/convlora-work"), help="cache folder (cohorts, rows)")
     ap.add_argument("--models", type=Path, default=None, help="folder of source models (default: --work)")
+    ap.add_argument("--source-name", default=SOURCE_SITE,
+                    help="what the source models were trained on, for the title (default: the ge3 site)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "table1", help="where table1.* go")
     ap.add_argument("--sites", nargs="+", default=None, choices=TARGET_SITES)
     ap.add_argument("--methods", nargs="+", default=None, choices=METHOD_COLUMNS)
@@ -929,7 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tasks = synthetic_tasks(cfg["sites"], rotations, cfg["eval_subjects"], cfg["adapt_subjects"],
                                 cfg["adapt_heads"], a.severity, models, a.work, cfg["mode"] != "full", timer,
                                 a.adapt_from)
-        title = (f"Table 1, semi-synthetic ({cfg['mode']}): source ge3, leave one head out "
+        title = (f"Table 1, semi-synthetic ({cfg['mode']}): source {a.source_name}, leave one head out "
                  f"({', '.join(rotations)}), adaptation from {a.adapt_from}, severity {a.severity:g}")
     if not tasks:
         raise ConvLoRASegError("nothing to evaluate (no target site found)")
