@@ -96,14 +96,14 @@ def test_an_adapter_worse_on_the_labelled_scan_changes_nothing(adapted):
     own = segment_image(model, scan.image, device="cpu")
     assert sitk.GetArrayViewFromImage(own).any()
     truth = LabelledScan(scan.name, scan.image, own)
-    for rule in ("veto", "pick"):
-        check = check_adaptation(model, result, [truth], "cpu", rule=rule)
-        assert check.surface_dice["source"] == [1.0]
-        if check.surface_dice["adabn"][0] < 1.0 - MARGIN or rule == "pick":
-            assert check.selected == "source", check.to_dict()
-        checked = apply_check(model, result, check)
-        if checked.selected == "source":
-            assert checked.state == {} and not checked.adapted
+    check = check_adaptation(model, result, [truth], "cpu", rule="pick")
+    assert check.surface_dice["source"] == [1.0] and check.selected == "source", check.to_dict()
+    checked = apply_check(model, result, check)
+    assert checked.selected == "source" and checked.state == {} and not checked.adapted
+    # the veto rule on the same measurements (segmenting the scan again would give the same numbers)
+    vetoed, _ = decide(check.surface_dice, result.selected, "veto")
+    if check.surface_dice["adabn"][0] < 1.0 - MARGIN:
+        assert vetoed == "source"
 
 
 def test_check_scans_must_be_labelled_on_their_own_grid(tmp_path):

@@ -190,16 +190,16 @@ def test_mode_defaults_for_steps_and_precision(model):
     from ConvLoRASegLib.segment import autocast_dtype
     from ConvLoRASegLib.selftrain import FAST_STEPS_PER_EPOCH
 
-    vols = _volumes(n=4, slices=40)  # 160 slices = 40 steps of 4
-    fast = adapt(model, vols, mode="fast", epochs=1, batch_size=4, device="cpu")
-    paper = adapt(model, vols, mode="paper", epochs=1, batch_size=4, device="cpu")
-    every = adapt(model, vols, mode="fast", epochs=1, batch_size=4, device="cpu", steps_per_epoch=0,
-                  precision="fp32")
+    vols = _volumes(n=4, slices=20)  # 80 slices = 20 steps of 4
+    kw = dict(epochs=1, batch_size=4, device="cpu", selection_volumes=1)
+    fast = adapt(model, vols, mode="fast", **kw)
+    paper = adapt(model, vols, mode="paper", **kw)
+    every = adapt(model, vols, mode="fast", steps_per_epoch=0, precision="fp32", **kw)
     auto = autocast_dtype(torch.device("cpu"), "auto")
-    assert fast.details["steps_per_epoch"] == FAST_STEPS_PER_EPOCH < 40
+    assert fast.details["steps_per_epoch"] == FAST_STEPS_PER_EPOCH < 20
     assert fast.details["precision"] == (str(auto).replace("torch.", "") if auto else "fp32")
-    assert paper.details["steps_per_epoch"] == 40 and paper.details["precision"] == "fp32"
-    assert every.details["steps_per_epoch"] == 40 and every.details["precision"] == "fp32"
+    assert paper.details["steps_per_epoch"] == 20 and paper.details["precision"] == "fp32"
+    assert every.details["steps_per_epoch"] == 20 and every.details["precision"] == "fp32"
 
 
 @pytest.mark.slow
