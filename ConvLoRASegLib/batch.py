@@ -214,7 +214,7 @@ def adapt_cohort(model, paths: Sequence[PathLike], dest: PathLike, name: str, *,
     ``labelled`` scans (:func:`~ConvLoRASegLib.labelled_check.read_labelled_scans`) the labelled check, then save
     the adapter to ``dest`` under ``name`` (``details`` added to its metadata). With ``log``, the expected
     duration is said once the adaptation's first scoring pass has timed the network (its ``"estimate"`` event,
-    :func:`~ConvLoRASegLib.selftrain.expected_seconds`)."""
+    :func:`~ConvLoRASegLib.selftrain.adapt`)."""
     from .labelled_check import apply_check, check_adaptation
     from .progress import duration
     from .segment import resolve_device

@@ -391,13 +391,15 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     scorer = _Scorer([volumes[i] for i in chosen], dev, precision if fast else "fp32", m.grid.spacing_mm, emit, epochs,
                      should_stop)
     states: Dict[str, Dict[str, torch.Tensor]] = {SOURCE: {}}
+    full_steps = (len(train_x) + batch_size - 1) // batch_size
+    n_steps = min(full_steps, steps_cap) if steps_cap else full_steps
 
     t_first = time.perf_counter()
     scorer.score(SOURCE, m, 0)
     n_scored = sum(int(nonempty_slices(v).sum()) for v in scorer.volumes)
     per_slice = (time.perf_counter() - t_first) / max(2 * n_scored, 1)  # a pass with the ESH + the perturbed shares
-    expected = expected_seconds(per_slice, volumes, method, mode, epochs, batch_size, selection_volumes,
-                                steps_per_epoch, scored)
+    expected = _expected_seconds(per_slice, spec, fast, len(train_x), n_scored, epochs, n_steps * batch_size,
+                                 len(scored_after))
     emit({"event": "estimate", "seconds": expected + (t_first - t0), "elapsed": time.perf_counter() - t0})
     source_stats = adapter_state(m, bn_stats=True, trained_only=True) if spec.adabn else {}
     cached: Optional[torch.Tensor] = None
@@ -423,8 +425,6 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
     trajectory = [scorer.table[start_name]]
 
     losses: List[float] = []
-    full_steps = (len(train_x) + batch_size - 1) // batch_size
-    n_steps = min(full_steps, steps_cap) if steps_cap else full_steps
     if epochs:
         params = [p for p in m.unet.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr)
@@ -474,39 +474,26 @@ def adapt(model: ConvLoRASegModel, target: Sequence[np.ndarray], method: str = "
 
 #: Cost of one slice of a training step (forward and backward; fast mode runs the encoder up to the ESH only) and of one
 #: AdaBN slice (train-mode BatchNorm), in inference passes of one slice at the same precision, for
-#: :func:`expected_seconds`. Measured on a 2 mm head of 88 slices (torch 2.13, 2 Zen 4 cores): fast mode's step 0.66 s
+#: :func:`_expected_seconds`. Measured on a 2 mm head of 88 slices (torch 2.13, 2 Zen 4 cores): fast mode's step 0.66 s
 #: for 32 slices and its bf16 AdaBN pass 1.6 s, against 0.93 s for an inference pass over the 88 slices.
 TRAIN_SLICE_PASSES = {"fast": 2.0, "paper": 3.0}
 ADABN_SLICE_PASSES = 2.0
 
 
-def expected_seconds(per_slice: float, target: Sequence[np.ndarray], method: str = "convlora-adabn",
-                     mode: str = "fast", epochs: Optional[int] = None, batch_size: int = 32, selection_volumes: int = 4,
-                     steps_per_epoch: Optional[int] = None, scored: Optional[str] = None, **_: object) -> float:
-    """A rough duration (seconds) of :func:`adapt` with the same arguments, given the time of one inference pass of
-    one slice (``per_slice``; :func:`adapt` measures it on its first scoring pass and reports the result as an
-    ``"estimate"`` event): the adaptation's passes counted in slices (the label-free scoring of every candidate on
-    the selection volumes, AdaBN, pseudo-labels, training steps at :data:`TRAIN_SLICE_PASSES`)."""
-    spec = METHOD_SPECS.get(method)
-    volumes = [v for v in target if v is not None and len(v)]
-    if spec is None or not volumes:
-        return 0.0
-    fast = mode == "fast"
-    epochs = default_epochs(mode, len(volumes)) if epochs is None else epochs
-    epochs = 0 if spec.trains == "nothing" else epochs
-    busy = [int(nonempty_slices(np.asarray(v)).sum()) for v in volumes]
-    n = sum(busy)
-    s = sum(busy[i] for i in selection_indices(len(volumes), selection_volumes))
-    cap = (FAST_STEPS_PER_EPOCH if fast else 0) if steps_per_epoch is None else steps_per_epoch
-    full = (n + batch_size - 1) // batch_size
-    steps = min(full, cap) if cap else full
-    passes = 2.0 * s  # the source model: a pass with the ESH, one over the perturbed shares
+def _expected_seconds(per_slice: float, spec: Method, fast: bool, n_slices: int, n_scored: int, epochs: int,
+                      slices_per_epoch: int, scored_epochs: int) -> float:
+    """A rough duration (seconds) of :func:`adapt`, given the time of one inference pass of one slice (``per_slice``;
+    :func:`adapt` measures it on its first scoring pass and reports the result as an ``"estimate"`` event): the
+    adaptation's passes counted in slices. ``n_slices``: the target's non-empty slices; ``n_scored``: those of the
+    selection volumes, scored once per candidate (a pass with the ESH, one over the perturbed shares);
+    ``slices_per_epoch``: trained per epoch, at :data:`TRAIN_SLICE_PASSES`; ``scored_epochs``: trained candidates."""
+    passes = 2.0 * n_scored  # the source model
     if spec.adabn:
-        passes += ADABN_SLICE_PASSES * n + 2.0 * s
+        passes += ADABN_SLICE_PASSES * n_slices + 2.0 * n_scored
     if epochs:
-        passes += n if (fast or spec.learner == "final") else 0.0  # pseudo-labels
-        passes += epochs * steps * batch_size * TRAIN_SLICE_PASSES["fast" if fast else "paper"]
-        passes += len(scored_epochs(mode, epochs, scored)) * 2.0 * s
+        passes += n_slices if (fast or spec.learner == "final") else 0.0  # pseudo-labels
+        passes += epochs * slices_per_epoch * TRAIN_SLICE_PASSES["fast" if fast else "paper"]
+        passes += scored_epochs * 2.0 * n_scored
     return passes * per_slice
 
 

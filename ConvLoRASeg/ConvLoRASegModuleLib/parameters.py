@@ -90,20 +90,20 @@ def libraryDefaultEpochs() -> Optional[int]:
     (torch-free). A library without that constant: the default is read from selftrain's source (a literal, or a
     module-level constant it names), as selftrain imports torch, which the module must not need to show its GUI.
     """
-    try:
-        value = getattr(importlib.import_module("ConvLoRASegLib.constants"), "ADAPT_EPOCHS", None)
-    except ImportError:
-        value = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return _selftrainSourceDefaultEpochs()
+    value = _libraryIntConstant("ADAPT_EPOCHS")
+    return value if value is not None else _selftrainSourceDefaultEpochs()
 
 
 def libraryOneScanEpochs() -> Optional[int]:
     """The epochs the library's fast mode runs on one scan when none are given
     (``ConvLoRASegLib.constants.ONE_SCAN_EPOCHS``), or None for a library without that constant."""
+    return _libraryIntConstant("ONE_SCAN_EPOCHS")
+
+
+def _libraryIntConstant(name: str) -> Optional[int]:
+    """An integer of the library's torch-free ``ConvLoRASegLib.constants``, or None when it is not there."""
     try:
-        value = getattr(importlib.import_module("ConvLoRASegLib.constants"), "ONE_SCAN_EPOCHS", None)
+        value = getattr(importlib.import_module("ConvLoRASegLib.constants"), name, None)
     except ImportError:
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
