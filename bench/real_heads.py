@@ -135,10 +135,13 @@ def tool_names(thresholds) -> List[str]:
 
 
 def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional[Path] = None,
-             masks: Optional[Path] = None, compute_peers: bool = True, thresholds=(0.5,)) -> dict:
+             masks: Optional[Path] = None, compute_peers: bool = True, thresholds=(0.5,),
+             peers_from: Optional[Path] = None) -> dict:
     """Every volume segmented by the model of the fold that holds it out (or by ``single``, one model for every
     volume, e.g. an earlier bundled model); deepbet and ROBEX beside. ``masks``: a folder to keep our masks in (at
-    the first threshold). ``thresholds``: the masks' thresholds, scored from the same probabilities."""
+    the first threshold). ``thresholds``: the masks' thresholds, scored from the same probabilities.
+    ``peers_from``: an earlier ``cv.json`` whose deepbet and ROBEX scores are copied (the same volumes and silver
+    masks; the peers do not depend on our models) instead of reading or running the peers."""
     import SimpleITK as sitk
 
     from ConvLoRASegLib import store
@@ -149,6 +152,7 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
     check_split(fs)
     meta = {r["name"]: r for r in index()}
     rows, trained = [], {}
+    earlier = {r["volume"]: r for r in json.loads(peers_from.read_text())["rows"]} if peers_from else None
     for k, names in enumerate(fs):
         path = single if single is not None else models / f"fold{k}.safetensors"
         if not path.is_file():
@@ -175,6 +179,10 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
                 row.setdefault(tool, {}).update(score_volume(sitk.GetArrayFromImage(ours_img) > 0, name),
                                                 threshold=thr)
             for tool in ("deepbet",) + (("robex",) if robex else ()):
+                if earlier is not None:
+                    if tool in earlier.get(name, {}):
+                        row[tool] = earlier[name][tool]
+                    continue
                 got = peer_mask(tool, img_path, cache, compute_peers)
                 if got is not None:
                     row[tool] = dict(score_volume(got[0], name), seconds=round(got[1], 2))
@@ -199,6 +207,8 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
             "folds": fs, "models": trained, "rows": rows, "summary": summary, "thresholds": list(thresholds),
             "note": "silver masks are STAPLE over ROBEX, deepbet (and the shipped mask): those two tools' scores "
                     "are biased upwards"}
+    if earlier is not None:
+        card["peers_from"] = str(peers_from)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "cv.json.partial"
     tmp.write_text(json.dumps(card, indent=1))
@@ -210,7 +220,8 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
 def markdown(card: dict) -> str:
     tools = [t for t in tool_names(card.get("thresholds", [0.5])) + ["deepbet", "robex"] if t in card["summary"]]
     lines = [f"Grouped 5-fold cross-validation on the real heads ({card['date']}, {card['machine']}; "
-             f"`{card['command']}`). Native grid, silver masks.", "",
+             f"`{card['command']}`). Native grid, silver masks."
+             + (f" deepbet and ROBEX: scores copied from `{card['peers_from']}`." if "peers_from" in card else ""), "",
              "| tool | volumes | mean Dice | worst Dice | heads < 0.95 | mean surface Dice 1 mm | 2 mm |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for t in tools:
@@ -243,6 +254,7 @@ def main() -> int:
     p.add_argument("--cache", type=Path, default=Path("/work/cache/peers"), help="peer masks cache")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5],
                    help="mask thresholds to score (the first is the product's; see the module docstring)")
+    p.add_argument("--peers-from", type=Path, help="copy deepbet's and ROBEX's scores from an earlier cv.json")
     a = ap.parse_args()
     if a.cmd == "folds":
         fs = folds()
@@ -261,7 +273,7 @@ def main() -> int:
     if (a.models is None) == (a.single is None):
         raise SystemExit("evaluate needs --models DIR or --single MODEL")
     card = evaluate(a.models, a.out, not a.no_robex, a.cache, a.single, a.masks, not a.cached_peers,
-                    tuple(a.thresholds))
+                    tuple(a.thresholds), a.peers_from)
     print(markdown(card))
     return 0
 
