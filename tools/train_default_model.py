@@ -94,15 +94,17 @@ def cmd_train(a) -> int:
         return 0
     data = link_folder(names, a.work / f"{name}_train")
     t = time.perf_counter()
-    previous = None
-    for i in range(1, a.rounds + 1):  # round i -> <name>_r<i>.safetensors, the last round -> <name>.safetensors
+    # round i -> <name>_r<i>.safetensors, the last round -> <name>.safetensors; go on from the latest round on disk
+    done = [i for i in range(1, a.rounds) if (a.models / f"{name}_r{i}.safetensors").is_file()]
+    first = 1 if a.again or not done else max(done) + 1
+    previous = a.models / f"{name}_r{first - 1}.safetensors" if first > 1 else None
+    if previous is not None:
+        print(f"{previous} exists: training goes on with round {first}", flush=True)
+    for i in range(first, a.rounds + 1):
         dest = out if i == a.rounds else a.models / f"{name}_r{i}.safetensors"
-        if i < a.rounds and dest.is_file() and not a.again:
-            print(f"{dest} exists: round {i} skipped", flush=True)
-        else:
-            init = ["--init", str(previous)] if previous is not None else []
-            cli_train(data / "images", data / "masks", dest, a.work / f"{name}_r{i}.checkpoint.safetensors",
-                      ROUNDS[i - 1] + init + list(a.extra or []))
+        init = ["--init", str(previous)] if previous is not None else []
+        cli_train(data / "images", data / "masks", dest, a.work / f"{name}_r{i}.checkpoint.safetensors",
+                  ROUNDS[i - 1] + init + list(a.extra or []))
         previous = dest
     print(f"{name}: {len(names)} volumes -> {out} ({time.perf_counter() - t:.0f} s wall this run)", flush=True)
     return 0
@@ -126,7 +128,7 @@ def main() -> int:
     p.add_argument("--fold", required=True, help="the fold held out (0-4), or all (the default model)")
     p.add_argument("--again", action="store_true", help="train even if the model file exists")
     p.add_argument("--rounds", type=int, default=RECIPE_ROUNDS, choices=range(1, len(ROUNDS) + 1),
-                   help=f"training rounds (default {RECIPE_ROUNDS}, the recipe); a round's file that exists is reused")
+                   help=f"training rounds (default {RECIPE_ROUNDS}, the recipe); it goes on from the latest round's file on disk")
     p.add_argument("extra", nargs="*", help="more `convlora-seg train` options (after --), e.g. -- --epochs 8")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("install")
