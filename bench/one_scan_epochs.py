@@ -74,7 +74,8 @@ def run_case(models: Path, name: str) -> dict:
     model = load_model(models / f"fold{fold_of(name)}.safetensors")
     vs = to_slices(read_image(HEADS / name / "image.nii.gz"), model.grid)
     t = time.perf_counter()
-    r = adapt(model, [vs.slices], method="convlora-adabn", mode="fast", epochs=EPOCHS, device="cpu")
+    # every epoch a candidate (fast mode alone scores only the last since 5bd6774): one run answers every policy
+    r = adapt(model, [vs.slices], method="convlora-adabn", mode="fast", epochs=EPOCHS, device="cpu", scored="every")
     seconds = time.perf_counter() - t
     row = {"volume": name, "fold": fold_of(name), "adapt_seconds": round(seconds, 1), "selected_5all": r.selected,
            "scores": r.details["candidate_scores"], "candidates": {}}
