@@ -18,11 +18,11 @@ mean Dice 0.954); round 2 brings the loss to 0.079 and the held-out Dice to 0.96
 steps from round 2's weights, cosine from 5e-4, seed 2.
 Training checkpoints every 20 steps; the command is safe to rerun after an interruption (``--resume``).
 
-The third round joined the recipe by a rule written down (62a725e) before any third round was trained: it joins the recipe if, over the 27 volumes of the grouped
-cross-validation (``bench/real_heads.py evaluate``, threshold 0.5, fold models of two and of three rounds of one
-training run each), three rounds give a mean surface Dice at 1 mm at least 0.005 above two rounds', a mean Dice at
-least two rounds', and a worst Dice no more than 0.005 below two rounds'. Otherwise the recipe stays at two rounds.
-Outcome (2026-12-07): two rounds 0.9656 / worst 0.9155 / surface Dice 0.6278, three rounds 0.9679 / 0.9312 / 0.6399:
+The rule that decided on the third round, written down (62a725e) before any third round was trained: it joins the
+recipe if, over the 27 volumes of the grouped cross-validation (``bench/real_heads.py evaluate``, threshold 0.5, fold
+models of two and of three rounds of one training run each), three rounds give a mean surface Dice at 1 mm at least
+0.005 above two rounds', a mean Dice at least two rounds', and a worst Dice no more than 0.005 below two rounds'.
+Otherwise the recipe stays at two rounds. Outcome (2026-12-07): two rounds 0.9656 / worst 0.9155 / surface Dice 0.6278, three rounds 0.9679 / 0.9312 / 0.6399:
 adopted. Training is deterministic on one machine: a retrained fold model has the same SHA-256 as the earlier one.
 """
 
@@ -130,7 +130,8 @@ def main() -> int:
     p.add_argument("--fold", required=True, help="the fold held out (0-4), or all (the default model)")
     p.add_argument("--again", action="store_true", help="train even if the model file exists")
     p.add_argument("--rounds", type=int, default=RECIPE_ROUNDS, choices=range(1, len(ROUNDS) + 1),
-                   help=f"training rounds (default {RECIPE_ROUNDS}, the recipe); it goes on from the latest round's file on disk")
+                   help=f"training rounds (default {RECIPE_ROUNDS}, the recipe); it goes on from the latest "
+                        "round's file on disk")
     p.add_argument("extra", nargs="*", help="more `convlora-seg train` options (after --), e.g. -- --epochs 8")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("install")
