@@ -81,16 +81,22 @@ def _spatial(tio):
     ])
 
 
-def _synthesis(tio):
-    """New intensities for every tissue class of the subject's ``tissue`` label map, then a partial-volume blur."""
+def _synthesis(tio, partial_volume: bool = False):
+    """New intensities for every tissue class of the subject's ``tissue`` label map, then a partial-volume blur
+    (of the image only: ``partial_volume`` fractions stay as they are)."""
     n = 1 + SYNTH["brain_classes"] + SYNTH["head_classes"]
     mean = [tuple(SYNTH["air_mean"])] + [tuple(SYNTH["mean"])] * (n - 1)
     std = [tuple(SYNTH["air_std"])] + [tuple(SYNTH["std"])] * (n - 1)
     return tio.Compose([
         tio.RandomLabelsToImage(label_key="tissue", image_key="image", used_labels=list(range(n)),
                                 mean=mean, std=std),
-        tio.RandomBlur(std=tuple(SYNTH["partial_volume_blur_mm"])),
+        tio.RandomBlur(std=tuple(SYNTH["partial_volume_blur_mm"]), **_image_only(partial_volume)),
     ])
+
+
+def _image_only(partial_volume: bool) -> Dict[str, Any]:
+    """Keyword arguments that keep an intensity transform off the mask when the mask is a scalar image (fractions)."""
+    return {"exclude": ["mask"]} if partial_volume else {}
 
 
 def _kmeans_1d(values: np.ndarray, k: int, iterations: int = 12) -> np.ndarray:
@@ -130,16 +136,16 @@ def tissue_labels(slices: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float):
-    r = RECIPE
+def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float, partial_volume: bool = False):
+    r, only = RECIPE, _image_only(partial_volume)
     return tio.Compose([
-        tio.RandomBiasField(coefficients=r["bias_field"]["coefficients"], p=r["bias_field"]["p"]),
-        tio.RandomGamma(log_gamma=tuple(r["gamma"]["log_gamma"]), p=r["gamma"]["p"]),
-        tio.RandomBlur(std=tuple(r["blur"]["std_mm"]), p=r["blur"]["p"]),
-        tio.RandomAnisotropy(downsampling=tuple(r["anisotropy"]["downsampling"]), p=r["anisotropy"]["p"]),
-        tio.RandomMotion(degrees=5, translation=5, num_transforms=2, p=r["motion"]["p"]),
-        tio.RandomGhosting(num_ghosts=(2, 6), intensity=(0.2, 0.6), p=r["ghosting"]["p"]),
-        tio.RandomNoise(std=tuple(r["noise"]["std"]), p=r["noise"]["p"]),
+        tio.RandomBiasField(coefficients=r["bias_field"]["coefficients"], p=r["bias_field"]["p"], **only),
+        tio.RandomGamma(log_gamma=tuple(r["gamma"]["log_gamma"]), p=r["gamma"]["p"], **only),
+        tio.RandomBlur(std=tuple(r["blur"]["std_mm"]), p=r["blur"]["p"], **only),
+        tio.RandomAnisotropy(downsampling=tuple(r["anisotropy"]["downsampling"]), p=r["anisotropy"]["p"], **only),
+        tio.RandomMotion(degrees=5, translation=5, num_transforms=2, p=r["motion"]["p"], **only),
+        tio.RandomGhosting(num_ghosts=(2, 6), intensity=(0.2, 0.6), p=r["ghosting"]["p"], **only),
+        tio.RandomNoise(std=tuple(r["noise"]["std"]), p=r["noise"]["p"], **only),
     ])
 
 
@@ -161,9 +167,12 @@ def _fov_crop(tio, shape: Tuple[int, int, int], spacing_mm: float, gen: torch.Ge
 
 
 def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed: int,
-                   synth: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+                   synth: float = 0.0, partial_volume: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """One augmented copy of a working-grid volume ``slices`` (float32 N x H x W, [0, 1]) and its 0/1 ``mask``;
-    with probability ``synth`` its intensities are synthesised from its tissue classes (module docstring)."""
+    with probability ``synth`` its intensities are synthesised from its tissue classes (module docstring).
+    ``partial_volume``: ``mask`` holds partial-volume fractions in [0, 1]; it moves with the image under linear
+    interpolation (a label map moves under nearest neighbour), the intensity transforms leave it alone, and the
+    copy's mask is returned as float32 fractions."""
     tio = _torchio()
     if slices.shape != mask.shape or slices.ndim != 3:
         raise ConvLoRASegError(f"volume {slices.shape} and mask {mask.shape} must be the same 3D shape")
@@ -176,9 +185,11 @@ def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed
         synthesise = synth > 0 and float(torch.rand(1, generator=gen)) < synth
         images = {"image": tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(slices))[None],
                                            affine=affine),
-                  "mask": tio.LabelMap(tensor=torch.from_numpy(mask.astype(np.uint8))[None], affine=affine)}
+                  "mask": (tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None],
+                                           affine=affine) if partial_volume else
+                           tio.LabelMap(tensor=torch.from_numpy(mask.astype(np.uint8))[None], affine=affine))}
         if synthesise:
-            images["tissue"] = tio.LabelMap(tensor=torch.from_numpy(tissue_labels(slices, mask))[None],
+            images["tissue"] = tio.LabelMap(tensor=torch.from_numpy(tissue_labels(slices, mask >= 0.5))[None],
                                             affine=affine)
         subject = tio.Subject(**images)
         fov = _fov_crop(tio, slices.shape, spacing_mm, gen)
@@ -186,13 +197,21 @@ def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed
             subject = fov(subject)
         subject = _spatial(tio)(subject)
         if synthesise:
-            subject = _synthesis(tio)(subject)
-        subject = _transform(tio, slices.shape, spacing_mm)(subject)
+            subject = _synthesis(tio, partial_volume)(subject)
+        subject = _transform(tio, slices.shape, spacing_mm, partial_volume)(subject)
         x = subject["image"].data[0].numpy().astype(np.float32)
-        y = subject["mask"].data[0].numpy().astype(np.uint8)
+        y = subject["mask"].data[0].numpy()
+        if partial_volume:
+            return _rescale(x), np.clip(y, 0.0, 1.0).astype(np.float32)
+        y = y.astype(np.uint8)
+    return _rescale(x), (y > 0).astype(np.uint8)
+
+
+def _rescale(x: np.ndarray) -> np.ndarray:
+    """An augmented volume back to [0, 1]: 0.5 and 99.5 percentiles of its positive voxels."""
     np.clip(x, 0.0, None, out=x)
     nz = x[x > 0]
     if nz.size:
         lo, hi = np.percentile(nz[:: max(1, nz.size // 500_000)], [0.5, 99.5])
         x = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-    return x, (y > 0).astype(np.uint8)
+    return x

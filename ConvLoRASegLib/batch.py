@@ -776,9 +776,10 @@ class TrainingCohort:
 
 
 def read_training_cohort(images_dir: PathLike, masks_dir: PathLike, grid, val_fraction: float, seed: int,
-                         progress: Progress = None) -> TrainingCohort:
+                         progress: Progress = None, partial_volume: bool = False) -> TrainingCohort:
     """Every image of ``images_dir`` with its mask from ``masks_dir`` (named like the image, plus ``_mask`` etc.),
-    as working-grid slices, and a seeded split (at least one volume of each side when there are two or more)."""
+    as working-grid slices, and a seeded split (at least one volume of each side when there are two or more).
+    ``partial_volume``: the masks as partial-volume fractions (:func:`~ConvLoRASegLib.volumes.mask_to_slices`)."""
     import numpy as np
 
     from .volumes import check_memory, image_info, mask_to_slices, read_image, to_slices
@@ -797,7 +798,7 @@ def read_training_cohort(images_dir: PathLike, masks_dir: PathLike, grid, val_fr
             progress({"event": "progress", "stage": "read", "step": i, "total": len(cases)})
         vs = to_slices(read_image(c.image), grid)
         images.append(vs.slices)
-        masks.append(mask_to_slices(read_image(c.mask), vs))
+        masks.append(mask_to_slices(read_image(c.mask), vs, partial_volume))
     order = np.random.default_rng(seed).permutation(len(cases))
     n_val = int(round(len(cases) * val_fraction))
     if val_fraction > 0 and len(cases) >= 2:

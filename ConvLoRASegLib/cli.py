@@ -198,7 +198,9 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
         grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size)
     except ValueError as exc:
         raise ConvLoRASegError(str(exc)) from None
-    cohort = read_training_cohort(args.images, args.masks, grid, args.val_fraction, args.seed, progress=rep)
+    targets = args.targets.replace("-", "_")
+    cohort = read_training_cohort(args.images, args.masks, grid, args.val_fraction, args.seed, progress=rep,
+                                  partial_volume=targets == "partial_volume")
     images, masks, train, val = cohort.images, cohort.masks, cohort.train, cohort.val
     info = {"trained_with": f"convlora-seg train (ConvLoRASegLib {__version__})",
             "train_images": [cohort.names[i] for i in train], "val_images": [cohort.names[i] for i in val]}
@@ -213,8 +215,8 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
                          init=load_model(Path(args.init).expanduser()) if args.init else None, progress=rep,
                          batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                          out_scale=args.out_scale, out_lr_mult=args.out_lr_mult, augment_3d=args.augment_3d,
-                         synth=args.synth, bn_statistics=args.bn_statistics, steps_per_epoch=args.steps_per_epoch, checkpoint=ckpt,
-                         checkpoint_every=args.checkpoint_every, resume=args.resume)
+                         synth=args.synth, bn_statistics=args.bn_statistics, steps_per_epoch=args.steps_per_epoch,
+                         checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume, targets=targets)
     sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     record = model.info.get("training", {})
     rep.info(f"model written to {out} ({byte_size(out.stat().st_size)}, sha256 {sha[:12]}…): "
@@ -485,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BatchNorm statistics of the model: training's running averages over augmented batches, "
                         "or recalibrated on the plain training volumes the way AdaBN computes a target's "
                         "(default momentum)")
+    p.add_argument("--targets", choices=("binary", "partial-volume"), default="binary",
+                   help="what the network learns: the masks as 0/1 on the working grid, or each working voxel's "
+                        "share of brain (its surface then lies between working voxels; default binary)")
     p.add_argument("--out-scale", type=float, default=OUT_SCALE_DEFAULT, metavar="S",
                    help=f"initial weight of the final BatchNorm, the logits' scale (default {OUT_SCALE_DEFAULT})")
     p.add_argument("--out-lr-mult", type=float, default=1.0, metavar="M",

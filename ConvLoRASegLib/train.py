@@ -63,8 +63,9 @@ def _stack(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], empty_frac
             torch.from_numpy(np.concatenate(ys).astype(np.float32)[:, None]))
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple:
-    """Random in-plane affine (rotation +-10 deg, scale +-10 %, shift +-5 %) and intensity gamma 0.8-1.25."""
+def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, partial_volume: bool = False) -> tuple:
+    """Random in-plane affine (rotation +-10 deg, scale +-10 %, shift +-5 %) and intensity gamma 0.8-1.25. The
+    targets ``y`` are resampled bilinearly: then >= 0.5 (0/1 targets), or kept as fractions (``partial_volume``)."""
     n = x.shape[0]
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen)  # noqa: E731
     ang, sc = u(-math.pi / 18, math.pi / 18), u(0.9, 1.1)
@@ -74,7 +75,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tup
     theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = torch.sin(ang) / sc, torch.cos(ang) / sc, ty
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).float()
+    y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = y.clamp(0.0, 1.0) if partial_volume else (y >= 0.5).float()
     gamma = torch.exp(u(math.log(0.8), math.log(1.25))).to(x).view(n, 1, 1, 1)
     return x.clamp_min(0).pow(gamma), y
 
@@ -87,7 +89,7 @@ def _val_score(model: ConvLoRASegModel, images, masks, dev, tolerance_mm: Option
 
     s = model.grid.spacing_mm
     tol = s if tolerance_mm is None else tolerance_mm
-    vals = [surface_dice(predict_slices(model, img, dev, precision="fp32") >= 0.5, msk > 0, (s, s, s), tol)
+    vals = [surface_dice(predict_slices(model, img, dev, precision="fp32") >= 0.5, msk >= 0.5, (s, s, s), tol)
             for img, msk in zip(images, masks)]
     return float(np.mean(vals))
 
@@ -107,10 +109,13 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
 
 #: How the U-Net's BatchNorm statistics of a trained model are made (see :func:`train_source`).
 BN_STATISTICS = ("momentum", "recalibrated")
+#: What the network learns to predict (see :func:`train_source`).
+TARGETS = ("binary", "partial_volume")
 
 
 def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacing_mm: float, seed: int,
-                epoch: int, stop: Callable[[], None], emit, synth: float = 0.0) -> tuple:
+                epoch: int, stop: Callable[[], None], emit, synth: float = 0.0,
+                partial_volume: bool = False) -> tuple:
     """The epoch's training slices: the originals plus ``augment_3d`` fresh 3D-augmented copies of each volume
     (deterministic in (seed, epoch), so a resumed run rebuilds the same pool); ``synth``: the share of copies
     whose intensities are synthesised from tissue classes (:mod:`ConvLoRASegLib.augment`)."""
@@ -125,7 +130,7 @@ def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacin
             stop()
             emit({"event": "progress", "stage": "augment", "step": i * augment_3d + k, "total": n, "epoch": epoch})
             a, b = augment_volume(img, msk, spacing_mm, seed=(seed * 1_000_003 + epoch * 10_007 + i * 101 + k),
-                                  synth=synth)
+                                  synth=synth, partial_volume=partial_volume)
             images.append(a)
             masks.append(b)
     xa, ya = _stack(images, masks, empty_fraction=0.1, rng=np.random.default_rng([seed, epoch]))
@@ -144,9 +149,11 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                  lr_schedule: str = "constant", init: Optional[ConvLoRASegModel] = None,
                  progress: Progress = None, should_stop: StopFlag = None, *,
                  out_scale: float = OUT_SCALE, out_lr_mult: float = OUT_LR_MULT, augment_3d: int = 0,
-                 synth: float = 0.0, bn_statistics: str = "momentum", steps_per_epoch: Optional[int] = None, checkpoint: Optional[Union[str, Path]] = None,
-                 checkpoint_every: int = 50, resume: bool = False) -> ConvLoRASegModel:
-    """Train a source model from labelled volumes (each an N x H x W stack of working-grid slices, masks 0/1).
+                 synth: float = 0.0, bn_statistics: str = "momentum", steps_per_epoch: Optional[int] = None,
+                 checkpoint: Optional[Union[str, Path]] = None, checkpoint_every: int = 50, resume: bool = False,
+                 targets: str = "binary") -> ConvLoRASegModel:
+    """Train a source model from labelled volumes (each an N x H x W stack of working-grid slices, masks 0/1, or
+    partial-volume fractions in [0, 1] with ``targets="partial_volume"``).
 
     ``precision="auto"`` trains under bf16 autocast on CPUs/GPUs with native bf16 (fp32 master weights), fp32
     elsewhere. ``lr_schedule``: ``"constant"`` (the paper) or ``"cosine"`` (decays to 0 over all steps).
@@ -158,6 +165,10 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     (averages over augmented batches); ``"recalibrated"`` recomputes them, after the U-Net stage and before the
     ESH's, from the plain training volumes with the adaptation's own AdaBN recipe
     (:func:`~ConvLoRASegLib.adabn.adabn_volumes`), so that source and target statistics are computed alike.
+    ``targets``: ``"binary"`` learns 0/1 masks; ``"partial_volume"`` learns each working voxel's share of brain
+    (:func:`~ConvLoRASegLib.volumes.mask_to_slices` with ``partial_volume``; the binary cross-entropy takes soft
+    targets as they are, and the augmentations resample them linearly), so that the 0.5 level of the prediction,
+    interpolated to the input grid, can fall between working voxels where the true surface does.
     ``steps_per_epoch``: optimiser steps per epoch (default: one pass over the
     epoch's slices). ``checkpoint`` / ``checkpoint_every`` / ``resume``: see the module docstring.
     Returns the model (eval mode) with ``info["training"]`` completed by the training record.
@@ -179,6 +190,9 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
         raise ConvLoRASegError(f"unknown bn statistics {bn_statistics!r}: {' or '.join(BN_STATISTICS)}")
     if synth and not augment_3d:
         raise ConvLoRASegError("synth is a share of the 3D-augmented copies: it needs augment_3d >= 1")
+    if targets not in TARGETS:
+        raise ConvLoRASegError(f"unknown targets {targets!r}: {' or '.join(TARGETS)}")
+    partial_volume = targets == "partial_volume"
     x_all, y_all = _stack(train_images, train_masks, empty_fraction=0.1, rng=rng)
     model = ConvLoRASegModel(grid=grid, n_filters=n_filters, esh_level=esh_level, info=info).to(dev)
     if init is not None:
@@ -201,6 +215,8 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                      n_train_volumes=len(train_images), n_train_slices=int(len(x_all)),
                      n_val_volumes=len(val_images), grid=grid.to_dict(), n_filters=n_filters,
                      init=init.sha256 if init is not None else None)
+    if partial_volume:  # absent: binary targets (the records of earlier models stay as they were)
+        config["targets"] = targets
     record: Dict[str, Any] = dict(config, total_steps=total_steps, val_surface_dice=[], train_loss=[],
                                   val_tolerance_mm=grid.spacing_mm)
     if augment_3d:
@@ -272,7 +288,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
             break
         model.unet.train()
         x_pool, y_pool = _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d, grid.spacing_mm, seed,
-                                     epoch, stop, emit, synth=synth)
+                                     epoch, stop, emit, synth=synth, partial_volume=partial_volume)
         if order is None:
             reps = (steps * batch_size + len(x_pool) - 1) // len(x_pool)
             order = torch.cat([torch.randperm(len(x_pool), generator=gen) for _ in range(reps)])
@@ -284,7 +300,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
             idx = order[step * batch_size:(step + 1) * batch_size]
             x, y = x_pool[idx], y_pool[idx]
             if augment:
-                x, y = augment_batch(x, y, gen)
+                x, y = augment_batch(x, y, gen, partial_volume)
             x, y = x.to(dev), y.to(dev)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
                 logits = model.unet(x)

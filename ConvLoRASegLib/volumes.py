@@ -526,9 +526,16 @@ def to_slices(image: sitk.Image, grid: WorkingGrid) -> VolumeSlices:
     return VolumeSlices(slices=a, working=working, native=native)
 
 
-def mask_to_slices(mask: sitk.Image, vs: VolumeSlices) -> np.ndarray:
-    """A label image on the input grid as uint8 {0, 1} working slices (N, H, W): linear of the 0/1 mask, >= 0.5."""
+def mask_to_slices(mask: sitk.Image, vs: VolumeSlices, partial_volume: bool = False) -> np.ndarray:
+    """A label image on the input grid as working slices (N, H, W): linear of the 0/1 mask, >= 0.5, uint8 {0, 1};
+    or, with ``partial_volume``, the share of each working voxel inside the mask (float32 in [0, 1]): the 0/1 mask
+    anti-aliased as the image is (:func:`to_slices`) and resampled linearly, so the 0.5 level of the fractions,
+    interpolated back to the input grid, lies on the mask's surface even where the working grid is coarser than
+    the input or offset from it (a 0/1 target moves that surface by up to half a working voxel)."""
     binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkFloat32)
+    if partial_volume:
+        work = _resample(antialias(binary, vs.working.GetSpacing()[0]), vs.working, sitk.sitkLinear, 0.0)
+        return np.clip(sitk.GetArrayFromImage(work), 0.0, 1.0).astype(np.float32)
     work = _resample(binary, vs.working, sitk.sitkLinear, 0.0)
     return (sitk.GetArrayViewFromImage(work) >= 0.5).astype(np.uint8)
 
