@@ -386,12 +386,13 @@ def test_train_small_model(capsys, tmp_path):
     out = tmp_path / "m.safetensors"
     code, stdout, err = run_cli(capsys, "train", "--images", tmp_path / "img", "--masks", tmp_path / "msk", "-o",
                                 out, "--spacing", "4", "--slice-size", "64", "--epochs", "1", "--esh-epochs", "1",
-                                "--val-fraction", "0.34", "--device", "cpu", "--json")
+                                "--val-fraction", "0.34", "--device", "cpu", "--targets", "partial-volume", "--json")
     assert code == 0, err
     done = json_lines(stdout)[-1]
     model = load_model(out)
     assert model.grid == WorkingGrid(spacing_mm=4.0, slice_size=64) and done["sha256"] == model.sha256
     assert len(model.info["val_images"]) == 1 and len(model.info["train_images"]) == 2
+    assert model.info["training"]["targets"] == "partial_volume"
 
 
 @pytest.mark.slow

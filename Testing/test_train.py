@@ -215,3 +215,53 @@ def test_fp16_training_uses_a_gradient_scaler(scaled_steps):
     xi, yi, xv, yv = _data()
     train_source(xi, yi, xv, yv, **{**KW, "precision": "fp16", "epochs": 1})
     assert scaled_steps and all(scaled_steps)
+
+
+# ------------------------------------------------------------------------------------- partial-volume targets
+
+def _fractions(mask: np.ndarray) -> np.ndarray:
+    """A 0/1 mask's surface softened: fractions in (0, 1) on a one-voxel band, 0 and 1 elsewhere."""
+    from scipy import ndimage
+
+    return np.clip(ndimage.uniform_filter(mask.astype(np.float32), 3), 0.0, 1.0).astype(np.float32)
+
+
+def test_augment_volume_moves_fractions_like_the_label_and_leaves_their_values_alone():
+    """Partial-volume targets follow the same spatial draw as a label map (same seed), keep fractions, and get no
+    intensity transform (no noise, bias field or gamma: the core stays exactly 1 and the far air exactly 0)."""
+    pytest.importorskip("torchio")
+    from ConvLoRASegLib.augment import augment_volume
+
+    img, mask, _ = _head()
+    for seed in range(3):
+        a_bin, m_bin = augment_volume(img, mask, 4.0, seed=seed)
+        a_pv, m_pv = augment_volume(img, _fractions(mask), 4.0, seed=seed, partial_volume=True)
+        assert m_pv.dtype == np.float32 and m_pv.min() >= 0.0 and m_pv.max() <= 1.0
+        assert np.count_nonzero((m_pv > 0.05) & (m_pv < 0.95)) > 0.1 * np.count_nonzero(m_pv >= 0.5)
+        inter = np.count_nonzero((m_pv >= 0.5) & (m_bin > 0))
+        assert 2 * inter / (np.count_nonzero(m_pv >= 0.5) + np.count_nonzero(m_bin)) > 0.9
+        assert np.count_nonzero(m_pv == 1.0) > 0.3 * np.count_nonzero(m_bin)  # no noise or gamma on the core
+        assert np.allclose(a_pv, a_bin, atol=1e-5)  # the image gets the same draw as with a label map
+
+
+def test_augment_batch_keeps_partial_volume_fractions():
+    x = torch.rand(4, 1, 32, 32)
+    y = torch.from_numpy(_fractions(_volume(0, n=4)[1]))[:, None]
+    _, y_bin = train_mod.augment_batch(x, y, torch.Generator().manual_seed(0))
+    _, y_pv = train_mod.augment_batch(x, y, torch.Generator().manual_seed(0), partial_volume=True)
+    assert set(torch.unique(y_bin).tolist()) <= {0.0, 1.0}
+    assert float(((y_pv > 0.05) & (y_pv < 0.95)).float().mean()) > 0.01
+    assert float(y_pv.min()) >= 0.0 and float(y_pv.max()) <= 1.0
+    assert torch.equal(y_bin, (y_pv >= 0.5).float())
+
+
+def test_partial_volume_training_is_recorded_and_checked():
+    pytest.importorskip("torchio")
+    xi, yi, xv, yv = _data()
+    with pytest.raises(ConvLoRASegError, match="targets"):
+        train_source(xi, yi, xv, yv, targets="soft", **KW)
+    binary = train_source(xi, yi, xv, yv, **{**KW, "epochs": 1})
+    assert "targets" not in binary.info["training"]  # binary records stay as they were
+    pv = train_source(xi, [_fractions(m) for m in yi], xv, yv, augment_3d=1, targets="partial_volume",
+                      **{**KW, "epochs": 1})
+    assert pv.info["training"]["targets"] == "partial_volume"
