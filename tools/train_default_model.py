@@ -35,6 +35,9 @@ cross-validation (threshold 0.5): the mean surface Dice at 1 mm is at least 0.01
 (0.6399), the mean Dice no more than 0.001 below (0.9679), the worst Dice no more than 0.005 below (0.9312), and the
 mean surface Dice of the five volumes whose native voxels are finer than 1.5 mm (colin27, the Trio, the MNI152
 template, the Philips, niivue_otsu: most like the heads users bring; binary round 3: 0.6843) no more than 0.005 below.
+Outcome (2026-12-07, bench/results/real_heads/partial_volume): mean surface Dice 0.6765 (+0.037), mean Dice 0.9697,
+1 mm heads 0.7326, but worst Dice 0.9177 (the Prisma scan with its bias field; binary 0.9312): not adopted, round 3
+stays binary.
 
 A fourth round, written down before any fourth round was trained: 540 more steps from round 3's weights, cosine from
 2.5e-4, seed 3, the targets of the round 3 that the rule above keeps. It joins the recipe if, over the 27 volumes,
