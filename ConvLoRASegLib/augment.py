@@ -23,9 +23,9 @@ before the scanner steps. Scalp, muscle and neck then take any brightness, also 
 to find the brain by its shape and place rather than by its grey level: the leaks into scalp and neck that the
 default model makes on unseen heads are what this is for.
 
-The mask follows every spatial step (nearest neighbour; partial-volume fractions: linear, and no intensity step). Random numbers come from torch's global generator,
-which :func:`augment_volume` seeds inside a forked RNG scope: the same ``seed`` gives the same volume, and the
-caller's random stream is untouched.
+The mask follows every spatial step (nearest neighbour; partial-volume fractions: linear, and no intensity step).
+Random numbers come from torch's global generator, which :func:`augment_volume` seeds inside a forked RNG scope: the
+same ``seed`` gives the same volume, and the caller's random stream is untouched.
 """
 
 from __future__ import annotations
