@@ -201,17 +201,10 @@ def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed
         subject = _transform(tio, slices.shape, spacing_mm, partial_volume)(subject)
         x = subject["image"].data[0].numpy().astype(np.float32)
         y = subject["mask"].data[0].numpy()
-        if partial_volume:
-            return _rescale(x), np.clip(y, 0.0, 1.0).astype(np.float32)
-        y = y.astype(np.uint8)
-    return _rescale(x), (y > 0).astype(np.uint8)
-
-
-def _rescale(x: np.ndarray) -> np.ndarray:
-    """An augmented volume back to [0, 1]: 0.5 and 99.5 percentiles of its positive voxels."""
+    y = np.clip(y, 0.0, 1.0).astype(np.float32) if partial_volume else (y > 0).astype(np.uint8)
     np.clip(x, 0.0, None, out=x)
     nz = x[x > 0]
     if nz.size:
         lo, hi = np.percentile(nz[:: max(1, nz.size // 500_000)], [0.5, 99.5])
         x = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-    return x
+    return x, y

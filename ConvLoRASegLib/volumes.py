@@ -534,10 +534,10 @@ def mask_to_slices(mask: sitk.Image, vs: VolumeSlices, partial_volume: bool = Fa
     the input or offset from it (a 0/1 target moves that surface by up to half a working voxel)."""
     binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkFloat32)
     if partial_volume:
-        work = _resample(antialias(binary, vs.working.GetSpacing()[0]), vs.working, sitk.sitkLinear, 0.0)
-        return np.clip(sitk.GetArrayFromImage(work), 0.0, 1.0).astype(np.float32)
+        binary = antialias(binary, vs.working.GetSpacing()[0])
     work = _resample(binary, vs.working, sitk.sitkLinear, 0.0)
-    return (sitk.GetArrayViewFromImage(work) >= 0.5).astype(np.uint8)
+    a = sitk.GetArrayViewFromImage(work)  # a view: valid while ``work`` lives
+    return np.clip(a, 0.0, 1.0).astype(np.float32) if partial_volume else (a >= 0.5).astype(np.uint8)
 
 
 def _working_probs(probs: np.ndarray, vs: VolumeSlices) -> np.ndarray:
