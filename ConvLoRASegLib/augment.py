@@ -30,7 +30,8 @@ same ``seed`` gives the same volume, and the caller's random stream is untouched
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import math
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +61,19 @@ RECIPE: Dict[str, Any] = {
 SYNTH: Dict[str, Any] = {"brain_classes": 3, "head_classes": 3, "air_below": 0.06,
                          "mean": [0.0, 1.0], "std": [0.0, 0.08], "air_mean": [0.0, 0.15], "air_std": [0.0, 0.03],
                          "partial_volume_blur_mm": [0.3, 1.0]}
+
+
+def check_bias_field(bias_field: Optional[float]) -> None:
+    """A bias-field coefficient is a finite number >= 0 (None: the recipe's)."""
+    if bias_field is not None and not (math.isfinite(bias_field) and bias_field >= 0):
+        raise ConvLoRASegError(f"bias field coefficient must be a number >= 0, got {bias_field}")
+
+
+def recipe(bias_field: Optional[float] = None) -> Dict[str, Any]:
+    """The 3D augmentation recipe as used: :data:`RECIPE`, with ``bias_field``'s coefficient where one is given."""
+    if bias_field is None:
+        return RECIPE
+    return dict(RECIPE, bias_field=dict(RECIPE["bias_field"], coefficients=float(bias_field)))
 
 
 def _torchio():
@@ -136,10 +150,12 @@ def tissue_labels(slices: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float, partial_volume: bool = False):
+def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float, partial_volume: bool = False,
+               bias_field: Optional[float] = None):
     r, only = RECIPE, _image_only(partial_volume)
+    coefficients = r["bias_field"]["coefficients"] if bias_field is None else bias_field
     return tio.Compose([
-        tio.RandomBiasField(coefficients=r["bias_field"]["coefficients"], p=r["bias_field"]["p"], **only),
+        tio.RandomBiasField(coefficients=coefficients, p=r["bias_field"]["p"], **only),
         tio.RandomGamma(log_gamma=tuple(r["gamma"]["log_gamma"]), p=r["gamma"]["p"], **only),
         tio.RandomBlur(std=tuple(r["blur"]["std_mm"]), p=r["blur"]["p"], **only),
         tio.RandomAnisotropy(downsampling=tuple(r["anisotropy"]["downsampling"]), p=r["anisotropy"]["p"], **only),
@@ -167,17 +183,20 @@ def _fov_crop(tio, shape: Tuple[int, int, int], spacing_mm: float, gen: torch.Ge
 
 
 def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed: int,
-                   synth: float = 0.0, partial_volume: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                   synth: float = 0.0, partial_volume: bool = False,
+                   bias_field: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
     """One augmented copy of a working-grid volume ``slices`` (float32 N x H x W, [0, 1]) and its 0/1 ``mask``;
     with probability ``synth`` its intensities are synthesised from its tissue classes (module docstring).
     ``partial_volume``: ``mask`` holds partial-volume fractions in [0, 1]; it moves with the image under linear
     interpolation (a label map moves under nearest neighbour), the intensity transforms leave it alone, and the
-    copy's mask is returned as float32 fractions."""
+    copy's mask is returned as float32 fractions. ``bias_field``: the largest coefficient of TorchIO's polynomial
+    bias field (log scale; default the recipe's, ``RECIPE["bias_field"]``)."""
     tio = _torchio()
     if slices.shape != mask.shape or slices.ndim != 3:
         raise ConvLoRASegError(f"volume {slices.shape} and mask {mask.shape} must be the same 3D shape")
     if not 0.0 <= synth <= 1.0:
         raise ConvLoRASegError(f"synth must be a probability in [0, 1], got {synth}")
+    check_bias_field(bias_field)
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -198,7 +217,7 @@ def augment_volume(slices: np.ndarray, mask: np.ndarray, spacing_mm: float, seed
         subject = _spatial(tio)(subject)
         if synthesise:
             subject = _synthesis(tio, partial_volume)(subject)
-        subject = _transform(tio, slices.shape, spacing_mm, partial_volume)(subject)
+        subject = _transform(tio, slices.shape, spacing_mm, partial_volume, bias_field)(subject)
         x = subject["image"].data[0].numpy().astype(np.float32)
         y = subject["mask"].data[0].numpy()
     y = np.clip(y, 0.0, 1.0).astype(np.float32) if partial_volume else (y > 0).astype(np.uint8)

@@ -216,7 +216,8 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
                          batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                          out_scale=args.out_scale, out_lr_mult=args.out_lr_mult, augment_3d=args.augment_3d,
                          synth=args.synth, bn_statistics=args.bn_statistics, steps_per_epoch=args.steps_per_epoch,
-                         checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume, targets=targets)
+                         checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume, targets=targets,
+                         bias_field=args.bias_field)
     sha = save_model(model, out, dtype=torch.float16 if args.fp16 else torch.float32, overwrite=args.overwrite)
     record = model.info.get("training", {})
     rep.info(f"model written to {out} ({byte_size(out.stat().st_size)}, sha256 {sha[:12]}…): "
@@ -483,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth", type=float, default=0.0, metavar="P",
                    help="share of those copies whose intensities are synthesised from tissue classes "
                         "(SynthStrip-style: scalp and neck take any brightness; default 0)")
+    p.add_argument("--bias-field", type=float, metavar="C",
+                   help="largest bias-field coefficient of those copies (TorchIO, log intensity; default 0.6, "
+                        "the recipe's): larger for scanners that leave the receive-coil field in the image")
     p.add_argument("--bn-statistics", choices=("momentum", "recalibrated"), default="momentum",
                    help="BatchNorm statistics of the model: training's running averages over augmented batches, "
                         "or recalibrated on the plain training volumes the way AdaBN computes a target's "

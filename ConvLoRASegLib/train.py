@@ -115,7 +115,7 @@ TARGETS = ("binary", "partial_volume")
 
 def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacing_mm: float, seed: int,
                 epoch: int, stop: Callable[[], None], emit, synth: float = 0.0,
-                partial_volume: bool = False) -> tuple:
+                partial_volume: bool = False, bias_field: Optional[float] = None) -> tuple:
     """The epoch's training slices: the originals plus ``augment_3d`` fresh 3D-augmented copies of each volume
     (deterministic in (seed, epoch), so a resumed run rebuilds the same pool); ``synth``: the share of copies
     whose intensities are synthesised from tissue classes (:mod:`ConvLoRASegLib.augment`)."""
@@ -130,7 +130,7 @@ def _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d: int, spacin
             stop()
             emit({"event": "progress", "stage": "augment", "step": i * augment_3d + k, "total": n, "epoch": epoch})
             a, b = augment_volume(img, msk, spacing_mm, seed=(seed * 1_000_003 + epoch * 10_007 + i * 101 + k),
-                                  synth=synth, partial_volume=partial_volume)
+                                  synth=synth, partial_volume=partial_volume, bias_field=bias_field)
             images.append(a)
             masks.append(b)
     xa, ya = _stack(images, masks, empty_fraction=0.1, rng=np.random.default_rng([seed, epoch]))
@@ -151,7 +151,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                  out_scale: float = OUT_SCALE, out_lr_mult: float = OUT_LR_MULT, augment_3d: int = 0,
                  synth: float = 0.0, bn_statistics: str = "momentum", steps_per_epoch: Optional[int] = None,
                  checkpoint: Optional[Union[str, Path]] = None, checkpoint_every: int = 50, resume: bool = False,
-                 targets: str = "binary") -> ConvLoRASegModel:
+                 targets: str = "binary", bias_field: Optional[float] = None) -> ConvLoRASegModel:
     """Train a source model from labelled volumes (each an N x H x W stack of working-grid slices, masks 0/1, or
     partial-volume fractions in [0, 1] with ``targets="partial_volume"``).
 
@@ -169,6 +169,10 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     (:func:`~ConvLoRASegLib.volumes.mask_to_slices` with ``partial_volume``; the binary cross-entropy takes soft
     targets as they are, and the augmentations resample them linearly), so that the 0.5 level of the prediction,
     interpolated to the input grid, can fall between working voxels where the true surface does.
+    ``bias_field``: the 3D augmentation's largest bias-field coefficient (TorchIO's polynomial, log scale; default
+    the recipe's 0.6, :data:`ConvLoRASegLib.augment.RECIPE`): larger for scans whose receive-coil field was not
+    normalised (the Prisma scan of ``../shared/data/heads`` without prescan normalise spans 1.57 in log intensity
+    over its brain, 5th to 95th percentile; coefficient 0.6 makes spans of 0.57 typically, 0.89 at the 99th).
     ``steps_per_epoch``: optimiser steps per epoch (default: one pass over the
     epoch's slices). ``checkpoint`` / ``checkpoint_every`` / ``resume``: see the module docstring.
     Returns the model (eval mode) with ``info["training"]`` completed by the training record.
@@ -192,6 +196,12 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
         raise ConvLoRASegError("synth is a share of the 3D-augmented copies: it needs augment_3d >= 1")
     if targets not in TARGETS:
         raise ConvLoRASegError(f"unknown targets {targets!r}: {' or '.join(TARGETS)}")
+    if bias_field is not None:
+        from .augment import check_bias_field
+
+        check_bias_field(bias_field)
+        if not augment_3d:
+            raise ConvLoRASegError("the bias field is part of the 3D augmentation: it needs augment_3d >= 1")
     partial_volume = targets == "partial_volume"
     x_all, y_all = _stack(train_images, train_masks, empty_fraction=0.1, rng=rng)
     model = ConvLoRASegModel(grid=grid, n_filters=n_filters, esh_level=esh_level, info=info).to(dev)
@@ -217,12 +227,15 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
                      init=init.sha256 if init is not None else None)
     if partial_volume:  # absent: binary targets (the records of earlier models stay as they were)
         config["targets"] = targets
+    if bias_field is not None:  # absent: the recipe's coefficient
+        config["bias_field"] = float(bias_field)
     record: Dict[str, Any] = dict(config, total_steps=total_steps, val_surface_dice=[], train_loss=[],
                                   val_tolerance_mm=grid.spacing_mm)
     if augment_3d:
-        from .augment import RECIPE, SYNTH
+        from .augment import SYNTH, recipe
 
-        record["augment_3d_recipe"] = dict(RECIPE, synth=SYNTH) if synth else RECIPE
+        used = recipe(bias_field)
+        record["augment_3d_recipe"] = dict(used, synth=SYNTH) if synth else used
 
     def stop() -> None:
         if should_stop is not None and should_stop():
@@ -288,7 +301,8 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
             break
         model.unet.train()
         x_pool, y_pool = _epoch_pool(x_all, y_all, train_images, train_masks, augment_3d, grid.spacing_mm, seed,
-                                     epoch, stop, emit, synth=synth, partial_volume=partial_volume)
+                                     epoch, stop, emit, synth=synth, partial_volume=partial_volume,
+                                     bias_field=bias_field)
         if order is None:
             reps = (steps * batch_size + len(x_pool) - 1) // len(x_pool)
             order = torch.cat([torch.randperm(len(x_pool), generator=gen) for _ in range(reps)])

@@ -340,3 +340,18 @@ def test_out_of_memory_retries_with_smaller_batches(capsys, tiny_model, head_fil
 def test_unknown_device(capsys, tiny_model, head_files, tmp_path):
     refused(capsys, *segment(tiny_model, head_files[0], tmp_path / "m.nii.gz")[:-2], "--device", "tpu",
             keyword="device")
+
+
+@pytest.mark.parametrize("extra, keyword", [(["--bias-field", "1.2"], "augment_3d"),
+                                            (["--bias-field", "-1", "--augment-3d", "1"], "bias field")])
+def test_train_bias_field_refused_without_3d_augmentation_or_below_zero(capsys, tmp_path, extra, keyword):
+    for sub in ("img", "msk"):
+        (tmp_path / sub).mkdir()
+    for i in range(2):
+        img = synthetic_head(seed=i)
+        write(img, tmp_path / "img" / f"s{i}.nii.gz")
+        write(sitk.Cast(img > 50, sitk.sitkUInt8), tmp_path / "msk" / f"s{i}_mask.nii.gz")
+    out = tmp_path / "m.safetensors"
+    refused(capsys, "train", "--images", tmp_path / "img", "--masks", tmp_path / "msk", "-o", out, "--spacing", "4",
+            "--slice-size", "64", "--epochs", "1", "--val-fraction", "0", "--device", "cpu", *extra,
+            keyword=keyword, absent=out)

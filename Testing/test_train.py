@@ -195,6 +195,47 @@ def test_synth_needs_3d_augmentation_and_is_recorded():
     assert rec["synth"] == 0.5 and rec["augment_3d_recipe"]["synth"]["brain_classes"] >= 2
 
 
+def test_bias_field_coefficient_scales_only_the_field():
+    """The same seed with coefficient 0 and 1.5: every other draw is the same, so the two copies differ by a smooth
+    multiplicative field alone; it is strong (the real scan it is for spans 1.57 in log intensity) on the copies
+    where the field is drawn, and absent with coefficient 0. Fails if the option is not passed to TorchIO."""
+    pytest.importorskip("torchio")
+    from ConvLoRASegLib.augment import augment_volume, recipe, RECIPE
+
+    img, mask, _ = _head()
+    spans = []
+    for seed in range(6):
+        flat, m0 = augment_volume(img, mask, 4.0, seed=seed, bias_field=0.0)
+        strong, m1 = augment_volume(img, mask, 4.0, seed=seed, bias_field=1.5)
+        assert np.array_equal(m0, m1)
+        inside = (m0 > 0) & (flat > 0.05) & (strong > 0.05)
+        ratio = np.log(strong[inside] / flat[inside])
+        spans.append(float(np.percentile(ratio, 95) - np.percentile(ratio, 5)))
+    assert max(spans) > 0.5 and min(spans) < 0.05  # drawn on some copies (p 0.6), not on others
+    default, _ = augment_volume(img, mask, 4.0, seed=3)
+    same, _ = augment_volume(img, mask, 4.0, seed=3, bias_field=RECIPE["bias_field"]["coefficients"])
+    assert np.array_equal(default, same)
+    assert recipe(1.5)["bias_field"] == {"coefficients": 1.5, "p": RECIPE["bias_field"]["p"]}
+    assert recipe() is RECIPE and RECIPE["bias_field"]["coefficients"] == 0.6
+    with pytest.raises(ConvLoRASegError, match="bias field"):
+        augment_volume(img, mask, 4.0, seed=0, bias_field=-1.0)
+
+
+def test_bias_field_needs_3d_augmentation_and_is_recorded():
+    pytest.importorskip("torchio")
+    xi, yi, xv, yv = _data()
+    with pytest.raises(ConvLoRASegError, match="augment_3d"):
+        train_source(xi, yi, xv, yv, bias_field=1.2, **KW)
+    with pytest.raises(ConvLoRASegError, match="bias field"):
+        train_source(xi, yi, xv, yv, augment_3d=1, bias_field=float("nan"), **KW)
+    model = train_source(xi, yi, xv, yv, augment_3d=1, bias_field=1.2, **{**KW, "epochs": 1})
+    rec = model.info["training"]
+    assert rec["bias_field"] == 1.2 and rec["augment_3d_recipe"]["bias_field"]["coefficients"] == 1.2
+    plain = train_source(xi, yi, xv, yv, augment_3d=1, **{**KW, "epochs": 1})
+    assert "bias_field" not in plain.info["training"]  # earlier records stay as they were
+    assert plain.info["training"]["augment_3d_recipe"]["bias_field"]["coefficients"] == 0.6
+
+
 def test_training_with_3d_augmentation_records_the_recipe():
     pytest.importorskip("torchio")
     xi, yi, xv, yv = _data()
