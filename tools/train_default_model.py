@@ -90,7 +90,7 @@ RECIPE_ARGS = ["--epochs", "6", "--steps-per-epoch", "90", "--batch-size", "16",
 #: Each round's options over RECIPE_ARGS; round i > 1 starts from round i - 1's weights (--init) with a lower
 #: learning rate and new augmentations (another seed). The recipe is the first RECIPE_ROUNDS of them.
 ROUNDS = ([], ["--lr", "1e-3", "--seed", "1"], ["--lr", "5e-4", "--seed", "2"], ["--lr", "2.5e-4", "--seed", "3"],
-          ["--lr", "2.5e-4", "--seed", "4", "--targets", "partial-volume"])
+          ["--lr", "2.5e-4", "--seed", "4", "--targets", "partial-volume", "--bias-field", "1.2"])
 RECIPE_ROUNDS = 4
 MODELS = Path(os.environ.get("CONVLORASEG_MODELS", "/work/cache/models_real"))
 #: The code that trains: the repository itself unless CONVLORASEG_CODE names another checkout (a frozen one).
