@@ -56,6 +56,9 @@ volumes of the grouped cross-validation (threshold 0.5), against the four-round 
 (bench/results/real_heads/cv.json): the mean surface Dice at 1 mm is at least 0.01 above (0.6671), the mean Dice no
 more than 0.001 below (0.9701), the worst Dice no more than 0.005 below (0.9406), and the mean surface Dice of the
 five volumes finer than 1.5 mm no more than 0.005 below. Otherwise the recipe stays at four binary rounds.
+Outcome (2026-12-07, bench/results/real_heads/round5_partial_volume): mean surface Dice 0.7093 (+0.042), mean Dice
+0.9729, the five finer volumes 0.7946 (+0.062), but worst Dice 0.9353 (the Prisma bias-field scan; four rounds
+0.9406), 0.0003 beyond the rule's 0.005: not adopted.
 
 If that round is not adopted, a second candidate for round 5, written down before any such model was trained: the
 same round (round 4's weights, cosine from 2.5e-4, seed 4, partial-volume targets) with the 3D augmentation's bias
