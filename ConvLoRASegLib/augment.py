@@ -152,10 +152,9 @@ def tissue_labels(slices: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _transform(tio, shape: Tuple[int, int, int], spacing_mm: float, partial_volume: bool = False,
                bias_field: Optional[float] = None):
-    r, only = RECIPE, _image_only(partial_volume)
-    coefficients = r["bias_field"]["coefficients"] if bias_field is None else bias_field
+    r, only = recipe(bias_field), _image_only(partial_volume)
     return tio.Compose([
-        tio.RandomBiasField(coefficients=coefficients, p=r["bias_field"]["p"], **only),
+        tio.RandomBiasField(coefficients=r["bias_field"]["coefficients"], p=r["bias_field"]["p"], **only),
         tio.RandomGamma(log_gamma=tuple(r["gamma"]["log_gamma"]), p=r["gamma"]["p"], **only),
         tio.RandomBlur(std=tuple(r["blur"]["std_mm"]), p=r["blur"]["p"], **only),
         tio.RandomAnisotropy(downsampling=tuple(r["anisotropy"]["downsampling"]), p=r["anisotropy"]["p"], **only),
