@@ -580,7 +580,17 @@ def test_sigterm_exits_130_without_partial_output(command, tiny_model, head_file
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert '{"event": "cancelled"}' in rest
-    assert list(out_dir.iterdir()) == []  # no output, no temporary file
+    # No partial output and no temporary file. On a loaded machine the signal can land after the output was
+    # renamed into place (the run's last step); then that file is complete (documented: "no partial output").
+    left = list(out_dir.iterdir())
+    assert left in ([], [dest]), left
+    if left and command == "segment":
+        assert sitk.GetArrayFromImage(sitk.ReadImage(str(dest))).any()
+    elif left:
+        from safetensors import safe_open
+
+        with safe_open(str(dest), "pt") as f:
+            assert list(f.keys())
     assert sha(head_files[0]) == before
 
 
