@@ -22,7 +22,8 @@ import torch
 from ConvLoRASegLib import cli
 from ConvLoRASegLib.grid import WorkingGrid
 from ConvLoRASegLib.model import ConvLoRASegModel
-from ConvLoRASegLib.store import AdapterStore, load_model, read_adapter_info, save_adapter, save_model
+from ConvLoRASegLib.store import (AdapterStore, load_adapter, load_model, read_adapter_info, save_adapter,
+                                   save_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -585,12 +586,9 @@ def test_sigterm_exits_130_without_partial_output(command, tiny_model, head_file
     left = list(out_dir.iterdir())
     assert left in ([], [dest]), left
     if left and command == "segment":
-        assert sitk.GetArrayFromImage(sitk.ReadImage(str(dest))).any()
+        assert sitk.ReadImage(str(dest)).GetSize() == sitk.ReadImage(str(big)).GetSize()  # complete, readable
     elif left:
-        from safetensors import safe_open
-
-        with safe_open(str(dest), "pt") as f:
-            assert list(f.keys())
+        load_adapter(load_model(tiny_model), dest)  # raises on a corrupt or partial file (its checksum)
     assert sha(head_files[0]) == before
 
 

@@ -25,7 +25,8 @@ recipe if, over the 27 volumes of the grouped cross-validation (``bench/real_hea
 models of two and of three rounds of one training run each), three rounds give a mean surface Dice at 1 mm at least
 0.005 above two rounds', a mean Dice at least two rounds', and a worst Dice no more than 0.005 below two rounds'.
 Otherwise the recipe stays at two rounds. Outcome (2026-12-07): two rounds 0.9656 / worst 0.9155 / surface Dice
-0.6278, three rounds 0.9679 / 0.9312 / 0.6399: adopted. Training is deterministic on one machine: a retrained fold model has the same SHA-256 as the earlier one.
+0.6278, three rounds 0.9679 / 0.9312 / 0.6399: adopted. Training is deterministic on one machine: a retrained fold
+model has the same SHA-256 as the earlier one.
 
 Partial-volume targets (``--targets partial-volume``), the rule written down before any such model was trained.
 Without a network, the silver masks taken to the 2 mm working grid as 0/1 targets and back cap surface Dice at 1 mm
