@@ -129,3 +129,38 @@ def test_bad_inputs():
         metrics.surface_dice(a, a, (1.0, 1.0))
     with pytest.raises(ConvLoRASegError, match="Spacing"):
         metrics.hd95(a, a, (1.0, 0.0, 1.0))
+
+
+def _tree_surface_dice(pred, truth, spacing, tolerance):
+    """Surface Dice through the k-d tree whatever the tolerance (the path beyond LATTICE_OFFSETS_MAX offsets)."""
+    cap = metrics.LATTICE_OFFSETS_MAX
+    metrics._lattice_offsets.cache_clear()
+    try:
+        metrics.LATTICE_OFFSETS_MAX = 0
+        return metrics.surface_dice(pred, truth, spacing, tolerance)
+    finally:
+        metrics.LATTICE_OFFSETS_MAX = cap
+        metrics._lattice_offsets.cache_clear()
+
+
+@pytest.mark.parametrize("spacing", [(1, 1, 1), (2, 2, 2), (1.0, 0.889, 1.33), (2, 2, 6), (1.2, 1.2, 1.2),
+                                     (0.9375, 0.9375, 1.2)])
+def test_lattice_offsets_and_tree_agree(spacing):
+    """The shifted-surfel path and the k-d tree give the same number, also where the tolerance equals a spacing
+    that binary floats cannot hold (1.2 mm): a neighbour exactly one voxel away counts as within it."""
+    pred, truth = mask_pair(7)
+    for tolerance in (0.0, 0.5, 1.0, min(spacing), 2.0):
+        assert metrics._lattice_offsets(tuple(float(s) for s in spacing), float(tolerance)) is not None
+        fast = metrics.surface_dice(pred, truth, spacing, tolerance)
+        assert fast == _tree_surface_dice(pred, truth, spacing, tolerance)
+    # one voxel at 1.2 mm: the same score wherever the pair sits in the array (no rounding of index x spacing)
+    moved = [np.pad(m, ((5, 0), (0, 3), (11, 0))) for m in (pred, truth)]
+    assert metrics.surface_dice(*moved, (1.2, 1.2, 1.2), 1.2) == metrics.surface_dice(pred, truth, (1.2,) * 3, 1.2)
+    assert metrics.surface_dice(pred, truth, (1.2,) * 3, 1.2) > metrics.surface_dice(pred, truth, (1.2,) * 3, 1.19)
+
+
+def test_lattice_offsets():
+    assert len(metrics._lattice_offsets((1.0, 1.0, 1.0), 1.0)) == 7          # itself and its 6 face neighbours
+    assert len(metrics._lattice_offsets((2.0, 2.0, 2.0), 1.0)) == 1
+    assert len(metrics._lattice_offsets((1.0, 1.0, 1.0), 1.5)) == 19         # + the 12 edge neighbours (1.41)
+    assert metrics._lattice_offsets((0.5, 0.5, 0.5), 3.0) is None             # too many: the k-d tree
