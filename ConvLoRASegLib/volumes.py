@@ -37,6 +37,7 @@ Working grid
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -176,21 +177,32 @@ def read_image(path: PathLike, first_volume: bool = False) -> sitk.Image:
     p = Path(path)
     info = image_info(p)
     cut = _check_shape(info, p.name, first_volume)
-    check_image_file(p, info.data_bytes)
-    try:
-        if p.is_dir():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(_dicom_files(p))
-            image = reader.Execute()
-        else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(p))
-            if cut:
-                reader.SetExtractIndex([0, 0, 0, 0])
-                reader.SetExtractSize(list(info.size[:3]) + [0])
-            image = reader.Execute()
-    except RuntimeError as e:
-        raise ConvLoRASegError(f"{p.name} could not be read: {str(e).strip().splitlines()[-1]}") from None
+    # The file's integrity check decompresses the voxels once more. For NIfTI, which SimpleITK reads without a word
+    # whatever the damage, it runs beside the read (both release the GIL while they inflate) and its verdict comes
+    # first; other formats are checked before SimpleITK sees them (a damaged MetaImage makes it print to stderr).
+    beside = p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
+    if not beside:
+        check_image_file(p, info.data_bytes)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-check") as pool:
+        checked = pool.submit(check_image_file, p, info.data_bytes) if beside else None
+        try:
+            if p.is_dir():
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(_dicom_files(p))
+                image = reader.Execute()
+            else:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(p))
+                if cut:
+                    reader.SetExtractIndex([0, 0, 0, 0])
+                    reader.SetExtractSize(list(info.size[:3]) + [0])
+                image = reader.Execute()
+        except RuntimeError as e:
+            if checked is not None:
+                checked.result()
+            raise ConvLoRASegError(f"{p.name} could not be read: {str(e).strip().splitlines()[-1]}") from None
+        if checked is not None:
+            checked.result()
     if image.GetDimension() == 4:  # a 4D header with one volume
         image = image[:, :, :, 0]
     image = sitk.Cast(image, sitk.sitkFloat32)
@@ -451,8 +463,6 @@ def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 def _gaussian_threaded(a: np.ndarray, sigma: Sequence[float], truncate: float = 3.0) -> np.ndarray:
     """``ndimage.gaussian_filter(a, sigma, truncate=truncate)`` (float32 in, float32 out, bit for bit the same), on
     every core: each 1D pass runs on slabs cut along another axis (scipy releases the GIL while it filters)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     src = np.asarray(a, dtype=np.float32)
     workers = max(1, min(os.cpu_count() or 1, 8))
     axes = [ax for ax in range(src.ndim) if sigma[ax] > 0]
