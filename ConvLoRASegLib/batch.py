@@ -23,7 +23,7 @@ import contextlib
 import csv
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -58,12 +58,68 @@ def load_volume(path: PathLike, grid, first_volume: bool = False):
     return image, check_intensities(image)
 
 
-def prefetched(items: Sequence[T], load: Callable[[T], R]) -> Iterator[Tuple[T, Optional[R], Optional[Exception]]]:
+def read_case(path: PathLike, grid, first_volume: bool = False):
+    """:func:`load_volume` and the volume on ``grid`` (:func:`~ConvLoRASegLib.volumes.to_slices`): everything a
+    case needs before the network, ``(image, intensity warnings, working slices)``. Raises ConvLoRASegError."""
+    from .volumes import to_slices
+
+    image, warnings = load_volume(path, grid, first_volume)
+    return image, warnings, to_slices(image, grid)
+
+
+def _timed_read_case(path: PathLike, grid, first_volume: bool) -> Tuple[Any, Optional[BaseException], float]:
+    """``(read_case(...), None, start)``, or ``(None, the exception, start)``: the caller decides what it means."""
+    t0 = time.perf_counter()
+    try:
+        return read_case(path, grid, first_volume), None, t0
+    except Exception as exc:  # noqa: BLE001 - handed to the caller, which re-raises what is not a case failure
+        return None, exc, t0
+
+
+@dataclass
+class ReadAhead:
+    """A case read and prepared (:func:`read_case`) in a background thread for ``grid``, started before the model
+    was loaded: :func:`run_in_process` takes it for its first case when the path, grid and options match."""
+
+    path: str
+    grid: Any
+    first_volume: bool
+    future: "Future[Tuple[Any, Optional[BaseException], float]]"
+
+    def matches(self, path: str, grid, first_volume: bool) -> bool:
+        return self.path == str(path) and self.grid == grid and self.first_volume == first_volume
+
+
+def read_ahead(path: PathLike, model: Union[PathLike, Any, None], first_volume: bool = False) -> Optional[ReadAhead]:
+    """Start :func:`read_case` of ``path`` in a background thread before torch is imported: reading, decompressing
+    and resampling release the GIL, so they run beside the imports and the model's loading (about a second of
+    a one-volume command). The grid is the one the model file records (:func:`~ConvLoRASegLib.grid.recorded_grid`);
+    None when it cannot be known so cheaply (the run then reads as usual)."""
+    from .constants import DEFAULT_MODEL_FILE
+    from .grid import recorded_grid
+
+    if model is None or isinstance(model, (str, os.PathLike)):
+        grid = recorded_grid(Path(model).expanduser() if model else DEFAULT_MODEL_FILE)
+    else:
+        grid = getattr(model, "grid", None)
+    if grid is None:
+        return None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-read-ahead")
+    try:
+        future = pool.submit(_timed_read_case, path, grid, first_volume)
+    finally:
+        pool.shutdown(wait=False)
+    return ReadAhead(str(path), grid, first_volume, future)
+
+
+def prefetched(items: Sequence[T], load: Callable[[T], R], first: Optional["Future[R]"] = None,
+               ) -> Iterator[Tuple[T, Optional[R], Optional[Exception]]]:
     """Yield ``(item, load(item), None)`` in order — or ``(item, None, error)`` for a ConvLoRASegError — while
-    the next item loads in a background thread (reading a volume overlaps the network's work on the last)."""
+    the next item loads in a background thread (reading a volume overlaps the network's work on the last).
+    ``first``: ``load(items[0])`` already under way (:func:`read_ahead`)."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-read")
     try:
-        upcoming = pool.submit(load, items[0]) if items else None
+        upcoming = first if first is not None else (pool.submit(load, items[0]) if items else None)
         for i, item in enumerate(items):
             current = upcoming
             upcoming = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
@@ -305,12 +361,14 @@ class Segmenter:
         self.load_seconds = time.perf_counter() - t0
 
     def read(self, job: CaseJob):
-        """``(image, intensity warnings)``; header checks (memory) first. Raises ConvLoRASegError."""
-        return load_volume(job.input, self.model.grid, self.settings.first_volume)
+        """``(image, intensity warnings, working slices)`` (:func:`read_case`); header checks (memory) first.
+        Raises ConvLoRASegError."""
+        return read_case(job.input, self.model.grid, self.settings.first_volume)
 
     def segment(self, job: CaseJob, image, warnings: Sequence[str], t0: Optional[float] = None,
-                progress: Progress = None, log: Log = None) -> Row:
-        """Segment a read volume, write its output atomically, return its manifest row."""
+                progress: Progress = None, log: Log = None, working=None) -> Row:
+        """Segment a read volume, write its output atomically, return its manifest row. ``working``: the volume
+        on the model's grid if :meth:`read` made it already."""
         from . import volumes
         from .qc import measure, overlay_png
         from .segment import activate_adapter, predict_slices
@@ -318,7 +376,7 @@ class Segmenter:
 
         t0 = time.perf_counter() if t0 is None else t0
         s, model = self.settings, self.model
-        vs = volumes.to_slices(image, model.grid)
+        vs = working if working is not None else volumes.to_slices(image, model.grid)
         chosen, scores = job.adapter, {}
         warnings = list(warnings)
         predicted: Dict[str, Any] = {}
@@ -369,8 +427,8 @@ class Segmenter:
         """:meth:`read` + :meth:`segment`; a failure of this case becomes a ``failed`` row."""
         t0 = time.perf_counter()
         try:
-            image, warnings = self.read(job)
-            return self.segment(job, image, warnings, t0, progress=progress, log=log)
+            image, warnings, working = self.read(job)
+            return self.segment(job, image, warnings, t0, progress=progress, log=log, working=working)
         except Exception as exc:  # noqa: BLE001 - narrowed just below
             if not is_case_failure(exc):
                 raise
@@ -403,29 +461,31 @@ def failure_reason(row: Row) -> str:
 
 
 def run_in_process(segmenter: Segmenter, jobs: Sequence[CaseJob], on_row: Callable[[Row], None],
-                   progress: Progress = None, log: Log = None) -> List[Row]:
-    """Every job in this process, in order, the next volume read in a background thread while one is segmented."""
+                   progress: Progress = None, log: Log = None, ahead: Optional[ReadAhead] = None) -> List[Row]:
+    """Every job in this process, in order, the next volume read and put on the model's grid in a background
+    thread while one is segmented. ``ahead``: the first volume's read, if :func:`read_ahead` started it."""
     rows: List[Row] = []
+    grid, first_volume = segmenter.model.grid, segmenter.settings.first_volume
 
     def load(job: CaseJob):
-        t0 = time.perf_counter()
-        try:
-            return segmenter.read(job), None, t0
-        except Exception as exc:  # noqa: BLE001
-            if not is_case_failure(exc):
-                raise
-            return None, exc, t0
+        return _timed_read_case(job.input, grid, first_volume)
 
-    for job, loaded, _ in prefetched(list(jobs), load):
+    first = None
+    if ahead is not None and jobs and ahead.matches(jobs[0].input, grid, first_volume):
+        first = ahead.future
+    for job, loaded, _ in prefetched(list(jobs), load, first):
         (read, error, t0) = loaded
+        if error is not None and not is_case_failure(error):
+            raise error
         if error is not None:
             row = failed_case(job, error, time.perf_counter() - t0)
         else:
             def case_progress(event: Dict[str, Any], _job: CaseJob = job) -> None:
                 if progress is not None:
                     progress({**event, "volume": _job.index + 1, "volumes": _job.total})
+            image, warnings, working = read
             try:
-                row = segmenter.segment(job, *read, progress=case_progress, log=log)
+                row = segmenter.segment(job, image, warnings, progress=case_progress, log=log, working=working)
             except Exception as exc:  # noqa: BLE001
                 if not is_case_failure(exc):
                     raise
@@ -656,12 +716,15 @@ def segment_cohort(inputs: Sequence[PathLike], output: PathLike, *, model: Union
             adapters or models; and when the only input fails (then nothing is written).
         KeyboardInterrupt: after the manifest of the cases finished so far is written.
     """
+    found = find_volumes(list(inputs))
+    # the first volume is read and put on the model's grid while torch is imported and the model loaded
+    ahead = read_ahead(found[0], model, first_volume) if found and runner is None and not resume else None
+
     from .model import ConvLoRASegModel
     from .qc import have_matplotlib, load_manifest, write_index, write_manifest
     from .segment import resolve_device
     from .store import load_model, model_file
 
-    found = find_volumes(list(inputs))
     dev = resolve_device(device)
     if isinstance(model, ConvLoRASegModel):
         if runner is not None:
@@ -748,7 +811,7 @@ def segment_cohort(inputs: Sequence[PathLike], output: PathLike, *, model: Union
         elif runner is not None:
             runner(settings, jobs, take)
         else:
-            run_in_process(Segmenter(settings, model=loaded), jobs, take, progress=progress, log=log)
+            run_in_process(Segmenter(settings, model=loaded), jobs, take, progress=progress, log=log, ahead=ahead)
     except KeyboardInterrupt:
         finish_reports()  # the cases finished before the interrupt are complete files: say so
         raise

@@ -1,6 +1,11 @@
 """Names several rooms share and none of them owns, kept here so that they can import them without importing each
 other (:mod:`.store` refuses an adapter named like the unadapted model; :mod:`.selection` scores it)."""
 
+from pathlib import Path
+
+#: The model bundled with the package (:func:`ConvLoRASegLib.store.default_model_path`), known without importing torch.
+DEFAULT_MODEL_FILE = Path(__file__).resolve().parent / "data" / "default_model.safetensors"
+
 #: Name of the unadapted candidate (the model without an adapter) in every score table, and a reserved adapter name.
 SOURCE = "source"
 

@@ -5,8 +5,10 @@ It is part of every model file: a model trained on 2 mm sagittal slices of 128 x
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Union
 
 #: Intensity normalisations a model may ask for.
 NORMALISATIONS = ("minmax", "percentile")
@@ -51,3 +53,16 @@ class WorkingGrid:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "WorkingGrid":
         return cls(**{k: d[k] for k in ("spacing_mm", "slice_size", "axis", "normalisation") if k in d})
+
+
+def recorded_grid(model_file: Union[str, os.PathLike]) -> Optional[WorkingGrid]:
+    """The working grid a model file records in its safetensors metadata, read without torch and without its
+    weights (a command reads its first volume onto this grid while torch loads); None when the file does not say
+    (:func:`ConvLoRASegLib.store.load_model` then says why)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(model_file), framework="numpy") as f:
+            return WorkingGrid.from_dict(json.loads((f.metadata() or {})["grid"]))
+    except Exception:  # noqa: BLE001 - any unreadable file: the model's loader reports it
+        return None

@@ -32,7 +32,7 @@ from .atomic import atomic_output
 from .errors import ConvLoRASegError
 from .grid import WorkingGrid
 from .model import ConvLoRASegModel
-from .constants import SOURCE
+from .constants import DEFAULT_MODEL_FILE, SOURCE
 
 MODEL_FORMAT = "convlora-seg-model"
 ADAPTER_FORMAT = "convlora-seg-adapter"
@@ -135,8 +135,8 @@ def _write(path: PathLike, tensors: Dict[str, torch.Tensor], meta: Dict[str, str
 # models
 # ---------------------------------------------------------------------------------------------------------------
 def default_model_path() -> Path:
-    """The model bundled with the package (trained on the simulated GE 3T site; see the README's model card)."""
-    return Path(__file__).resolve().parent / "data" / "default_model.safetensors"
+    """The model bundled with the package (trained on real heads; see the README's model card)."""
+    return DEFAULT_MODEL_FILE
 
 
 def model_file(path: Optional[PathLike] = None) -> Path:

@@ -699,3 +699,64 @@ def test_every_option_has_help_and_the_parser_needs_no_torch():
     assert (f"training epochs (default {constants.ADAPT_EPOCHS}; {constants.ONE_SCAN_EPOCHS} in fast mode on one "
             "scan") in text
     assert "the same seed, the same adapter" in text and "replace an existing adapter file" in text
+
+
+def test_program_exit_runs_every_handler_keeps_status_and_output():
+    """``convlora-seg`` (:func:`cli.run`) leaves without the interpreter's teardown, but only after the exit handlers
+    the command registered have run, with the command's status and its unflushed output; a command that ends in a
+    traceback exits the normal way (status 1)."""
+    code = ("import atexit, sys\n"
+            "from ConvLoRASegLib import cli\n"
+            "def command(argv=None):\n"
+            "    atexit.register(lambda: print('handler ran', flush=True))\n"
+            "    sys.stdout.write('unflushed line\\n')\n"
+            "    return 3\n"
+            "cli.main = command\n"
+            "cli.run()\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.splitlines() == ["unflushed line", "handler ran"]
+    failing = code.replace("    return 3\n", "    raise RuntimeError('boom')\n")
+    out = subprocess.run([sys.executable, "-c", failing], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "RuntimeError: boom" in out.stderr and "handler ran" in out.stdout
+    assert "from .cli import run" in (ROOT / "ConvLoRASegLib" / "__main__.py").read_text()
+    assert 'convlora-seg = "ConvLoRASegLib.cli:run"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_segment_reads_its_first_volume_ahead_on_the_model_files_grid(capsys, tiny_model, head_files, tmp_path,
+                                                                       monkeypatch):
+    """The first volume is read and put on the grid the model file records (safetensors metadata, without torch)
+    before the model loads, and that read is the one the case uses: each volume is read once, with the same mask
+    as without the read-ahead. A read-ahead made for another grid is not used."""
+    from ConvLoRASegLib import batch
+    from ConvLoRASegLib.grid import recorded_grid
+    from ConvLoRASegLib.store import load_model
+
+    assert recorded_grid(tiny_model) == load_model(tiny_model).grid
+    assert recorded_grid(head_files[0]) is None and recorded_grid(tmp_path / "missing.safetensors") is None
+    reads: List[str] = []
+    started: list = []
+    taken: list = []
+    real_read, real_ahead, real_prefetched = batch._timed_read_case, batch.read_ahead, batch.prefetched
+    monkeypatch.setattr(batch, "_timed_read_case", lambda path, *a: (reads.append(str(path)), real_read(path, *a))[1])
+    monkeypatch.setattr(batch, "read_ahead", lambda *a, **k: (started.append(real_ahead(*a, **k)), started[-1])[1])
+    monkeypatch.setattr(batch, "prefetched", lambda items, load, first=None: (
+        taken.append(first), real_prefetched(items, load, first))[1])
+    code, _, err = run_cli(capsys, "segment", *head_files, "-o", tmp_path / "ahead", "--model", tiny_model,
+                           "--device", "cpu")
+    assert code == 0, err
+    assert len(started) == 1 and started[0].grid == load_model(tiny_model).grid
+    assert taken == [started[0].future]  # the run took the read-ahead for its first case ...
+    assert sorted(reads) == sorted(str(p) for p in head_files)  # ... and read no volume twice
+    with_ahead = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ahead" / "head0_brainmask.nii.gz")))
+    monkeypatch.setattr(batch, "read_ahead", lambda *a, **k: None)
+    code, _, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "plain.nii.gz", "--model", tiny_model,
+                           "--device", "cpu")
+    assert code == 0, err
+    np.testing.assert_array_equal(with_ahead, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain.nii.gz"))))
+    # made for another grid (or path): not taken, the case reads its volume itself
+    stale = real_ahead(head_files[0], load_model(tiny_model))
+    assert stale is not None and stale.matches(str(head_files[0]), load_model(tiny_model).grid, False)
+    assert not stale.matches(str(head_files[0]), WorkingGrid(spacing_mm=2.0, slice_size=64), False)
+    assert not stale.matches(str(head_files[1]), load_model(tiny_model).grid, False)
+    assert not stale.matches(str(head_files[0]), load_model(tiny_model).grid, True)
