@@ -1,4 +1,4 @@
-"""Is an image file whole? Its voxel data checked against its header before SimpleITK reads it.
+"""Is an image file whole? Its voxel data checked against its header before SimpleITK's reading of it is used.
 
 SimpleITK reads a NIfTI file whose gzip stream was cut short (an interrupted copy or download) without a word and
 fills the missing voxels with zeros: the brain mask of such a scan is garbage (a third of a head gave a 586 ml
@@ -11,7 +11,9 @@ so by ``segment``, ``adapt``, ``train``, ``evaluate``, the Dask workers and the 
   checksum (gzip CRC-32, zlib Adler-32) is refused, and the decompressed bytes counted against the header's size;
 * **uncompressed data** (``.nii``, raw NRRD/MetaImage): the file holds at least the bytes the header announces.
 
-Decompressing costs about a quarter of a second for a 1 mm T1 scan (about 60 MB of voxels); nothing is kept.
+Decompressing costs about a quarter of a second for a 1 mm T1 scan (about 60 MB of voxels); nothing is kept. For
+NIfTI, :func:`~ConvLoRASegLib.volumes.read_image` runs it beside SimpleITK's read (both inflate without the GIL) and
+takes its verdict first; other formats are checked before SimpleITK opens them.
 Layouts this does not understand (DICOM, NRRD with several data files or line skips, MetaImage file lists) are
 left to SimpleITK's own checks.
 """
