@@ -365,10 +365,10 @@ class Segmenter:
         Raises ConvLoRASegError."""
         return read_case(job.input, self.model.grid, self.settings.first_volume)
 
-    def segment(self, job: CaseJob, image, warnings: Sequence[str], t0: Optional[float] = None,
-                progress: Progress = None, log: Log = None, working=None) -> Row:
-        """Segment a read volume, write its output atomically, return its manifest row. ``working``: the volume
-        on the model's grid if :meth:`read` made it already."""
+    def segment(self, job: CaseJob, image, warnings: Sequence[str], working, t0: Optional[float] = None,
+                progress: Progress = None, log: Log = None) -> Row:
+        """Segment a volume as :meth:`read` gives it (``working``: the volume on the model's grid), write its output
+        atomically, return its manifest row."""
         from . import volumes
         from .qc import measure, overlay_png
         from .segment import activate_adapter, predict_slices
@@ -376,7 +376,6 @@ class Segmenter:
 
         t0 = time.perf_counter() if t0 is None else t0
         s, model = self.settings, self.model
-        vs = working if working is not None else volumes.to_slices(image, model.grid)
         chosen, scores = job.adapter, {}
         warnings = list(warnings)
         predicted: Dict[str, Any] = {}
@@ -385,7 +384,7 @@ class Segmenter:
         if choices is not None:
             chosen = None
             if choices:
-                info, scores = choose_adapter(model, image, list(choices), self.device, working=vs,
+                info, scores = choose_adapter(model, image, list(choices), self.device, working=working,
                                               predictions=predicted)
                 chosen = info
                 if log is not None:
@@ -400,10 +399,10 @@ class Segmenter:
         # one pass gives the final and the ESH probabilities: the mask and its label-free score (the scoring of the
         # candidates above already made that pass for the winner)
         final, early = predicted.get(SOURCE if info is None else info.name) or predict_slices(
-            model, vs.slices, self.device, with_esh=True, progress=progress)
+            model, working.slices, self.device, with_esh=True, progress=progress)
         score = agreement(final, early, model.grid.spacing_mm)
-        mask = volumes.brain_mask(final, vs, postprocess=s.postprocess)
-        result = volumes.to_native(final, vs) if s.probabilities else mask
+        mask = volumes.brain_mask(final, working, postprocess=s.postprocess)
+        result = volumes.to_native(final, working) if s.probabilities else mask
         out = Path(job.output)
         ours = bool(job.run_started) and out.is_file() and out.stat().st_mtime >= job.run_started
         dest = volumes.write_image(result, job.output, overwrite=s.overwrite or ours)
@@ -428,7 +427,7 @@ class Segmenter:
         t0 = time.perf_counter()
         try:
             image, warnings, working = self.read(job)
-            return self.segment(job, image, warnings, t0, progress=progress, log=log, working=working)
+            return self.segment(job, image, warnings, working, t0, progress=progress, log=log)
         except Exception as exc:  # noqa: BLE001 - narrowed just below
             if not is_case_failure(exc):
                 raise
@@ -485,7 +484,7 @@ def run_in_process(segmenter: Segmenter, jobs: Sequence[CaseJob], on_row: Callab
                     progress({**event, "volume": _job.index + 1, "volumes": _job.total})
             image, warnings, working = read
             try:
-                row = segmenter.segment(job, image, warnings, progress=case_progress, log=log, working=working)
+                row = segmenter.segment(job, image, warnings, working, progress=case_progress, log=log)
             except Exception as exc:  # noqa: BLE001
                 if not is_case_failure(exc):
                     raise

@@ -163,6 +163,24 @@ def _check_shape(info: ImageInfo, name: str, first_volume: bool) -> bool:
     return info.dimension == 4
 
 
+def _read_voxels(p: Path, info: ImageInfo, cut: bool) -> sitk.Image:
+    """SimpleITK's read of the file (or DICOM series folder) ``p``; ``cut``: volume 0 of a 4D file. Raises
+    ConvLoRASegError (one line) where SimpleITK fails."""
+    try:
+        if p.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(_dicom_files(p))
+            return reader.Execute()
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        if cut:
+            reader.SetExtractIndex([0, 0, 0, 0])
+            reader.SetExtractSize(list(info.size[:3]) + [0])
+        return reader.Execute()
+    except RuntimeError as e:
+        raise ConvLoRASegError(f"{p.name} could not be read: {str(e).strip().splitlines()[-1]}") from None
+
+
 def read_image(path: PathLike, first_volume: bool = False) -> sitk.Image:
     """Read a 3D scalar image (NIfTI, NRRD, MHA, ... or a DICOM series folder) as float32.
 
@@ -180,29 +198,18 @@ def read_image(path: PathLike, first_volume: bool = False) -> sitk.Image:
     # The file's integrity check decompresses the voxels once more. For NIfTI, which SimpleITK reads without a word
     # whatever the damage, it runs beside the read (both release the GIL while they inflate) and its verdict comes
     # first; other formats are checked before SimpleITK sees them (a damaged MetaImage makes it print to stderr).
-    beside = p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
-    if not beside:
-        check_image_file(p, info.data_bytes)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-check") as pool:
-        checked = pool.submit(check_image_file, p, info.data_bytes) if beside else None
-        try:
-            if p.is_dir():
-                reader = sitk.ImageSeriesReader()
-                reader.SetFileNames(_dicom_files(p))
-                image = reader.Execute()
-            else:
-                reader = sitk.ImageFileReader()
-                reader.SetFileName(str(p))
-                if cut:
-                    reader.SetExtractIndex([0, 0, 0, 0])
-                    reader.SetExtractSize(list(info.size[:3]) + [0])
-                image = reader.Execute()
-        except RuntimeError as e:
-            if checked is not None:
-                checked.result()
-            raise ConvLoRASegError(f"{p.name} could not be read: {str(e).strip().splitlines()[-1]}") from None
-        if checked is not None:
+    if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-check") as pool:
+            checked = pool.submit(check_image_file, p, info.data_bytes)
+            try:
+                image = _read_voxels(p, info, cut)
+            except ConvLoRASegError:
+                checked.result()  # a damaged file says so, whatever the read made of it
+                raise
             checked.result()
+    else:
+        check_image_file(p, info.data_bytes)
+        image = _read_voxels(p, info, cut)
     if image.GetDimension() == 4:  # a 4D header with one volume
         image = image[:, :, :, 0]
     image = sitk.Cast(image, sitk.sitkFloat32)
