@@ -57,8 +57,6 @@ PathLike = Union[str, os.PathLike]
 CANONICAL_ORIENTATION = "LPS"
 #: Orientation code of the working image per slicing axis: axes (W, H, N), so that the array is (N, H, W).
 WORKING_ORIENTATION = {"sagittal": "PIL", "coronal": "LIP", "axial": "LPS"}
-#: Whether the working grid sits on the input's voxel lattice (:func:`working_reference`).
-ALIGNED_GRID = False
 #: File endings :func:`write_image` writes.
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 #: Downsampling factor above which :func:`to_slices` low-pass filters first (anti-aliasing).
@@ -403,13 +401,8 @@ def head_centre(image: sitk.Image) -> np.ndarray:
     return centre
 
 
-def working_reference(image: sitk.Image, grid: WorkingGrid, aligned: bool = ALIGNED_GRID) -> sitk.Image:
-    """An empty uint8 image with the working grid's geometry for ``image`` (see the module docstring).
-
-    ``aligned``: move the grid (by at most half an input voxel per axis) so that its first voxel centre is an input
-    voxel centre. The working axes are the input's own (permuted, flipped), so where the working spacing is a whole
-    multiple of the input's every working voxel is an input voxel: on a 2 mm input nothing is interpolated on the
-    way in or out."""
+def working_reference(image: sitk.Image, grid: WorkingGrid) -> sitk.Image:
+    """An empty uint8 image with the working grid's geometry for ``image`` (see the module docstring)."""
     direction = canonical_direction(image) @ orientation_matrix(WORKING_ORIENTATION[grid.axis])
     h = grid.spacing_mm
     extent = _corners(image) @ direction[:, 2]
@@ -420,9 +413,6 @@ def working_reference(image: sitk.Image, grid: WorkingGrid, aligned: bool = ALIG
     offset = head_centre(image) - centre
     centre = centre + direction[:, :2] @ (direction[:, :2].T @ offset)
     origin = centre - direction @ ((size - 1) / 2.0 * h)
-    if aligned:
-        first = np.round(np.array(image.TransformPhysicalPointToContinuousIndex([float(o) for o in origin])))
-        origin = np.array(image.TransformContinuousIndexToPhysicalPoint([float(i) for i in first]))
     return _reference(size, [h] * 3, origin, direction)
 
 
@@ -534,10 +524,9 @@ def normalise(a: np.ndarray, inside: np.ndarray, lo: float, hi: float) -> np.nda
     return a
 
 
-def to_slices(image: sitk.Image, grid: WorkingGrid, aligned: bool = ALIGNED_GRID) -> VolumeSlices:
-    """Resample ``image`` onto the working grid (linear, anti-aliased) and normalise it as ``grid`` says
-    (``aligned``: see :func:`working_reference`)."""
-    ref = working_reference(image, grid, aligned)
+def to_slices(image: sitk.Image, grid: WorkingGrid) -> VolumeSlices:
+    """Resample ``image`` onto the working grid (linear, anti-aliased) and normalise it as ``grid`` says."""
+    ref = working_reference(image, grid)
     if image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
     smooth = antialias(image, grid.spacing_mm)

@@ -30,6 +30,10 @@ at most half an input voxel so that its voxels are input voxels wherever the spa
 the 27 volumes with the six-round fold models, its mean surface Dice at 1 mm is at least 0.005 above the unaligned
 grid's (0.7198), its mean Dice no more than 0.001 below (0.9735), its worst Dice no more than 0.005 below (0.9427),
 and the five 1 mm heads' mean surface Dice no more than 0.005 below (0.7836)**; otherwise the grid stays unaligned.
+Outcome (35f97d1, ``results/real_heads/aligned_grid/``): surface Dice **0.687** (-0.033), Dice 0.970, worst 0.945, 1 mm
+heads 0.782; 20 of 27 heads lower, the NiChart heads most (nichart_05 0.728 -> 0.585). Not adopted; the option was
+taken out again. The models learnt their surfaces from slices made on the unaligned grid, interpolation blur
+included, and place the surface by it: a sharper input moves it.
 
 Scoring: each volume on its own native grid against its silver mask (STAPLE of ROBEX, deepbet and the shipped
 mask where one ships): Dice, surface Dice at 1 mm and 2 mm. deepbet and ROBEX are two of the silver raters, so
@@ -145,19 +149,17 @@ def tool_names(thresholds) -> List[str]:
 
 def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional[Path] = None,
              masks: Optional[Path] = None, compute_peers: bool = True, thresholds=(0.5,),
-             peers_from: Optional[Path] = None, aligned: Optional[bool] = None) -> dict:
+             peers_from: Optional[Path] = None) -> dict:
     """Every volume segmented by the model of the fold that holds it out (or by ``single``, one model for every
     volume, e.g. an earlier bundled model); deepbet and ROBEX beside. ``masks``: a folder to keep our masks in (at
     the first threshold). ``thresholds``: the masks' thresholds, scored from the same probabilities.
     ``peers_from``: an earlier ``cv.json`` whose deepbet and ROBEX scores are copied (the same volumes and silver
-    masks; the peers do not depend on our models) instead of reading or running the peers. ``aligned``: the
-    working grid on the input's lattice or not (None: the product's default, ``volumes.ALIGNED_GRID``)."""
+    masks; the peers do not depend on our models) instead of reading or running the peers."""
     import SimpleITK as sitk
 
     from ConvLoRASegLib import store
     from ConvLoRASegLib.segment import predict_slices
-    from ConvLoRASegLib.volumes import ALIGNED_GRID, brain_mask, read_image, to_slices
-    aligned = ALIGNED_GRID if aligned is None else aligned
+    from ConvLoRASegLib.volumes import brain_mask, read_image, to_slices
     ours_names = tool_names(thresholds)
     fs = folds()
     check_split(fs)
@@ -177,7 +179,7 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
         for name in names:
             img_path = HEADS / name / "image.nii.gz"
             t = time.perf_counter()
-            vs = to_slices(read_image(img_path), model.grid, aligned)
+            vs = to_slices(read_image(img_path), model.grid)
             probs = predict_slices(model, vs.slices, "cpu")
             row = {"volume": name, "group": meta[name]["group"], "fold": k}
             for tool, thr in zip(ours_names, thresholds):
@@ -215,7 +217,7 @@ def evaluate(models: Path, out: Path, robex: bool, cache: Path, single: Optional
     card = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "command": "python bench/real_heads.py " + " ".join(sys.argv[1:]),
-            "folds": fs, "models": trained, "aligned_grid": aligned, "rows": rows, "summary": summary, "thresholds": list(thresholds),
+            "folds": fs, "models": trained, "rows": rows, "summary": summary, "thresholds": list(thresholds),
             "note": "silver masks are STAPLE over ROBEX, deepbet (and the shipped mask): those two tools' scores "
                     "are biased upwards"}
     if earlier is not None:
@@ -266,8 +268,6 @@ def main() -> int:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5],
                    help="mask thresholds to score (the first is the product's; see the module docstring)")
     p.add_argument("--peers-from", type=Path, help="copy deepbet's and ROBEX's scores from an earlier cv.json")
-    p.add_argument("--grid", choices=("default", "aligned", "unaligned"), default="default",
-                   help="the working grid on the input's voxel lattice or not (default: the product's)")
     a = ap.parse_args()
     if a.cmd == "folds":
         fs = folds()
@@ -286,7 +286,7 @@ def main() -> int:
     if (a.models is None) == (a.single is None):
         raise SystemExit("evaluate needs --models DIR or --single MODEL")
     card = evaluate(a.models, a.out, not a.no_robex, a.cache, a.single, a.masks, not a.cached_peers,
-                    tuple(a.thresholds), a.peers_from, {"default": None, "aligned": True, "unaligned": False}[a.grid])
+                    tuple(a.thresholds), a.peers_from)
     print(markdown(card))
     return 0
 
