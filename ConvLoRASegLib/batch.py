@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ def _timed_read_case(path: PathLike, grid, first_volume: bool) -> Tuple[Any, Opt
         return None, exc, t0
 
 
+#: Name of the thread :func:`read_ahead` starts.
+READ_AHEAD_THREAD = "convloraseg-read-ahead"
+
+
 @dataclass
 class ReadAhead:
     """A case read and prepared (:func:`read_case`) in a background thread for ``grid``, started before the model
@@ -104,11 +109,15 @@ def read_ahead(path: PathLike, model: Union[PathLike, Any, None], first_volume: 
         grid = getattr(model, "grid", None)
     if grid is None:
         return None
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convloraseg-read-ahead")
-    try:
-        future = pool.submit(_timed_read_case, path, grid, first_volume)
-    finally:
-        pool.shutdown(wait=False)
+    future: "Future[Tuple[Any, Optional[BaseException], float]]" = Future()
+
+    def work() -> None:
+        if future.set_running_or_notify_cancel():
+            future.set_result(_timed_read_case(path, grid, first_volume))  # it returns its exceptions
+
+    # A daemon thread, not an executor's: the interpreter joins executor threads before it exits, so a command
+    # refused before it took the read (an existing output, an unknown adapter) would wait for the read to end.
+    threading.Thread(target=work, name=READ_AHEAD_THREAD, daemon=True).start()
     return ReadAhead(str(path), grid, first_volume, future)
 
 

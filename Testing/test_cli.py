@@ -760,3 +760,20 @@ def test_segment_reads_its_first_volume_ahead_on_the_model_files_grid(capsys, ti
     assert not stale.matches(str(head_files[0]), WorkingGrid(spacing_mm=2.0, slice_size=64), False)
     assert not stale.matches(str(head_files[1]), load_model(tiny_model).grid, False)
     assert not stale.matches(str(head_files[0]), load_model(tiny_model).grid, True)
+
+
+def test_a_read_ahead_never_holds_the_process_open(tiny_model, head_files):
+    """A command refused before it takes its read-ahead (an existing output, say) exits at once: the read runs in
+    a daemon thread, which the interpreter does not wait for. Here the read never ends; an executor's thread would
+    keep the process alive until the timeout."""
+    code = (
+        "import sys, threading\n"
+        "from ConvLoRASegLib import batch\n"
+        "batch._timed_read_case = lambda *a: threading.Event().wait()\n"
+        "ahead = batch.read_ahead(sys.argv[1], sys.argv[2])\n"
+        "assert ahead is not None and not ahead.future.done()\n"
+        "assert [t.daemon for t in threading.enumerate() if t.name == batch.READ_AHEAD_THREAD] == [True]\n"
+        "print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", code, str(head_files[0]), str(tiny_model)], capture_output=True,
+                          text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0 and done.stdout.strip() == "refused", done.stderr
