@@ -196,7 +196,7 @@ def cmd_train(args: argparse.Namespace, rep: Reporter) -> int:
     out = check_output_path(Path(args.output).expanduser(), args.overwrite)
     device = resolve_device(args.device)
     try:
-        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size, aligned=args.aligned_grid)
+        grid = WorkingGrid(spacing_mm=args.spacing, slice_size=args.slice_size)
     except ValueError as exc:
         raise ConvLoRASegError(str(exc)) from None
     targets = args.targets.replace("-", "_")
@@ -466,9 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     p.add_argument("--spacing", type=float, default=2.0, metavar="MM", help="working-grid spacing (default 2)")
     p.add_argument("--slice-size", type=int, default=128, metavar="N", help="slice size in voxels (default 128)")
-    p.add_argument("--aligned-grid", action="store_true",
-                   help="put the working grid on each volume's voxel lattice (recorded in the model file, which "
-                        "every later use of the model follows)")
     p.add_argument("--epochs", type=int, default=20, metavar="N", help="U-Net training epochs (default 20)")
     p.add_argument("--esh-epochs", type=int, default=10, metavar="N", help="ESH training epochs (default 10)")
     p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",

@@ -26,17 +26,12 @@ class WorkingGrid:
         axis: anatomical axis the volume is sliced along (the paper: ``"sagittal"``).
         normalisation: ``"minmax"`` (the paper: min-max per volume to [0, 1]) or ``"percentile"`` (robust:
             the 0.5th and 99.5th percentiles of the volume map to 0 and 1, values clipped).
-        aligned: the grid's voxels sit on the input's voxel lattice wherever the spacings allow (the head-centred
-            grid moved by at most half an input voxel; :func:`ConvLoRASegLib.volumes.working_reference`). A model
-            learns its surfaces on the grid it was trained on, blur of the interpolation included, and must be fed
-            the same; model files written before this field existed read as False.
     """
 
     spacing_mm: float = 2.0
     slice_size: int = 128
     axis: str = "sagittal"
     normalisation: str = "percentile"
-    aligned: bool = False
 
     def __post_init__(self) -> None:
         if not self.spacing_mm > 0:
@@ -47,8 +42,6 @@ class WorkingGrid:
             raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
-        if not isinstance(self.aligned, bool):
-            raise ValueError(f"aligned must be true or false, got {self.aligned!r}")
 
     @property
     def field_of_view_mm(self) -> float:
@@ -59,8 +52,7 @@ class WorkingGrid:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "WorkingGrid":
-        return cls(**{k: d[k] for k in ("spacing_mm", "slice_size", "axis", "normalisation", "aligned")
-                      if k in d})
+        return cls(**{k: d[k] for k in ("spacing_mm", "slice_size", "axis", "normalisation") if k in d})
 
 
 def recorded_grid(model_file: Union[str, os.PathLike]) -> Optional[WorkingGrid]:

@@ -21,7 +21,6 @@ Recipe additions over the paper (see the README's model card for what each measu
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from pathlib import Path
 import time
@@ -207,9 +206,7 @@ def train_source(train_images: Sequence[np.ndarray], train_masks: Sequence[np.nd
     x_all, y_all = _stack(train_images, train_masks, empty_fraction=0.1, rng=rng)
     model = ConvLoRASegModel(grid=grid, n_filters=n_filters, esh_level=esh_level, info=info).to(dev)
     if init is not None:
-        # the weights fit any grid of the same geometry; an aligned grid may follow an unaligned one (a round that
-        # teaches the model the sharper slices of the aligned grid)
-        if dataclasses.replace(init.grid, aligned=grid.aligned) != grid or init.n_filters != n_filters:
+        if init.grid != grid or init.n_filters != n_filters:
             raise ConvLoRASegError(f"--init model has grid {init.grid} / {init.n_filters} filters, not {grid}")
         model.unet.load_state_dict(init.unet.state_dict())
         model.info["initialised_from"] = {"sha256": init.sha256, "training": init.info.get("training")}

@@ -402,11 +402,7 @@ def head_centre(image: sitk.Image) -> np.ndarray:
 
 
 def working_reference(image: sitk.Image, grid: WorkingGrid) -> sitk.Image:
-    """An empty uint8 image with the working grid's geometry for ``image`` (see the module docstring). An aligned
-    grid (``grid.aligned``) is moved, by at most half an input voxel per axis, so that its first voxel centre is an
-    input voxel centre: the working axes are the input's own (permuted, flipped), so where the working spacing is a
-    whole multiple of the input's every working voxel is an input voxel (a 2 mm input is not interpolated on the
-    way in nor on the way out)."""
+    """An empty uint8 image with the working grid's geometry for ``image`` (see the module docstring)."""
     direction = canonical_direction(image) @ orientation_matrix(WORKING_ORIENTATION[grid.axis])
     h = grid.spacing_mm
     extent = _corners(image) @ direction[:, 2]
@@ -417,9 +413,6 @@ def working_reference(image: sitk.Image, grid: WorkingGrid) -> sitk.Image:
     offset = head_centre(image) - centre
     centre = centre + direction[:, :2] @ (direction[:, :2].T @ offset)
     origin = centre - direction @ ((size - 1) / 2.0 * h)
-    if grid.aligned:
-        first = np.round(np.array(image.TransformPhysicalPointToContinuousIndex([float(o) for o in origin])))
-        origin = np.array(image.TransformContinuousIndexToPhysicalPoint([float(i) for i in first]))
     return _reference(size, [h] * 3, origin, direction)
 
 

@@ -355,54 +355,6 @@ def test_round_trip_oblique_flipped_anisotropic(axis):
     assert dice(out, mask) > 0.97
 
 
-def _lattice_image(spacing, direction=None, origin=(3.3, -7.1, 12.7), shape=(41, 44, 37), seed=0) -> sitk.Image:
-    k, j, i = np.indices(shape)
-    blob = ((k - 0.47 * shape[0]) / 12.3) ** 2 + ((j - 0.55 * shape[1]) / 14.1) ** 2 + ((i - 0.43 * shape[2]) / 11.7) ** 2
-    texture = np.random.default_rng(seed).random(shape)  # a textured head off the image's centre
-    img = sitk.GetImageFromArray(np.where(blob < 1, 0.5 + texture, 0.05 * texture).astype(np.float32))
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    if direction is not None:
-        img.SetDirection(direction)
-    return img
-
-
-@pytest.mark.parametrize("axis", ["sagittal", "coronal", "axial"])
-def test_an_aligned_grid_puts_every_working_voxel_on_an_input_voxel(axis, monkeypatch):
-    """On a 2 mm input (any axis order and flips), the aligned grid's voxels are input voxels: the working slices
-    hold the input's values (normalised) and probabilities come back to the input grid uninterpolated. The grid
-    moves by at most half an input voxel from the head-centred one, which is not on the lattice here."""
-    flip = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # permuted and flipped axes
-    img = _lattice_image((2.0, 2.0, 2.0), flip)
-    # a head found off the input's lattice (as on real heads: half a voxel along one or two axes)
-    monkeypatch.setattr(V, "head_centre", lambda image: V.physical_centre(image) + np.array([0.7, -0.3, 0.9]))
-    grid = WorkingGrid(spacing_mm=2.0, slice_size=64, axis=axis, normalisation="minmax")
-    loose = V.working_reference(img, grid)
-    tight = V.working_reference(img, WorkingGrid(**{**grid.to_dict(), "aligned": True}))
-    idx = np.array([tight.TransformPhysicalPointToContinuousIndex(img.TransformIndexToPhysicalPoint(p))
-                    for p in ((0, 0, 0), (5, 7, 3), (39, 43, 35))])
-    assert np.allclose(idx, np.round(idx), atol=1e-6)  # input voxels are working voxels ...
-    shift = np.array(loose.GetOrigin()) - np.array(tight.GetOrigin())
-    assert 0.1 < np.abs(shift).max() <= 1.0 + 1e-9  # ... moved by at most half an input voxel from the loose grid
-    vs = V.to_slices(img, WorkingGrid(**{**grid.to_dict(), "aligned": True}))
-    a = sitk.GetArrayViewFromImage(img)
-    lo, hi = float(a.min()), float(a.max())
-    inside = np.round(idx[1]).astype(int)  # (i, j, k) of the working voxel on input voxel (5, 7, 3)
-    assert vs.slices[inside[2], inside[1], inside[0]] == pytest.approx((a[3, 7, 5] - lo) / (hi - lo), abs=1e-6)
-    back = sitk.GetArrayFromImage(V.to_native(vs.slices, vs))
-    inner = (slice(1, -1),) * 3  # the working grid covers the input; its outer voxels may be cropped in-plane
-    assert np.allclose(back[inner][back[inner] > 0], ((a - lo) / (hi - lo))[inner][back[inner] > 0], atol=1e-6)
-
-
-def test_an_aligned_grid_is_recorded_and_old_grids_read_as_unaligned():
-    grid = WorkingGrid(spacing_mm=2.0, slice_size=128, aligned=True)
-    assert WorkingGrid.from_dict(grid.to_dict()) == grid
-    old = {k: v for k, v in grid.to_dict().items() if k != "aligned"}  # a model file written before the field
-    assert WorkingGrid.from_dict(old).aligned is False
-    with pytest.raises(ValueError, match="aligned"):
-        WorkingGrid(aligned="yes")
-
-
 def test_padding_is_zero_and_percentile_ignores_it():
     img, _ = oblique_ellipsoid()
     vs = V.to_slices(img, WorkingGrid(spacing_mm=2.0, slice_size=160, normalisation="percentile"))
