@@ -597,9 +597,6 @@ MASK_THRESHOLD = 0.5
 LEAK_RADIUS_MM = 8.0
 #: The cut is applied only if what it keeps is at least this share of the mask: a leak is the smaller part.
 LEAK_KEEP_MIN = 0.5
-#: Gaussian sigma (mm) of the low-pass on the working-grid probabilities before a mask is made
-#: (:func:`smooth_probabilities`); 0: none.
-SMOOTH_MM = 0.0
 
 
 def detach_leaks(probs: np.ndarray, spacing_mm: float, radius_mm: float) -> np.ndarray:
@@ -652,15 +649,8 @@ def _fill_holes(m: np.ndarray) -> np.ndarray:
 _postprocess = postprocess
 
 
-def smooth_probabilities(probs: np.ndarray, spacing_mm: float, sigma_mm: float) -> np.ndarray:
-    """Working-grid probabilities low-passed by a 3D Gaussian of ``sigma_mm`` (truncated at 3 sigma; 0: unchanged)."""
-    if sigma_mm <= 0:
-        return probs
-    return ndimage.gaussian_filter(np.asarray(probs, dtype=np.float32), sigma_mm / spacing_mm, truncate=3.0)
-
-
 def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: Optional[float] = None, postprocess: bool = True,
-               leak_radius_mm: Optional[float] = None, smooth_mm: Optional[float] = None) -> sitk.Image:
+               leak_radius_mm: Optional[float] = None) -> sitk.Image:
     """The product's brain mask from working-grid probabilities, on the input's exact grid (uint8 {0, 1}): the
     voxels >= ``threshold`` (default :data:`MASK_THRESHOLD`).
 
@@ -669,10 +659,8 @@ def brain_mask(probs: np.ndarray, vs: VolumeSlices, threshold: Optional[float] =
     keeps its largest component with its holes filled (:func:`postprocess`). Without it: the probabilities
     resampled and thresholded, nothing else."""
     if postprocess:
-        spacing = float(vs.working.GetSpacing()[0])
-        probs = smooth_probabilities(probs, spacing, SMOOTH_MM if smooth_mm is None else smooth_mm)
         radius = LEAK_RADIUS_MM if leak_radius_mm is None else leak_radius_mm
-        probs = detach_leaks(probs, spacing, radius)
+        probs = detach_leaks(probs, float(vs.working.GetSpacing()[0]), radius)
     threshold = MASK_THRESHOLD if threshold is None else threshold
     probs = _working_probs(probs, vs)
     if threshold <= 0:
