@@ -215,7 +215,10 @@ class AdaptRun:
     base_params: int = 0
 
     def report(self, model_bytes: Optional[int] = None) -> Tuple[List[str], Optional[str]]:
-        """The run in words: the lines ``adapt`` prints, and a warning when the adapter changes nothing."""
+        """The run in words: the lines ``adapt`` prints, and a warning when the adapter changes nothing or was made by
+        a method the label-free checks do not guard (:func:`~ConvLoRASegLib.selection.unguarded_adapter`)."""
+        from .selection import unguarded_adapter
+
         r, info, check, label_free = self.result, self.info, self.check, self.label_free_selected
         scores = ", ".join(f"{k} {v:.3f}" for k, v in r.candidates.items())
         checked = [] if check is None else [
@@ -240,6 +243,8 @@ class AdaptRun:
             warning = (f"adaptation did not beat the unadapted model on the label-free score (source "
                        f"{r.agreement_source:.3f}, best adapted candidate {best:.3f}): the adapter {info.name!r} "
                        "changes nothing; segmenting without it gives the same masks")
+        else:
+            warning = unguarded_adapter(info)
         return lines, warning
 
     def summary(self, model_bytes: Optional[int] = None) -> Dict[str, Any]:
@@ -381,7 +386,7 @@ class Segmenter:
         from . import volumes
         from .qc import measure, overlay_png
         from .segment import activate_adapter, predict_slices
-        from .selection import adapter_not_used, agreement, choose_adapter
+        from .selection import adapter_not_used, agreement, choose_adapter, unguarded_adapter
 
         t0 = time.perf_counter() if t0 is None else t0
         s, model = self.settings, self.model
@@ -405,6 +410,9 @@ class Segmenter:
                     requested = next(k for k in scores if k != SOURCE)
                     warnings.append(adapter_not_used(requested, scores))
         info = activate_adapter(model, chosen)
+        unguarded = unguarded_adapter(info)
+        if unguarded:
+            warnings.append(unguarded)
         # one pass gives the final and the ESH probabilities: the mask and its label-free score (the scoring of the
         # candidates above already made that pass for the winner)
         final, early = predicted.get(SOURCE if info is None else info.name) or predict_slices(

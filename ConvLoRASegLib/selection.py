@@ -251,6 +251,23 @@ def adapter_not_used(name: str, scores: Optional[Dict[str, float]] = None) -> st
             "anyway)")
 
 
+#: Methods whose adapters the label-free checks were measured to keep from ending worse than no adapter: Table 1
+#: (0 of 100 delivered below the unadapted model) and the real scanner shifts (0 of 45). The paper's comparison
+#: methods (self-training, UDAS, UDAS + ConvLoRA) train the agreement the score measures, or every weight; for them
+#: the checks let adapters through that were worse (BENCHMARKS.md, Table 1).
+GUARDED_METHODS = ("convlora-adabn", "adabn")
+
+
+def unguarded_adapter(info: Optional[AdapterInfo]) -> Optional[str]:
+    """The warning for an adapter made by a method the label-free checks do not guard (:data:`GUARDED_METHODS`)
+    and never checked on a labelled scan (``adapt --check``); None for any other (or no) adapter."""
+    if info is None or info.method in GUARDED_METHODS or info.details.get("labelled_check"):
+        return None
+    return (f"adapter {info.name!r} was made with {info.method}, one of the paper's comparison methods: for these the "
+            "label-free checks have let adapters through that were worse than no adapter (BENCHMARKS.md, Table 1); "
+            "check it on a labelled scan of the site (adapt --check IMAGE MASK) before trusting its masks")
+
+
 def segment_checked(model: ConvLoRASegModel, image: sitk.Image, adapter: AdapterLike,
                     device: Union[str, torch.device] = "auto", postprocess: bool = True,
                     working: Optional[VolumeSlices] = None,
@@ -312,7 +329,7 @@ def scan_scores(candidates: Iterable[Tuple[str, ConvLoRASegModel]], slices: np.n
 
 
 __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", "CONSISTENCY_GAMMAS",
-           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCAN_CHECK_MARGIN", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
+           "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCAN_CHECK_MARGIN", "GUARDED_METHODS", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
            "brain_ml", "agreement", "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model",
            "mean_score", "choose", "choose_volume_scores", "spearman", "per_volume_table", "scan_scores", "choose_adapter",
            "segment_checked", "adapter_not_used"]

@@ -239,6 +239,36 @@ def test_segment_checks_the_adapter_on_each_scan(capsys, monkeypatch, tiny_model
     assert row["adapter"] == "siteA" and "adapter_scores" not in row and passes["n"] == 1
 
 
+def test_an_adapter_of_a_method_the_checks_do_not_guard_says_so(capsys, tiny_model, head_files, tmp_path):
+    """An adapter made by one of the paper's comparison methods (the label-free checks let worse ones through on
+    Table 1) warns wherever it is used, checked or not, unless a labelled scan checked it when it was made; the
+    product's methods do not."""
+    from ConvLoRASegLib.selection import GUARDED_METHODS, unguarded_adapter
+
+    def relabelled(method: str, details=None) -> Path:
+        dest = tmp_path / f"{method}{'_checked' if details else ''}.safetensors"
+        src = make_adapter(tiny_model, tmp_path / f"src_{dest.name}", name="siteB")
+        model = load_model(tiny_model)
+        info, state = load_adapter(model, src)
+        save_adapter(model, state, dest, name="siteB", method=method, mode=info.mode, rank=info.rank, alpha=1.0,
+                     placement=info.placement, details={**info.details, **(details or {})})
+        return dest
+
+    def warnings_of(adapter: Path) -> List[str]:
+        code, stdout, err = run_cli(capsys, "segment", head_files[0], "-o", tmp_path / "m.nii.gz", "--model",
+                                    tiny_model, "--adapter", adapter, "--no-scan-check", "--json", "--overwrite")
+        assert code == 0, err
+        return json_lines(stdout)[-1]["outputs"][0]["warnings"]
+
+    assert GUARDED_METHODS == ("convlora-adabn", "adabn")
+    for method in ("udas", "udas-convlora", "self-training"):
+        warned = warnings_of(relabelled(method))
+        assert len(warned) == 1 and f"made with {method}" in warned[0] and "adapt --check" in warned[0]
+    assert warnings_of(relabelled("adabn")) == []
+    assert warnings_of(relabelled("udas", {"labelled_check": {"scans": ["a.nii.gz"]}})) == []
+    assert unguarded_adapter(None) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # adapt, info, adapters
 # ---------------------------------------------------------------------------------------------------------------
