@@ -40,6 +40,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -802,7 +803,7 @@ def plot(table: Sequence[dict], path: Path, title: str) -> Optional[Path]:
     finite = [r["surface_dice"] for r in table]
     ax.set_ylim(max(0.0, min(finite) - 0.05), 1.0)
     ax.set_ylabel("surface Dice at 1 mm")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 110), fontsize=10)  # a long title would run off the figure
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
