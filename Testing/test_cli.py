@@ -267,6 +267,23 @@ def test_an_adapter_of_a_method_the_checks_do_not_guard_says_so(capsys, tiny_mod
     assert warnings_of(relabelled("adabn")) == []
     assert warnings_of(relabelled("udas", {"labelled_check": {"scans": ["a.nii.gz"]}})) == []
     assert unguarded_adapter(None) is None
+    # adapt says it when it writes such an adapter (and an adapter that changes nothing says that instead)
+    from types import SimpleNamespace
+
+    from ConvLoRASegLib.batch import AdaptRun
+    from ConvLoRASegLib.store import read_adapter_info
+
+    def adapt_warning(adapter: Path, adapted: bool = True):
+        info = read_adapter_info(adapter)
+        result = SimpleNamespace(candidates={"source": 0.7, "epoch 1": 0.8}, n_slices=10, method=info.method,
+                                 mode="fast", rank=2, placement="init_path", verdict=lambda: "selected: epoch 1",
+                                 trainable_params=10, seconds=1.0, adapted=adapted, agreement_source=0.7,
+                                 selected="epoch 1")
+        return AdaptRun(info, result, [head_files[0]], [], "epoch 1").report()[1]
+
+    assert "made with self-training" in adapt_warning(tmp_path / "self-training.safetensors")
+    assert adapt_warning(tmp_path / "adabn.safetensors") is None
+    assert "changes nothing" in adapt_warning(tmp_path / "udas.safetensors", adapted=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
