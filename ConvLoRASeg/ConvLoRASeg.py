@@ -596,7 +596,7 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showSegmentation(volume, output, outcome)
 
     def _segmentHere(self, volume, adapter, output, device) -> SegmentOutcome:
-        from ConvLoRASegLib.selection import adapter_not_used
+        from ConvLoRASegLib.selection import adapter_not_used, unguarded_adapter
 
         scores: Dict[str, float] = {}
         auto = adapter == "auto"
@@ -611,8 +611,11 @@ class ConvLoRASegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             scores = self.logic.labelFreeScores(labelmap)
         refused = labelmap.GetAttribute(ADAPTER_NOT_USED_ATTRIBUTE) or ""
         used = None if refused else self.logic.resolveAdapter(adapter)
-        # the warning says as the command line's does why the adapter was not used, with both label-free scores
-        return SegmentOutcome(labelmap, used, scores, [adapter_not_used(refused, scores)] if refused else [])
+        # the warnings say as the command line's do why the adapter was not used, with both label-free scores, or
+        # that it was made by a method the label-free checks do not guard
+        warnings = [adapter_not_used(refused, scores)] if refused else []
+        unguarded = unguarded_adapter(used)
+        return SegmentOutcome(labelmap, used, scores, warnings + ([unguarded] if unguarded else []))
 
     def onSegmentFinished(self, volume, output, result: ProcessResult) -> None:
         if self._jobEnded("segment", "Segmentation", result):

@@ -339,9 +339,15 @@ def test_a_refused_adapter_is_a_warning_with_both_label_free_scores(widget, scen
     assert lines[-1].startswith("Warning: adapter 'siteB' did not beat")
     # used without the check (as --no-scan-check): no scores compared, no warning
     monkeypatch.setattr(widget.logic, "segment", lambda *a, **kw: segment(*a, **{**kw, "checkAdapter": False}))
-    monkeypatch.setattr(widget.logic, "resolveAdapter", lambda name: types.SimpleNamespace(name=name))
+    method = {"name": "convlora-adabn"}
+    monkeypatch.setattr(widget.logic, "resolveAdapter", lambda name: types.SimpleNamespace(
+        name=name, method=method["name"], details={}))
     forced = widget._segmentHere(volume, "siteB", None, "cpu")
     assert forced.adapter.name == "siteB" and not forced.warnings and not forced.scores
+    # an adapter of a method the label-free checks do not guard says so, as the command line's does
+    method["name"] = "self-training"
+    unguarded = widget._segmentHere(volume, "siteB", None, "cpu")
+    assert len(unguarded.warnings) == 1 and "'siteB' was made with self-training" in unguarded.warnings[0]
 
 
 def test_segment_progress_leaves_the_adapt_bar_alone(widget):
