@@ -736,19 +736,8 @@ def segment_cohort(inputs: Sequence[PathLike], output: PathLike, *, model: Union
     # the first volume is read and put on the model's grid while torch is imported and the model loaded
     ahead = read_ahead(found[0], model, first_volume) if found and runner is None and not resume else None
 
-    from .model import ConvLoRASegModel
     from .qc import have_matplotlib, load_manifest, write_index, write_manifest
-    from .segment import resolve_device
-    from .store import load_model, model_file
 
-    dev = resolve_device(device)
-    if isinstance(model, ConvLoRASegModel):
-        if runner is not None:
-            raise ConvLoRASegError("a cohort run elsewhere (Dask) needs the model's file, not a loaded model")
-        loaded, mpath = model, ""
-    else:
-        mpath = str(model_file(model))
-        loaded = load_model(Path(mpath))
     out = Path(output).expanduser()
     mapping, as_folder = output_paths(found, out, probabilities)
 
@@ -768,7 +757,21 @@ def segment_cohort(inputs: Sequence[PathLike], output: PathLike, *, model: Union
                 todo.append(src)
         if result.resumed and log is not None:
             log(f"--resume: {len(result.resumed)} of {len(found)} outputs are complete and kept")
+    # before torch is imported and the model loaded: a rerun into existing outputs is refused at once
     check_outputs({p: mapping[p] for p in todo}, out if as_folder and not out.is_dir() else None, overwrite)
+
+    from .model import ConvLoRASegModel
+    from .segment import resolve_device
+    from .store import load_model, model_file
+
+    dev = resolve_device(device)
+    if isinstance(model, ConvLoRASegModel):
+        if runner is not None:
+            raise ConvLoRASegError("a cohort run elsewhere (Dask) needs the model's file, not a loaded model")
+        loaded, mpath = model, ""
+    else:
+        mpath = str(model_file(model))
+        loaded = load_model(Path(mpath))
 
     # adapters: one spec for every input, or per input from the map; each spec resolved (and checked) once
     specs = {p: adapter for p in todo}

@@ -809,6 +809,23 @@ def test_segment_reads_its_first_volume_ahead_on_the_model_files_grid(capsys, ti
     assert not stale.matches(str(head_files[0]), load_model(tiny_model).grid, True)
 
 
+def test_a_segment_into_existing_outputs_is_refused_before_torch_loads(tiny_model, head_files, tmp_path):
+    """A rerun into outputs that exist is refused in one line before torch is imported or the model loaded (a
+    fraction of a second instead of the model's start-up), and the outputs are left as they were."""
+    out = tmp_path / "exists.nii.gz"
+    out.write_bytes(b"the user's file")
+    code = (
+        "import sys\n"
+        "from ConvLoRASegLib import cli\n"
+        "status = cli.main(['segment', sys.argv[1], '-o', sys.argv[2], '--model', sys.argv[3]])\n"
+        "print(status, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(head_files[0]), str(out), str(tiny_model)],
+                          capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "output exists" in done.stderr and "Traceback" not in done.stderr
+    assert out.read_bytes() == b"the user's file"
+
+
 def test_a_read_ahead_never_holds_the_process_open(tiny_model, head_files):
     """A command refused before it takes its read-ahead (an existing output, say) exits at once: the read runs in
     a daemon thread, which the interpreter does not wait for. Here the read never ends; an executor's thread would
