@@ -97,6 +97,12 @@ def cmd_segment(args: argparse.Namespace, rep: Reporter) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     from .atomic import check_output_path
+
+    if args.output:  # before torch is imported and the model loaded: an existing adapter file is refused at once
+        dest = Path(args.output).expanduser()
+        if not dest.name.endswith(".safetensors"):
+            raise ConvLoRASegError(f"an adapter file ends with .safetensors: {dest}")
+        check_output_path(dest, args.overwrite)
     from .batch import adapt_cohort, target_paths
     from .labelled_check import read_labelled_scans
     from .segment import resolve_device
@@ -106,15 +112,12 @@ def cmd_adapt(args: argparse.Namespace, rep: Reporter) -> int:
     model = load_model(mpath)
     device = resolve_device(args.device)
     if args.output:
-        dest = Path(args.output).expanduser()
-        if not dest.name.endswith(".safetensors"):
-            raise ConvLoRASegError(f"an adapter file ends with .safetensors: {dest}")
         name = check_adapter_name(args.name or volume_stem(dest).replace(".safetensors", ""))
-    else:
+    else:  # the store's path depends on the model
         name = check_adapter_name(args.name)
         dest = AdapterStore(args.adapters).path_for(model.sha256, name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-    check_output_path(dest, args.overwrite)
+        check_output_path(dest, args.overwrite)
     labelled = read_labelled_scans(args.check) if args.check else []  # bad check files fail before the work
     run = adapt_cohort(model, target_paths(args.targets), dest, name, labelled=labelled, device=device,
                        overwrite=args.overwrite, progress=rep, warn=rep.warn, log=rep.info, **_adapt_kwargs(args))

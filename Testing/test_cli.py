@@ -809,9 +809,9 @@ def test_segment_reads_its_first_volume_ahead_on_the_model_files_grid(capsys, ti
     assert not stale.matches(str(head_files[0]), load_model(tiny_model).grid, True)
 
 
-def test_a_segment_into_existing_outputs_is_refused_before_torch_loads(tiny_model, head_files, tmp_path):
-    """A rerun into outputs that exist is refused in one line before torch is imported or the model loaded (a
-    fraction of a second instead of the model's start-up), and the outputs are left as they were."""
+def test_existing_outputs_are_refused_before_torch_loads(tiny_model, head_files, tmp_path):
+    """A rerun of segment (or adapt -o) into outputs that exist is refused in one line before torch is imported or
+    the model loaded (a fraction of a second instead of the model's start-up); the outputs are left as they were."""
     out = tmp_path / "exists.nii.gz"
     out.write_bytes(b"the user's file")
     code = (
@@ -824,6 +824,14 @@ def test_a_segment_into_existing_outputs_is_refused_before_torch_loads(tiny_mode
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert "output exists" in done.stderr and "Traceback" not in done.stderr
     assert out.read_bytes() == b"the user's file"
+    # the same for adapt -o
+    adapter = tmp_path / "exists.safetensors"
+    adapter.write_bytes(b"the user's adapter")
+    done = subprocess.run([sys.executable, "-c", code.replace("'segment', sys.argv[1], '-o'", "'adapt', sys.argv[1], '-o'"),
+                           str(head_files[0]), str(adapter), str(tiny_model)],
+                          capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "output exists" in done.stderr and adapter.read_bytes() == b"the user's adapter"
 
 
 def test_a_read_ahead_never_holds_the_process_open(tiny_model, head_files):
