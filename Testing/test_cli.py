@@ -245,11 +245,12 @@ def test_an_adapter_of_a_method_the_checks_do_not_guard_says_so(capsys, tiny_mod
     product's methods do not."""
     from ConvLoRASegLib.selection import GUARDED_METHODS, unguarded_adapter
 
+    model = load_model(tiny_model)
+    info, state = load_adapter(model, make_adapter(tiny_model, tmp_path / "src.safetensors", name="siteB"))
+
     def relabelled(method: str, details=None) -> Path:
+        """The one AdaBN adapter's tensors, stored as if ``method`` had made them."""
         dest = tmp_path / f"{method}{'_checked' if details else ''}.safetensors"
-        src = make_adapter(tiny_model, tmp_path / f"src_{dest.name}", name="siteB")
-        model = load_model(tiny_model)
-        info, state = load_adapter(model, src)
         save_adapter(model, state, dest, name="siteB", method=method, mode=info.mode, rank=info.rank, alpha=1.0,
                      placement=info.placement, details={**info.details, **(details or {})})
         return dest
@@ -812,26 +813,28 @@ def test_segment_reads_its_first_volume_ahead_on_the_model_files_grid(capsys, ti
 def test_existing_outputs_are_refused_before_torch_loads(tiny_model, head_files, tmp_path):
     """A rerun of segment (or adapt -o) into outputs that exist is refused in one line before torch is imported or
     the model loaded (a fraction of a second instead of the model's start-up); the outputs are left as they were."""
-    out = tmp_path / "exists.nii.gz"
-    out.write_bytes(b"the user's file")
     code = (
         "import sys\n"
         "from ConvLoRASegLib import cli\n"
-        "status = cli.main(['segment', sys.argv[1], '-o', sys.argv[2], '--model', sys.argv[3]])\n"
+        "status = cli.main([sys.argv[1], sys.argv[2], '-o', sys.argv[3], '--model', sys.argv[4]])\n"
         "print(status, 'torch' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", code, str(head_files[0]), str(out), str(tiny_model)],
-                          capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
-    assert done.stdout.split() == ["2", "False"], done.stderr
-    assert "output exists" in done.stderr and "Traceback" not in done.stderr
+
+    def refused(command: str, out: Path) -> str:
+        """``command`` into the existing ``out`` in a fresh interpreter: its stderr, after the checks."""
+        done = subprocess.run([sys.executable, "-c", code, command, str(head_files[0]), str(out), str(tiny_model)],
+                              capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+        assert done.stdout.split() == ["2", "False"], done.stderr
+        return done.stderr
+
+    out = tmp_path / "exists.nii.gz"
+    out.write_bytes(b"the user's file")
+    err = refused("segment", out)
+    assert "output exists" in err and "Traceback" not in err
     assert out.read_bytes() == b"the user's file"
     # the same for adapt -o
     adapter = tmp_path / "exists.safetensors"
     adapter.write_bytes(b"the user's adapter")
-    done = subprocess.run([sys.executable, "-c", code.replace("'segment', sys.argv[1], '-o'", "'adapt', sys.argv[1], '-o'"),
-                           str(head_files[0]), str(adapter), str(tiny_model)],
-                          capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
-    assert done.stdout.split() == ["2", "False"], done.stderr
-    assert "output exists" in done.stderr and adapter.read_bytes() == b"the user's adapter"
+    assert "output exists" in refused("adapt", adapter) and adapter.read_bytes() == b"the user's adapter"
 
 
 def test_a_read_ahead_never_holds_the_process_open(tiny_model, head_files):
@@ -847,5 +850,5 @@ def test_a_read_ahead_never_holds_the_process_open(tiny_model, head_files):
         "assert [t.daemon for t in threading.enumerate() if t.name == batch.READ_AHEAD_THREAD] == [True]\n"
         "print('refused')\n")
     done = subprocess.run([sys.executable, "-c", code, str(head_files[0]), str(tiny_model)], capture_output=True,
-                          text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+                          text=True, timeout=120, cwd=str(ROOT))
     assert done.returncode == 0 and done.stdout.strip() == "refused", done.stderr
