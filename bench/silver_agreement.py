@@ -8,7 +8,8 @@ ships. For every head this scores, on its native grid (Dice, surface Dice at 1 a
 
 * deepbet against ROBEX: two standard tools, the raters of every silver mask, against each other;
 * the shipped mask against the silver mask, where one ships (the third rater);
-* deepbet, ROBEX and ours against the silver mask (ours: the fold model that held the head out).
+* deepbet, ROBEX and ours against the silver mask (ours: the fold model that held the head out);
+* ours against deepbet and against ROBEX.
 
 deepbet's and ROBEX's masks come from their cache (``real_heads.py peers``; never run here). The means are given
 over the 27 heads, the 18 NiChart heads and the 12 heads of groups no fold model saw (every group but nichart_a).
@@ -33,7 +34,7 @@ from real_heads import HEADS, index, peer_mask  # noqa: E402
 OUT = ROOT / "bench" / "results" / "real_heads"
 PAIRS = (("deepbet vs ROBEX", "deepbet", "robex"), ("shipped vs silver", "shipped", "silver"),
          ("deepbet vs silver", "deepbet", "silver"), ("ROBEX vs silver", "robex", "silver"),
-         ("ours vs silver", "ours", "silver"))
+         ("ours vs silver", "ours", "silver"), ("ours vs deepbet", "ours", "deepbet"), ("ours vs ROBEX", "ours", "robex"))
 METRICS = ("dice", "surface_dice_1mm", "surface_dice_2mm")
 
 
