@@ -23,7 +23,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,18 +34,21 @@ from real_heads import HEADS, index, peer_mask  # noqa: E402
 OUT = ROOT / "bench" / "results" / "real_heads"
 PAIRS = (("deepbet vs ROBEX", "deepbet", "robex"), ("shipped vs silver", "shipped", "silver"),
          ("deepbet vs silver", "deepbet", "silver"), ("ROBEX vs silver", "robex", "silver"),
-         ("ours vs silver", "ours", "silver"), ("ours vs deepbet", "ours", "deepbet"), ("ours vs ROBEX", "ours", "robex"))
+         ("ours vs silver", "ours", "silver"), ("ours vs deepbet", "ours", "deepbet"),
+         ("ours vs ROBEX", "ours", "robex"))
 METRICS = ("dice", "surface_dice_1mm", "surface_dice_2mm")
 
 
-def masks_of(name: str, cache: Path, ours: Path) -> Dict[str, object]:
-    """The head's masks as boolean arrays (numpy k, j, i), by rater; a rater without a mask is left out."""
+def masks_of(name: str, cache: Path, ours: Path) -> Tuple[Dict[str, object], Tuple[float, ...]]:
+    """The head's masks as boolean arrays (numpy k, j, i), by rater (a rater without a mask is left out), and the
+    grid's spacing in that axis order."""
     import SimpleITK as sitk
 
     def read(p: Path):
         return sitk.GetArrayFromImage(sitk.ReadImage(str(p))) > 0
 
-    out = {"silver": read(HEADS / name / "mask_silver.nii.gz")}
+    silver = sitk.ReadImage(str(HEADS / name / "mask_silver.nii.gz"))
+    out = {"silver": sitk.GetArrayFromImage(silver) > 0}
     if (HEADS / name / "mask.nii.gz").is_file():
         out["shipped"] = read(HEADS / name / "mask.nii.gz")
     for tool in ("deepbet", "robex"):
@@ -54,26 +57,23 @@ def masks_of(name: str, cache: Path, ours: Path) -> Dict[str, object]:
             out[tool] = got[0]
     if (ours / f"{name}.nii.gz").is_file():
         out["ours"] = read(ours / f"{name}.nii.gz")
-    return out
+    return out, tuple(reversed(silver.GetSpacing()))
 
 
 def run(cache: Path, ours: Path) -> dict:
-    import SimpleITK as sitk
-
     from peers import scores
 
     rows: List[dict] = []
     for r in index():
         name = r["name"]
-        spacing = tuple(reversed(sitk.ReadImage(str(HEADS / name / "mask_silver.nii.gz")).GetSpacing()))
-        m = masks_of(name, cache, ours)
+        m, spacing = masks_of(name, cache, ours)
         row = {"volume": name, "group": r["group"]}
         for label, a, b in PAIRS:
             if a in m and b in m:
                 row[label] = {k: round(float(v), 4) for k, v in scores(m[a], m[b], spacing).items()}
         rows.append(row)
         print(name, {k: v["surface_dice_1mm"] for k, v in row.items() if isinstance(v, dict)}, flush=True)
-    sets = {"all": [x for x in rows], "nichart": [x for x in rows if x["group"].startswith("nichart")],
+    sets = {"all": rows, "nichart": [x for x in rows if x["group"].startswith("nichart")],
             "unseen groups": [x for x in rows if x["group"] != "nichart_a"]}
     summary = {}
     for set_name, rs in sets.items():
