@@ -333,5 +333,5 @@ __all__ = ["PLAUSIBLE_BRAIN_ML", "AGREEMENT_TOLERANCE_VOXELS", "SELECT_MARGIN", 
            "CONSISTENCY_DROP_MAX", "VOLUME_SHRINK_MAX", "SCAN_CHECK_MARGIN", "GUARDED_METHODS", "SCORE_SLICE_STEP", "SOURCE", "VolumeScore", "CandidateScore",
            "brain_ml", "agreement", "share", "share_consistency", "score_volume", "perturbed_inputs", "score_model",
            "mean_score", "choose", "choose_volume_scores", "spearman", "per_volume_table", "scan_scores", "choose_adapter",
-           "segment_checked", "adapter_not_used"]
+           "segment_checked", "adapter_not_used", "unguarded_adapter"]
 

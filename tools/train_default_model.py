@@ -103,10 +103,10 @@ bench/results/real_heads/aligned_round7/): mean surface Dice 0.7041 (-0.016), me
 the NiChart heads lost 0.025 on average, the Prisma pair gained 0.024 / 0.016 (Dice 0.9485 / 0.9520). The silver
 surfaces of the 2 mm heads are matched better through the interpolation than without it.
 
-A seventh round with synthetic contrasts, written down before any such model was trained. The error
-left on the groups no fold model saw is a boundary offset that depends on the scanner (the Philips mask 1-3 mm
-outside the silver surface, the Prisma pair 140-155 ml inside): the models place the brain's edge by grey levels
-learnt mostly from two NiChart acquisition groups. ``--synth 0.5`` (:mod:`ConvLoRASegLib.augment`, SynthStrip's
+A seventh round with synthetic contrasts, written down before any such model was trained. The error left on the
+groups no fold model saw is a boundary offset that depends on the scanner (the Philips mask 1-3 mm outside the
+silver surface, the Prisma pair 140-155 ml inside): the models place the brain's edge by grey levels learnt mostly
+from two NiChart acquisition groups. ``--synth 0.5`` (:mod:`ConvLoRASegLib.augment`, SynthStrip's
 idea) redraws every tissue class's intensity in half the augmented copies, so the edge must be found by shape and
 place; measured once before the real heads existed, on robex_atlas held out (BENCHMARKS.md, "Answered once"), it
 lifted that real head's Dice from 0.904 to 0.953 and lowered the simulated subjects by 0.005. The round: 180 more
@@ -121,9 +121,10 @@ is not lower; and in both cases the mean Dice is no more than 0.001 below (0.973
 each fold model about 360 s on one thread): mean surface Dice 0.6791 (-0.041), the 12 unseen-group heads 0.6583
 (-0.025), mean Dice 0.9706 (-0.003), worst 0.9460 (+0.003; heads < 0.95: 1), the five finer volumes 0.7711: not
 adopted, and its entry taken out of ROUNDS again (`convlora-seg train --init` a six-round fold model with the
-options above repeats it). 21 heads lower, 5 higher: the NiChart_a heads -0.053 on average, the Trio -0.073, mni152 +0.031, the
-Philips +0.010, the Prisma pair level. A synthesised copy's brain edge is the mask's own edge, sharp and on the
-working grid; the real edge is a partial-volume ramp through CSF, and the rounds' surfaces learnt from it are lost.
+options above repeats it). 21 heads lower, 5 higher: the nichart_a heads -0.053 on average, the Trio -0.073,
+mni152 +0.031, the Philips +0.010, the Prisma pair level. A synthesised copy's brain edge is the mask's own edge,
+sharp and on the working grid; the real edge is a partial-volume ramp through CSF, and the rounds' surfaces learnt
+from it are lost.
 
 A seventh round with the acquisition groups balanced (``--balance-groups``), written down before any such model was
 trained. Two NiChart acquisition groups hold 18 of the 27 volumes, so two thirds of every epoch is two scanners'
@@ -141,8 +142,8 @@ rounds. Outcome (2026-12-07, bench/results/real_heads/balanced_round7/; each fol
 beside another training): mean surface Dice 0.7153 (-0.0045), the 12 unseen-group heads 0.6855 (+0.002), mean Dice
 0.9734, worst 0.9484 (+0.006; heads < 0.95: 1), the five finer volumes 0.7735 (-0.010): not adopted, and the
 option taken out again (it linked the volumes as <name>__copy<k>.nii.gz; d7c6ed4 has the code). 8 heads higher, 11
-lower: nichart_06 +0.045, nichart_08 +0.018, the Prisma bias-field scan +0.031; colin27, the
-Trio and niivue_otsu lost (-0.018 to -0.031), nichart_a -0.010. All three seventh rounds lifted the Prisma
+lower: nichart_06 +0.045, nichart_08 +0.018, the Prisma bias-field scan +0.031; colin27, the Trio and niivue_otsu
+lost (-0.018 to -0.031), nichart_a -0.010. All three seventh rounds lifted the Prisma
 bias-field scan's Dice to 0.946-0.949, and none the surface Dice.
 """
 
